@@ -1,0 +1,47 @@
+"""gnr-fast: fast, faithful Guide-and-Rescale real-image editing for Stable Diffusion 1.x/2.x."""
+
+from .config import (
+    CfgGuider,
+    EditConfig,
+    FeaturesMapL2,
+    LatentsDiff,
+    RescaleConfig,
+    SelfAttnMapL2,
+    SelfAttnMapL2Appearance,
+)
+from .editor import EditResult, Editor, Timings
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ExportError,
+    GnrError,
+    GuidanceError,
+    InputError,
+    InversionMismatchError,
+    ModelLoadError,
+)
+from .inversion import Inversion
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CfgGuider",
+    "ConfigError",
+    "EditConfig",
+    "EditResult",
+    "Editor",
+    "ExportError",
+    "FeaturesMapL2",
+    "GnrError",
+    "GuidanceError",
+    "InputError",
+    "Inversion",
+    "InversionMismatchError",
+    "LatentsDiff",
+    "ModelLoadError",
+    "RescaleConfig",
+    "SelfAttnMapL2",
+    "SelfAttnMapL2Appearance",
+    "Timings",
+]

@@ -1,0 +1,105 @@
+"""Typed captures: what one UNet call records for the guiders (attention internals, block features)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterator, Literal, Sequence
+
+import torch
+
+from ..config import FeatureSite, LayerRange
+from ..errors import ConfigError
+
+Group = Literal["down", "mid", "up"]
+
+
+class CaptureMode(str, Enum):
+    """How a self-attention layer is recorded."""
+
+    MAPS = "maps"  # materialised A = softmax(scale · Q Kᵀ): [B, H, N, N] (reference mode)
+    QK = "qk"  # queries and keys [B, H, N, D] (+ per-row log-sum-exp for constant passes): fast mode
+
+
+@dataclass(frozen=True)
+class SelfAttnLayer:
+    """One self-attention (attn1) module of the UNet, in forward order."""
+
+    index: int  # position among all self-attention layers, forward order
+    group: Group  # down / mid / up block group
+    group_index: int  # position within its group (the reference's per-group counter)
+    name: str  # module path, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+
+
+@dataclass
+class PassCapture:
+    """Recorder handed to one UNet call; processors and hooks write into it.
+
+    ``rows`` restricts recording to a slice of the batch (for batched calls where only some
+    items feed guiders). Tensors keep their autograd graph when the call runs with grad.
+    """
+
+    layers: frozenset[int]
+    mode: CaptureMode = CaptureMode.MAPS
+    feature_sites: frozenset[FeatureSite] = frozenset()
+    rows: slice = field(default_factory=lambda: slice(None))
+    with_lse: bool = False
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, N, N]
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, N, D]
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, N, D]
+    lse: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, N] float32
+    features: dict[FeatureSite, torch.Tensor] = field(default_factory=dict)  # site -> [B, C, h, w]
+
+    def wants(self, layer: SelfAttnLayer | None) -> bool:
+        return layer is not None and layer.index in self.layers
+
+
+def select_layers(layers: Sequence[SelfAttnLayer], ranges: tuple[LayerRange, LayerRange, LayerRange] | None) -> frozenset[int]:
+    """Indices of the layers inside the per-group (start, end) ranges; ``None`` selects all."""
+    if ranges is None:
+        return frozenset(layer.index for layer in layers)
+    by_group = dict(zip(("down", "mid", "up"), ranges))
+    counts = {g: sum(1 for layer in layers if layer.group == g) for g in by_group}
+    for group, (start, end) in by_group.items():
+        if end > counts[group]:
+            raise ConfigError(
+                f"self_attn_layers range {group}=({start}, {end}) exceeds the {counts[group]} self-attention layers "
+                f"of this UNet's {group} blocks"
+            )
+    return frozenset(
+        layer.index for layer in layers if by_group[layer.group][0] <= layer.group_index < by_group[layer.group][1]
+    )
+
+
+def feature_module(unet: torch.nn.Module, site: FeatureSite) -> torch.nn.Module:
+    """The UNet module whose output is the feature map at ``site`` (DESIGN.md §4)."""
+    if site is FeatureSite.UP_LAST:
+        return unet.up_blocks[-1]
+    if site is FeatureSite.CONV_NORM_OUT:
+        return unet.conv_norm_out
+    if site is FeatureSite.UP:
+        return unet.up_blocks[1].resnets[1]
+    if site is FeatureSite.MID:
+        return unet.mid_block
+    return unet.down_blocks[1].resnets[1]
+
+
+@contextlib.contextmanager
+def capture_features(unet: torch.nn.Module, capture: PassCapture | None) -> Iterator[None]:
+    """Record the outputs of ``capture.feature_sites`` with forward hooks for the duration of one call."""
+    if capture is None or not capture.feature_sites:
+        yield
+        return
+    handles = []
+    for site in capture.feature_sites:
+
+        def hook(_module: torch.nn.Module, _inputs: object, output: torch.Tensor, site: FeatureSite = site) -> None:
+            capture.features[site] = output[capture.rows]
+
+        handles.append(feature_module(unet, site).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

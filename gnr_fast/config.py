@@ -1,0 +1,432 @@
+"""Typed, validated edit configuration: guiders, noise rescaling, presets, YAML (DESIGN.md §4–6).
+
+A guider's scale is a :data:`Schedule`: one float for every step, or a tuple with one float per
+step. Presets are defined by the paper for 50 steps; for N steps their guidance windows scale
+proportionally (the non-stylisation "first 30 of 50" becomes ``round(0.6 · N)`` steps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import ClassVar, Literal, Mapping, Sequence, Union
+
+import yaml
+
+from .errors import ConfigError
+
+Schedule = Union[float, tuple[float, ...]]
+PRESET_STEPS = 50
+"""The step count the paper's presets (and the authors' per-step lists) are written for."""
+
+
+class Role(str, Enum):
+    """Which UNet pass a guider reads (DESIGN.md §3): latent × prompt."""
+
+    CUR_INV = "cur_inv"  # current latent z_t, source prompt; gradient flows to z_t
+    INV_INV = "inv_inv"  # inversion latent z*_t, source prompt; constant
+    CUR_TRG = "cur_trg"  # current latent z_t, target prompt; gradient flows to z_t
+
+
+class FeatureSite(str, Enum):
+    """UNet module outputs a feature guider compares (DESIGN.md §4)."""
+
+    UP_LAST = "up_blocks[-1]"  # appearance, new_features=true
+    CONV_NORM_OUT = "conv_norm_out"  # appearance, new_features=false
+    UP = "up_blocks[1].resnets[1]"  # features_map_l2 block='up'
+    MID = "mid_block"  # features_map_l2 block='mid'
+    DOWN = "down_blocks[1].resnets[1]"  # features_map_l2 block='down'
+
+
+def scale_at(schedule: Schedule, step: int) -> float:
+    """The value of ``schedule`` at ``step``."""
+    return float(schedule) if isinstance(schedule, (int, float)) else float(schedule[step])
+
+
+def first_steps(value: float, count: int, num_steps: int) -> tuple[float, ...]:
+    """``value`` for the first ``count`` steps, 0 afterwards."""
+    return tuple(float(value) if i < count else 0.0 for i in range(num_steps))
+
+
+def last_steps(value: float, count: int, num_steps: int) -> tuple[float, ...]:
+    """``value`` for the last ``count`` steps, 0 before."""
+    return tuple(float(value) if i >= num_steps - count else 0.0 for i in range(num_steps))
+
+
+def window_for(steps_of_50: int, num_steps: int) -> int:
+    """Scale a window given for 50 steps to ``num_steps`` (``round(steps_of_50 / 50 · num_steps)``)."""
+    return int(round(steps_of_50 / PRESET_STEPS * num_steps))
+
+
+def _check_schedule(schedule: Schedule, what: str) -> Schedule:
+    if isinstance(schedule, bool) or not isinstance(schedule, (int, float, tuple, list)):
+        raise ConfigError(f"{what} must be a number or a list of numbers, got {schedule!r}")
+    values = [schedule] if isinstance(schedule, (int, float)) else list(schedule)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{what} contains {v!r}; scales must be finite numbers")
+    if isinstance(schedule, (int, float)):
+        return float(schedule)
+    if not values:
+        raise ConfigError(f"{what} is an empty list; give one number or one per step")
+    return tuple(float(v) for v in values)
+
+
+def _schedule_len(schedule: Schedule) -> int | None:
+    return None if isinstance(schedule, float) else len(schedule)
+
+
+@dataclass(frozen=True)
+class GuiderConfig:
+    """Base of the guider configs; ``scale`` multiplies the guider's output at each step."""
+
+    name: ClassVar[str] = ""
+    reads: ClassVar[tuple[Role, ...]] = ()
+    scale: Schedule = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _check_schedule(self.scale, f"{self.name}.g_scale"))
+
+    def schedules(self) -> dict[str, Schedule]:
+        """Every per-step schedule this guider holds, by field name (for length checks)."""
+        return {"g_scale": self.scale}
+
+    def is_active(self, step: int) -> bool:
+        """Whether this guider contributes anything at ``step`` (some scale is non-zero)."""
+        return scale_at(self.scale, step) != 0.0
+
+    @property
+    def is_energy(self) -> bool:
+        """Energy guiders contribute through ∂E/∂z; the others add a noise term directly."""
+        return False
+
+
+@dataclass(frozen=True)
+class CfgGuider(GuiderConfig):
+    """Classifier-free guidance w · (ε_trg − ε_u) (or ε_src with ``is_source_guidance``)."""
+
+    name: ClassVar[str] = "cfg"
+    scale: Schedule = 7.5
+    is_source_guidance: bool = False
+
+
+@dataclass(frozen=True)
+class SelfAttnMapL2(GuiderConfig):
+    """Σ_layers mean((A_cur − A_inv)²) over self-attention maps; pair (cur_inv, inv_inv)."""
+
+    name: ClassVar[str] = "self_attn_map_l2"
+    reads: ClassVar[tuple[Role, ...]] = (Role.CUR_INV, Role.INV_INV)
+
+    @property
+    def is_energy(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class SelfAttnMapL2Appearance(GuiderConfig):
+    """s_self · Σ_layers mean((A_cur − A_inv)²) + s_app · mean(|Φ_cur − Φ_inv|); pair (cur_inv, inv_inv)."""
+
+    name: ClassVar[str] = "self_attn_map_l2_appearance"
+    reads: ClassVar[tuple[Role, ...]] = (Role.CUR_INV, Role.INV_INV)
+    scale: Schedule = 1.0
+    self_attn_scale: Schedule = 300000.0
+    app_scale: Schedule = 500.0
+    new_features: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "self_attn_scale", _check_schedule(self.self_attn_scale, f"{self.name}.self_attn_gs"))
+        object.__setattr__(self, "app_scale", _check_schedule(self.app_scale, f"{self.name}.app_gs"))
+
+    def schedules(self) -> dict[str, Schedule]:
+        return {"g_scale": self.scale, "self_attn_gs": self.self_attn_scale, "app_gs": self.app_scale}
+
+    def is_active(self, step: int) -> bool:
+        if scale_at(self.scale, step) == 0.0:
+            return False
+        return scale_at(self.self_attn_scale, step) != 0.0 or scale_at(self.app_scale, step) != 0.0
+
+    @property
+    def is_energy(self) -> bool:
+        return True
+
+    @property
+    def feature_site(self) -> FeatureSite:
+        return FeatureSite.UP_LAST if self.new_features else FeatureSite.CONV_NORM_OUT
+
+
+@dataclass(frozen=True)
+class FeaturesMapL2(GuiderConfig):
+    """mean((Φ_trg − Φ_inv)²) of one UNet block's output; pair (cur_trg, inv_inv)."""
+
+    name: ClassVar[str] = "features_map_l2"
+    reads: ClassVar[tuple[Role, ...]] = (Role.CUR_TRG, Role.INV_INV)
+    block: Literal["up", "mid", "down"] = "up"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block not in ("up", "mid", "down"):
+            raise ConfigError(f"features_map_l2.block must be 'up', 'mid' or 'down', got {self.block!r}")
+
+    @property
+    def is_energy(self) -> bool:
+        return True
+
+    @property
+    def feature_site(self) -> FeatureSite:
+        return {"up": FeatureSite.UP, "mid": FeatureSite.MID, "down": FeatureSite.DOWN}[self.block]
+
+
+@dataclass(frozen=True)
+class LatentsDiff(GuiderConfig):
+    """Noise term 2 (z − z*) added directly (no backward). Not scaled by the range rescaler."""
+
+    name: ClassVar[str] = "latents_diff"
+
+
+GUIDER_TYPES: dict[str, type[GuiderConfig]] = {
+    cls.name: cls for cls in (CfgGuider, SelfAttnMapL2, SelfAttnMapL2Appearance, FeaturesMapL2, LatentsDiff)
+}
+
+
+@dataclass(frozen=True)
+class RescaleConfig:
+    """Noise rescaling (DESIGN.md §5): clip ‖guider term‖ / ‖Δcfg‖ into [lo, hi], or identity."""
+
+    kind: Literal["range_other_on_cfg_norm", "identity_rescaler"] = "range_other_on_cfg_norm"
+    lo: float = 0.33
+    hi: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("range_other_on_cfg_norm", "identity_rescaler"):
+            raise ConfigError(
+                f"noise_rescaling_setup.type {self.kind!r} is unknown; use 'range_other_on_cfg_norm' or "
+                "'identity_rescaler'"
+            )
+        for bound in (self.lo, self.hi):
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
+                raise ConfigError(f"noise rescaling bounds must be finite numbers, got ({self.lo!r}, {self.hi!r})")
+        if self.kind == "range_other_on_cfg_norm" and not 0 < self.lo <= self.hi:
+            raise ConfigError(f"noise rescaling range needs 0 < lo <= hi, got ({self.lo}, {self.hi})")
+
+
+LayerRange = tuple[int, int]
+AlignInversion = Literal["reference", "exact"]
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Everything that defines an edit besides the image and prompts.
+
+    ``self_attn_layers`` selects self-attention layers per block group (down, mid, up) as
+    half-open ``(start, end)`` ranges in forward order, like the reference's
+    ``self_attn_layers_num``; ``None`` means all layers. ``align_inversion='reference'`` pairs
+    the latent of step i with inv[N − i] as the authors' code does; ``'exact'`` pairs the
+    time-aligned inv[N − 1 − i] (DESIGN.md §3).
+    """
+
+    guiders: tuple[GuiderConfig, ...]
+    rescale: RescaleConfig = field(default_factory=RescaleConfig)
+    num_steps: int = PRESET_STEPS
+    self_attn_layers: tuple[LayerRange, LayerRange, LayerRange] | None = None
+    align_inversion: AlignInversion = "reference"
+    energy_atol: float = 1e-8
+    """An energy with |E| ≤ this counts as zero and runs no backward (the reference's allclose)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or not 1 <= self.num_steps <= 1000:
+            raise ConfigError(f"num_steps must be an integer in [1, 1000], got {self.num_steps!r}")
+        guiders = tuple(self.guiders)
+        object.__setattr__(self, "guiders", guiders)
+        if not guiders:
+            raise ConfigError("an edit needs at least one guider (e.g. cfg)")
+        names = [g.name for g in guiders]
+        for g in guiders:
+            if not isinstance(g, GuiderConfig):
+                raise ConfigError(f"guiders must be GuiderConfig objects, got {type(g).__name__}")
+            if names.count(g.name) > 1:
+                raise ConfigError(f"guider {g.name!r} is listed twice")
+            for key, schedule in g.schedules().items():
+                length = _schedule_len(schedule)
+                if length is not None and length != self.num_steps:
+                    raise ConfigError(
+                        f"{g.name}.{key} has {length} per-step values but the edit runs {self.num_steps} steps; give "
+                        f"one value per step or a single number"
+                    )
+        if "cfg" not in names:
+            raise ConfigError("the cfg guider is required (noise rescaling is relative to the CFG term)")
+        if self.rescale.kind == "range_other_on_cfg_norm" and "latents_diff" in names:
+            raise ConfigError(
+                "latents_diff cannot be combined with range_other_on_cfg_norm (the reference implementation fails "
+                "on it too); use noise_rescaling_setup.type: identity_rescaler"
+            )
+        if self.align_inversion not in ("reference", "exact"):
+            raise ConfigError(f"align_inversion must be 'reference' or 'exact', got {self.align_inversion!r}")
+        if self.self_attn_layers is not None:
+            ranges = tuple(tuple(r) for r in self.self_attn_layers)
+            if len(ranges) != 3 or any(len(r) != 2 or not 0 <= r[0] <= r[1] for r in ranges):
+                raise ConfigError(
+                    f"self_attn_layers must be three (start, end) ranges for down, mid, up, got {self.self_attn_layers!r}"
+                )
+            object.__setattr__(self, "self_attn_layers", ranges)
+
+    # --- presets (DESIGN.md §6) -------------------------------------------------------------
+
+    @classmethod
+    def nonstyle(cls, num_steps: int = PRESET_STEPS) -> "EditConfig":
+        """Non-stylisation preset: cfg 7.5 + self-attention/appearance guider for the first 60 % of steps."""
+        window = window_for(30, num_steps)
+        return cls(
+            guiders=(
+                CfgGuider(scale=7.5),
+                SelfAttnMapL2Appearance(
+                    scale=1.0,
+                    self_attn_scale=first_steps(300000.0, window, num_steps),
+                    app_scale=first_steps(500.0, window, num_steps),
+                    new_features=True,
+                ),
+            ),
+            rescale=RescaleConfig("range_other_on_cfg_norm", 0.33, 3.0),
+            num_steps=num_steps,
+        )
+
+    @classmethod
+    def style(cls, num_steps: int = PRESET_STEPS) -> "EditConfig":
+        """Stylisation preset: cfg 7.5 + self-attention maps and 'up' features for the first 50 % of steps."""
+        window = window_for(25, num_steps)
+        return cls(
+            guiders=(
+                CfgGuider(scale=7.5),
+                SelfAttnMapL2(scale=first_steps(100000.0, window, num_steps)),
+                FeaturesMapL2(scale=first_steps(2.5, window, num_steps), block="up"),
+            ),
+            rescale=RescaleConfig("range_other_on_cfg_norm", 1.5, 1.5),
+            num_steps=num_steps,
+        )
+
+    @classmethod
+    def preset(cls, name: str, num_steps: int = PRESET_STEPS) -> "EditConfig":
+        """The named preset ('nonstyle' or 'style') for ``num_steps`` steps."""
+        builders = {"nonstyle": cls.nonstyle, "style": cls.style}
+        if name not in builders:
+            raise ConfigError(f"preset {name!r} is unknown; choose one of {sorted(builders)}")
+        return builders[name](num_steps)
+
+    def with_steps(self, num_steps: int) -> "EditConfig":
+        """This config for another step count (only when no per-step lists pin the length)."""
+        return replace(self, num_steps=num_steps)
+
+    # --- the authors' YAML format ------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> "EditConfig":
+        """Load a config in the authors' YAML format (``guiders: [{name: cfg, g_scale: 7.5, ...}]``).
+
+        ``source`` is a path or a YAML string.
+        """
+        text = source
+        if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
+            path = Path(source)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config is not valid YAML: {exc}") from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a YAML mapping with a 'guiders' list, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "EditConfig":
+        """Build a config from the authors' dict format (what :meth:`from_yaml` parses)."""
+        known = {
+            "guiders", "noise_rescaling_setup", "self_attn_layers_num", "scheduler_type", "inversion_type",
+            "model_name", "pipeline_type", "start_latent", "verbose", "edit_types", "gradient_checkpointing",
+            "num_steps", "align_inversion",
+        }
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        if data.get("inversion_type", "dummy") != "dummy":
+            raise ConfigError(
+                f"inversion_type {data['inversion_type']!r} is not supported; gnr-fast uses plain DDIM inversion "
+                "('dummy'), as the paper's GaR configs do"
+            )
+        if data.get("start_latent", "inversion") != "inversion":
+            raise ConfigError(f"start_latent {data['start_latent']!r} is not supported; use 'inversion'")
+        num_steps = _steps_from(data)
+        guiders_data = data.get("guiders")
+        if not isinstance(guiders_data, Sequence) or isinstance(guiders_data, (str, bytes)):
+            raise ConfigError("config needs a 'guiders' list, e.g. [{name: cfg, g_scale: 7.5}]")
+        guiders = tuple(_guider_from_dict(g, num_steps) for g in guiders_data)
+        rescale_data = data.get("noise_rescaling_setup", {"type": "identity_rescaler"})
+        if not isinstance(rescale_data, Mapping) or "type" not in rescale_data:
+            raise ConfigError("noise_rescaling_setup must be a mapping with a 'type'")
+        bounds = rescale_data.get("init_setup", (1.0, 1.0))
+        if isinstance(bounds, (int, float)) or not isinstance(bounds, Sequence) or len(bounds) != 2:
+            raise ConfigError(f"noise_rescaling_setup.init_setup must be [lo, hi], got {bounds!r}")
+        rescale = RescaleConfig(rescale_data["type"], bounds[0], bounds[1])
+        layers = data.get("self_attn_layers_num")
+        if layers is not None:
+            if not isinstance(layers, Sequence) or len(layers) != 3:
+                raise ConfigError(f"self_attn_layers_num must have 3 entries (down, mid, up), got {layers!r}")
+            layers = tuple((0, int(x)) if isinstance(x, int) else tuple(int(v) for v in x) for x in layers)
+        return cls(
+            guiders=guiders,
+            rescale=rescale,
+            num_steps=num_steps,
+            self_attn_layers=layers,
+            align_inversion=data.get("align_inversion", "reference"),
+        )
+
+
+def _steps_from(data: Mapping) -> int:
+    if "num_steps" in data:
+        return data["num_steps"]
+    scheduler_type = str(data.get("scheduler_type", "ddim_50_eps"))
+    parts = scheduler_type.split("_")
+    if len(parts) != 3 or parts[0] != "ddim" or not parts[1].isdigit():
+        raise ConfigError(f"scheduler_type {scheduler_type!r} is not supported; use 'ddim_<steps>_eps' or 'ddim_<steps>_v'")
+    return int(parts[1])
+
+
+def _guider_from_dict(entry: object, num_steps: int) -> GuiderConfig:
+    if not isinstance(entry, Mapping) or "name" not in entry:
+        raise ConfigError(f"each guider must be a mapping with a 'name', got {entry!r}")
+    name = entry["name"]
+    if name not in GUIDER_TYPES:
+        raise ConfigError(f"guider {name!r} is unknown; known guiders: {sorted(GUIDER_TYPES)}")
+    kwargs = dict(entry.get("kwargs") or {})
+    scale = entry.get("g_scale", 1.0)
+    try:
+        if name == "cfg":
+            return CfgGuider(scale=scale, is_source_guidance=bool(kwargs.pop("is_source_guidance", False)), **kwargs)
+        if name == "self_attn_map_l2_appearance":
+            self_gs = kwargs.pop("self_attn_gs")
+            app_gs = kwargs.pop("app_gs")
+            first = kwargs.pop("total_first_steps", None)
+            last = kwargs.pop("total_last_steps", None)
+            if first is not None and last is not None:
+                raise ConfigError("give total_first_steps or total_last_steps, not both")
+            if last is not None:
+                self_gs, app_gs = last_steps(self_gs, last, num_steps), last_steps(app_gs, last, num_steps)
+            elif first is not None:
+                self_gs, app_gs = first_steps(self_gs, first, num_steps), first_steps(app_gs, first, num_steps)
+            return SelfAttnMapL2Appearance(
+                scale=scale,
+                self_attn_scale=self_gs,
+                app_scale=app_gs,
+                new_features=bool(kwargs.pop("new_features", False)),
+                **kwargs,
+            )
+        if name == "features_map_l2":
+            return FeaturesMapL2(scale=scale, block=kwargs.pop("block", "up"), **kwargs)
+        return GUIDER_TYPES[name](scale=scale, **kwargs)
+    except KeyError as exc:
+        raise ConfigError(f"guider {name!r} is missing the required kwarg {exc.args[0]!r}") from exc
+    except TypeError as exc:
+        raise ConfigError(f"guider {name!r} got unexpected kwargs: {exc}") from exc

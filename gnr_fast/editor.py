@@ -1,0 +1,183 @@
+"""The public entry point: :class:`Editor` loads a checkpoint, inverts images and edits them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+import torch
+from PIL import Image
+
+from .attention import install_capture_processors
+from .config import EditConfig
+from .editing import EditContext, StepCallback, run_edit_loop
+from .errors import ConfigError, InputError
+from .images import DEFAULT_MAX_PIXELS, ImageInput, decode_latent, prepare_image, to_output_image
+from .inversion import Inversion, invert
+from .loading import Components, load_components
+from .prompts import check_prompt, encode_prompt
+from .runtime.eager import EagerUNetRunner
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["reference"]
+MODES = ("reference",)
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds of the phases of one call (0 for phases that did not run)."""
+
+    inversion_s: float = 0.0
+    editing_s: float = 0.0
+    decoding_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.inversion_s + self.editing_s + self.decoding_s
+
+
+@dataclass
+class EditResult:
+    """An edited image with the final latent, the inversion it came from, and timings."""
+
+    image: Image.Image
+    latents: torch.Tensor  # [1, 4, h, w] final latent
+    inversion: Inversion
+    timings: Timings
+    unet_calls: int = 0
+    config: EditConfig | None = field(default=None, repr=False)
+
+
+class Editor:
+    """Guide-and-Rescale editing with one loaded Stable Diffusion 1.x/2.x checkpoint."""
+
+    def __init__(self, components: Components, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.components = components
+        self.max_pixels = max_pixels
+        self.self_attn_layers = install_capture_processors(components.unet)
+        self.runner = EagerUNetRunner(components.unet)
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> "Editor":
+        """Load a local diffusers SD 1.x/2.x folder (``None``: the bundled model), never contacting a hub."""
+        return cls(load_components(path, device=device, dtype=dtype), max_pixels=max_pixels)
+
+    @property
+    def model_id(self) -> str:
+        return self.components.model_id
+
+    def embed(self, prompt: str) -> torch.Tensor:
+        """CLIP embedding of ``prompt`` ([1, 77, C]); repeated prompts are served from a small cache."""
+        if prompt not in self._embeddings:
+            if len(self._embeddings) > 64:
+                self._embeddings.clear()
+            self._embeddings[prompt] = encode_prompt(self.components, prompt)
+        return self._embeddings[prompt]
+
+    def invert(self, image: ImageInput, source_prompt: str, num_steps: int = 50, progress: bool = True) -> Inversion:
+        """DDIM-invert ``image`` with ``source_prompt`` (DESIGN.md §2)."""
+        check_prompt(source_prompt, "source_prompt")
+        _check_steps(num_steps)
+        prepared = prepare_image(image, max_pixels=self.max_pixels)
+        return invert(
+            self.components,
+            self.runner,
+            prepared,
+            source_prompt,
+            self.embed(source_prompt),
+            num_steps=num_steps,
+            progress=progress,
+        )
+
+    def resolve_config(self, preset: str = "nonstyle", config: EditConfig | str | Path | None = None, num_steps: int | None = None) -> EditConfig:
+        """The config an edit runs: ``config`` (object or YAML path) if given, else the named preset."""
+        if config is None:
+            return EditConfig.preset(preset, num_steps or 50)
+        if isinstance(config, (str, Path)):
+            config = EditConfig.from_yaml(config)
+        if not isinstance(config, EditConfig):
+            raise ConfigError(f"config must be an EditConfig or a YAML path, got {type(config).__name__}")
+        if num_steps is not None and num_steps != config.num_steps:
+            config = config.with_steps(num_steps)
+        return config
+
+    def edit(
+        self,
+        image_or_inversion: ImageInput | Inversion,
+        target_prompt: str,
+        source_prompt: str | None = None,
+        preset: str = "nonstyle",
+        config: EditConfig | str | Path | None = None,
+        mode: Mode = "reference",
+        progress: bool = True,
+        num_steps: int | None = None,
+        callback: StepCallback | None = None,
+    ) -> EditResult:
+        """Edit an image (or a saved inversion of one) toward ``target_prompt``.
+
+        With an image, ``source_prompt`` is required and the image is inverted first; with an
+        :class:`Inversion`, its source prompt is used (a different ``source_prompt`` is an error).
+        """
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        check_prompt(target_prompt, "target_prompt")
+        timings = Timings()
+        if isinstance(image_or_inversion, Inversion):
+            inversion = image_or_inversion
+            if source_prompt is not None and source_prompt != inversion.source_prompt:
+                raise InputError(
+                    f"source_prompt {source_prompt!r} differs from the inversion's {inversion.source_prompt!r}; "
+                    "omit source_prompt or invert again"
+                )
+            cfg = self.resolve_config(preset, config, num_steps or inversion.num_steps)
+            inversion.check_compatible(self.model_id, cfg.num_steps)
+        else:
+            if source_prompt is None:
+                raise InputError("source_prompt is required when editing an image (it describes the input image)")
+            cfg = self.resolve_config(preset, config, num_steps)
+            start = time.perf_counter()
+            inversion = self.invert(image_or_inversion, source_prompt, num_steps=cfg.num_steps, progress=progress)
+            timings.inversion_s = time.perf_counter() - start
+        calls_before = self.runner.calls
+        start = time.perf_counter()
+        ctx = EditContext.build(
+            self.components,
+            self.runner,
+            cfg,
+            self.self_attn_layers,
+            c_uncond=self.embed(""),
+            c_src=self.embed(inversion.source_prompt),
+            c_trg=self.embed(target_prompt),
+        )
+        latents = inversion.latents.to(self.components.device, self.components.dtype)
+        from .reference.step import reference_step
+
+        final = run_edit_loop(ctx, reference_step, latents, progress=progress, callback=callback)
+        timings.editing_s = time.perf_counter() - start
+        start = time.perf_counter()
+        image = to_output_image(decode_latent(self.components.vae, final, self.components.scaling_factor)[0], inversion.original_size)
+        timings.decoding_s = time.perf_counter() - start
+        return EditResult(
+            image=image,
+            latents=final.detach(),
+            inversion=inversion,
+            timings=timings,
+            unet_calls=self.runner.calls - calls_before,
+            config=cfg,
+        )
+
+
+def _check_steps(num_steps: object) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= 1000:
+        raise InputError(f"num_steps must be an integer in [1, 1000], got {num_steps!r}")

@@ -1,0 +1,55 @@
+"""Exception hierarchy of gnr-fast.
+
+Every error a user can cause derives from :class:`GnrError`; its message names the argument or
+path, the bad value, and the fix. The CLI and the server turn these into one-line messages.
+"""
+
+from __future__ import annotations
+
+
+class GnrError(Exception):
+    """Base class for every error gnr-fast raises on purpose."""
+
+
+class ConfigError(GnrError, ValueError):
+    """An edit configuration (preset, YAML, scales, schedules) is invalid."""
+
+
+class InputError(GnrError, ValueError):
+    """A user input (image, prompt, step count, inversion file) is invalid."""
+
+
+class ModelLoadError(GnrError):
+    """A checkpoint cannot be loaded."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The model path does not exist."""
+
+
+class NotAPipelineError(ModelLoadError):
+    """The path exists but is not a diffusers Stable Diffusion pipeline folder."""
+
+
+class MissingComponentError(ModelLoadError):
+    """A pipeline component folder, its config or its weights are missing."""
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """The checkpoint is not a Stable Diffusion 1.x/2.x model (e.g. SDXL)."""
+
+
+class InversionMismatchError(InputError):
+    """A saved inversion does not belong to the model or settings it is used with."""
+
+
+class BackendUnavailableError(GnrError, RuntimeError):
+    """An optional runtime backend (Triton, ONNX Runtime, TensorRT, CUDA) is not available here."""
+
+
+class ExportError(GnrError, RuntimeError):
+    """Exporting a model or a server repository failed."""
+
+
+class GuidanceError(GnrError, RuntimeError):
+    """Guidance produced non-finite values during an edit (reported, never retried silently)."""

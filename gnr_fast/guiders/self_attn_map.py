@@ -1,0 +1,28 @@
+"""Self-attention map L2 energy: Σ_layers mean((A_cur − A_inv)²) (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention.capture import CaptureMode, PassCapture
+
+
+def self_attn_map_l2(cur: PassCapture, inv: PassCapture, layers: frozenset[int]) -> torch.Tensor:
+    """Sum over ``layers`` of the mean squared difference of the two passes' attention maps.
+
+    With :attr:`CaptureMode.MAPS` captures the maps are compared directly (the reference
+    formula); with :attr:`CaptureMode.QK` captures the chunked op recomputes them tile by tile
+    from (Q, K) and the source pass's log-sum-exp without materialising any N×N map.
+    """
+    total = torch.zeros((), dtype=torch.float32)
+    for index in sorted(layers):
+        if cur.mode is CaptureMode.MAPS:
+            term = torch.mean((cur.maps[index] - inv.maps[index]) ** 2)
+        else:
+            from ..ops.attn_map_energy import attn_map_energy
+
+            term = attn_map_energy(
+                cur.queries[index], cur.keys[index], inv.queries[index], inv.keys[index], inv.lse[index]
+            )
+        total = total.to(term.device) + term.float()
+    return total

@@ -1,0 +1,153 @@
+"""Image input/output: reading, normalising, the resize policy, and the VAE encode/decode.
+
+Resize policy (documented in the README): an image whose sides are both multiples of 64 is used
+as it is. Otherwise each side is rounded to the nearest multiple of 64 (at least 64), the image is
+resized to that working size with Lanczos filtering, edited, and the result is resized back to the
+input's size. RGBA images are composited over white; greyscale and palette images become RGB;
+EXIF orientation is applied first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray, bytes]
+
+SIZE_MULTIPLE = 64
+"""Sides must be multiples of 64 so that the latent (÷8) survives the UNet's three downsamplings."""
+
+MIN_SIDE = 64
+DEFAULT_MAX_PIXELS = 1024 * 1024
+"""Default upper bound on width × height; pass ``max_pixels`` to raise it."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An RGB image ready for the VAE, with what is needed to undo the resize."""
+
+    pixels: torch.Tensor  # [1, 3, H, W] float32 in [-1, 1] at the working size
+    original_size: tuple[int, int]  # (width, height) of the input
+    working_size: tuple[int, int]  # (width, height) the model sees
+    content_hash: str  # sha256 of the RGB pixels at the original size
+
+    @property
+    def resized(self) -> bool:
+        return self.original_size != self.working_size
+
+
+def read_image(image: ImageInput) -> Image.Image:
+    """Return ``image`` as an RGB PIL image (EXIF orientation applied, alpha composited over white)."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image file {str(path)!r} does not exist")
+        pil = _decode(path, f"image {str(path)!r}")
+    elif isinstance(image, bytes):
+        pil = _decode(io.BytesIO(image), f"image bytes ({len(image)} bytes)")
+    elif isinstance(image, Image.Image):
+        pil = ImageOps.exif_transpose(image) or image
+    elif isinstance(image, np.ndarray):
+        pil = _array_to_pil(image)
+    else:
+        raise InputError(
+            f"image must be a file path, PIL image, numpy array or encoded bytes, got {type(image).__name__}"
+        )
+    return to_rgb(pil)
+
+
+def _decode(source, what: str) -> Image.Image:
+    try:
+        with Image.open(source) as opened:
+            pil = ImageOps.exif_transpose(opened)  # a loaded copy, orientation applied
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"cannot read {what}: {exc}. Use a PNG, JPEG or WebP image.") from exc
+    return pil
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise InputError(f"image array must be uint8 or float in [0, 1], got dtype {array.dtype}")
+        if not np.isfinite(array).all():
+            raise InputError("image array contains NaN or infinite values")
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def to_rgb(pil: Image.Image) -> Image.Image:
+    """RGB version of ``pil``: alpha is composited over white, greyscale/palette are expanded."""
+    if pil.mode == "RGB":
+        return pil
+    if pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info):
+        rgba = pil.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return pil.convert("RGB")
+
+
+def working_size(width: int, height: int) -> tuple[int, int]:
+    """The size the model runs at: each side rounded to the nearest multiple of 64 (≥ 64)."""
+
+    def snap(side: int) -> int:
+        return max(SIZE_MULTIPLE, int(round(side / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+
+    return snap(width), snap(height)
+
+
+def prepare_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+    """Read, validate and normalise ``image`` per the module's resize policy."""
+    pil = read_image(image)
+    width, height = pil.size
+    if min(width, height) < MIN_SIDE:
+        raise InputError(f"image is {width}x{height}; both sides must be at least {MIN_SIDE} pixels")
+    if width * height > max_pixels:
+        raise InputError(
+            f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}; downscale it "
+            "or raise max_pixels (Editor(max_pixels=...) / --max-pixels)"
+        )
+    rgb = np.asarray(pil, dtype=np.uint8)
+    content_hash = hashlib.sha256(f"{width}x{height}".encode() + rgb.tobytes()).hexdigest()
+    size = working_size(width, height)
+    if size != (width, height):
+        rgb = np.asarray(pil.resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+    # Same normalisation as the reference: uint8 / 127.5 − 1.
+    pixels = torch.from_numpy(rgb.copy()).float() / 127.5 - 1
+    pixels = pixels.permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
+    return PreparedImage(pixels=pixels, original_size=(width, height), working_size=size, content_hash=content_hash)
+
+
+@torch.no_grad()
+def encode_latent(vae, pixels: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """z = scaling_factor · VAE.encode(pixels).mean (DESIGN.md §1): [B, 4, H/8, W/8]."""
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    return vae.encode(pixels).latent_dist.mean * scaling_factor
+
+
+@torch.no_grad()
+def decode_latent(vae, latent: torch.Tensor, scaling_factor: float) -> np.ndarray:
+    """Decode latents to uint8 RGB arrays [B, H, W, 3] exactly as the reference does (truncating ×255)."""
+    image = vae.decode(latent.detach().to(vae.dtype) / scaling_factor).sample
+    image = (image.float() / 2 + 0.5).clamp(0, 1)
+    return (image.cpu().permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+
+
+def to_output_image(array: np.ndarray, original_size: tuple[int, int]) -> Image.Image:
+    """PIL image of one decoded array, resized back to the input's size when the policy resized it."""
+    pil = Image.fromarray(array)
+    if pil.size != original_size:
+        pil = pil.resize(original_size, Image.Resampling.LANCZOS)
+    return pil

@@ -1,0 +1,137 @@
+"""DDIM inversion of a real image into the source trajectory z*_0 … z*_N (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .errors import InputError, InversionMismatchError
+from .images import PreparedImage, encode_latent
+from .loading import Components
+from .runtime.base import UNetRunner
+from .schedules import ddim_step_up, ddim_timesteps
+
+FORMAT = "gnr-fast-inversion"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class Inversion:
+    """A source trajectory and what is needed to reuse it for edits of the same image.
+
+    ``latents[0]`` is the encoded image, ``latents[num_steps]`` the start latent of editing.
+    """
+
+    latents: torch.Tensor  # [num_steps + 1, 1, 4, h, w]
+    source_prompt: str
+    num_steps: int
+    model_id: str
+    original_size: tuple[int, int]  # (width, height) of the input image
+    working_size: tuple[int, int]  # (width, height) the model ran at
+    content_hash: str  # sha256 of the input's RGB pixels
+
+    def check_compatible(self, model_id: str, num_steps: int | None = None) -> None:
+        """Raise :class:`InversionMismatchError` unless this inversion fits ``model_id`` and ``num_steps``."""
+        if self.model_id != model_id:
+            raise InversionMismatchError(
+                f"this inversion was computed with model {self.model_id}, but the editor runs model {model_id}; "
+                "invert the image again with this model"
+            )
+        if num_steps is not None and num_steps != self.num_steps:
+            raise InversionMismatchError(
+                f"this inversion has {self.num_steps} steps but the edit asks for {num_steps}; invert again with "
+                f"num_steps={num_steps} or edit with {self.num_steps} steps"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the trajectory (safetensors) with its metadata (JSON strings in the header)."""
+        path = Path(path)
+        metadata = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "source_prompt": self.source_prompt,
+            "num_steps": str(self.num_steps),
+            "model_id": self.model_id,
+            "original_size": json.dumps(list(self.original_size)),
+            "working_size": json.dumps(list(self.working_size)),
+            "content_hash": self.content_hash,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": self.latents.detach().to("cpu", torch.float32).contiguous()}, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Inversion":
+        """Read an inversion written by :meth:`save`; raises :class:`InputError` for anything else."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"inversion file {str(path)!r} does not exist")
+        try:
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"{str(path)!r} is not a gnr-fast inversion file: {exc}") from exc
+        if metadata.get("format") != FORMAT or "latents" not in tensors:
+            raise InputError(f"{str(path)!r} is not a gnr-fast inversion file (write one with `gnr-fast invert`)")
+        if metadata.get("version") != FORMAT_VERSION:
+            raise InputError(f"{str(path)!r} has inversion format version {metadata.get('version')}; expected {FORMAT_VERSION}")
+        num_steps = int(metadata["num_steps"])
+        latents = tensors["latents"]
+        if latents.ndim != 5 or latents.shape[0] != num_steps + 1:
+            raise InputError(f"{str(path)!r} is corrupt: latents shape {tuple(latents.shape)} for {num_steps} steps")
+        return cls(
+            latents=latents,
+            source_prompt=metadata["source_prompt"],
+            num_steps=num_steps,
+            model_id=metadata["model_id"],
+            original_size=tuple(json.loads(metadata["original_size"])),
+            working_size=tuple(json.loads(metadata["working_size"])),
+            content_hash=metadata["content_hash"],
+        )
+
+
+def invert(
+    components: Components,
+    runner: UNetRunner,
+    image: PreparedImage,
+    source_prompt: str,
+    c_src: torch.Tensor,
+    num_steps: int = 50,
+    progress: bool = True,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> Inversion:
+    """DDIM-invert ``image`` with the source prompt embedding ``c_src`` (no guidance).
+
+    For i = 0 … N−1 with t = timesteps[N−1−i]: ε = ε(z*_i, t, c_src), then the upward DDIM
+    step from level t to t + stride.
+    """
+    schedule = components.schedule
+    timesteps = ddim_timesteps(num_steps, schedule.num_train_timesteps)
+    z = encode_latent(components.vae, image.pixels, components.scaling_factor).to(components.dtype)
+    trajectory = [z]
+    with torch.no_grad():
+        for i in tqdm(range(num_steps), desc="Inversion", disable=not progress, leave=False):
+            t = timesteps[num_steps - 1 - i]
+            eps = runner(z, t, c_src)
+            z = ddim_step_up(schedule, eps, t, z, num_steps)
+            trajectory.append(z)
+            if callback is not None:
+                callback(i, z)
+    return Inversion(
+        latents=torch.stack(trajectory),
+        source_prompt=source_prompt,
+        num_steps=num_steps,
+        model_id=components.model_id,
+        original_size=image.original_size,
+        working_size=image.working_size,
+        content_hash=image.content_hash,
+    )

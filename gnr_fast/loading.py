@@ -1,0 +1,208 @@
+"""Checkpoint → components: load a local diffusers Stable Diffusion 1.x/2.x folder, fully offline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import (
+    MissingComponentError,
+    ModelLoadError,
+    ModelNotFoundError,
+    NotAPipelineError,
+    UnsupportedArchitectureError,
+)
+from .schedules import NoiseSchedule
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL = Path(__file__).parent / "models" / "shapes-v1"
+"""The small model trained by this project's own scripts; the default of the API and CLI."""
+
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+}
+_WEIGHT_FILES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
+}
+_CONFIG_FILES = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "scheduler": "scheduler_config.json",
+}
+
+
+@dataclass
+class Components:
+    """Everything an edit needs from a checkpoint, already on ``device`` in ``dtype``."""
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    vae: Any  # diffusers.AutoencoderKL
+    text_encoder: Any  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer
+    schedule: NoiseSchedule
+    path: Path
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}. Re-export or re-download the checkpoint.") from exc
+
+
+def check_pipeline_folder(path: Path) -> dict:
+    """Validate the folder layout of a diffusers SD pipeline; return model_index.json.
+
+    Raises a :class:`ModelLoadError` subclass naming the path and the fix for: a missing path, a file
+    or folder that is not a diffusers pipeline, a missing component/config/weights, SDXL and other
+    unsupported architectures.
+    """
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model path {str(path)!r} does not exist. Pass the folder of a local diffusers Stable Diffusion "
+            "1.x/2.x checkpoint (the one holding model_index.json), or omit --model to use the bundled model."
+        )
+    if path.is_file():
+        raise NotAPipelineError(
+            f"model path {str(path)!r} is a file. gnr-fast loads diffusers pipeline folders; convert a single-file "
+            "checkpoint once with diffusers (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) "
+            "and pass DIR."
+        )
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        raise NotAPipelineError(
+            f"{str(path)!r} is not a diffusers pipeline folder: model_index.json is missing. Pass the folder that "
+            "holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/."
+        )
+    index = _read_json(index_path)
+    class_name = str(index.get("_class_name", ""))
+    if "XL" in class_name or "text_encoder_2" in index or "StableDiffusion3" in class_name or "Flux" in class_name:
+        raise UnsupportedArchitectureError(
+            f"{str(path)!r} holds a {class_name or 'non-SD'} checkpoint; gnr-fast supports Stable Diffusion 1.x and "
+            "2.x (UNet2DConditionModel with one CLIP text encoder). Use an SD 1.x/2.x checkpoint."
+        )
+    if class_name not in SUPPORTED_PIPELINES:
+        raise UnsupportedArchitectureError(
+            f"{str(path)!r} holds a {class_name!r} pipeline; supported: {sorted(SUPPORTED_PIPELINES)}."
+        )
+    for component, config_name in _CONFIG_FILES.items():
+        folder = path / component
+        if not (folder / config_name).is_file():
+            raise MissingComponentError(
+                f"{str(path)!r}: component '{component}' is missing ({folder / config_name} not found). "
+                "The checkpoint folder is incomplete; re-export it with save_pretrained()."
+            )
+        weights = _WEIGHT_FILES.get(component)
+        if weights and not any((folder / w).is_file() for w in weights):
+            raise MissingComponentError(
+                f"{str(path)!r}: weights of '{component}' are missing (expected {folder / weights[0]}). "
+                "The checkpoint folder is incomplete; re-export it with save_pretrained()."
+            )
+    unet_config = _read_json(path / "unet" / "config.json")
+    if unet_config.get("addition_embed_type") is not None or unet_config.get("_class_name") != "UNet2DConditionModel":
+        raise UnsupportedArchitectureError(
+            f"{str(path)!r}: UNet {unet_config.get('_class_name')} with addition_embed_type="
+            f"{unet_config.get('addition_embed_type')!r} is not an SD 1.x/2.x UNet (SDXL-style conditioning is "
+            "not supported). Use an SD 1.x/2.x checkpoint."
+        )
+    return index
+
+
+def _fingerprint(unet: Any, vae: Any, text_encoder: Any, schedule: NoiseSchedule) -> str:
+    """A short id that changes when the weights or the configs change (saved with inversions)."""
+    digest = hashlib.sha256()
+    for module in (unet, vae):
+        digest.update(json.dumps(dict(module.config), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(text_encoder.config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(schedule.alphas_cumprod.numpy().tobytes())
+    digest.update(schedule.prediction_type.encode())
+    probes = (unet.conv_in.weight, unet.conv_out.weight, vae.encoder.conv_in.weight, vae.decoder.conv_out.weight)
+    for tensor in probes:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    embeddings = text_encoder.get_input_embeddings().weight
+    digest.update(embeddings[:64].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_components(
+    path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Components:
+    """Load UNet, VAE, text encoder, tokenizer and noise schedule from a local pipeline folder.
+
+    Never contacts a hub (``local_files_only=True`` everywhere). ``path=None`` loads the bundled model.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(path) if path is not None else BUNDLED_MODEL
+    check_pipeline_folder(path)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={str(device)!r} requested but CUDA is not available here; use device='cpu'.")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ModelLoadError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16.")
+
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    schedule = NoiseSchedule.from_betas(
+        beta_start=scheduler_config.get("beta_start", 0.00085),
+        beta_end=scheduler_config.get("beta_end", 0.012),
+        num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
+        beta_schedule=scheduler_config.get("beta_schedule", "scaled_linear"),
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+    )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(
+            f"loading {str(path)!r} failed: {exc}. Check that the folder is a complete diffusers SD 1.x/2.x export."
+        ) from exc
+    if tokenizer.model_max_length > 1024:
+        # Tokenizers rebuilt from vocab.json + merges.txt carry a huge sentinel length; CLIP's is 77.
+        tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+    model_id = _fingerprint(unet, vae, text_encoder, schedule)
+    logger.info("loaded %s (model id %s) on %s/%s", path, model_id, device, dtype)
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        path=path,
+        model_id=model_id,
+        device=device,
+        dtype=dtype,
+    )

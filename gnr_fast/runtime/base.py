@@ -1,0 +1,18 @@
+"""The calling convention every UNet backend implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..attention.capture import PassCapture
+
+
+class UNetRunner(Protocol):
+    """(latents, timestep, context[, capture]) → UNet output (ε or v), one batched call."""
+
+    def __call__(
+        self, latents: torch.Tensor, timestep: int, context: torch.Tensor, capture: PassCapture | None = None
+    ) -> torch.Tensor:  # [B, 4, h, w]
+        ...
