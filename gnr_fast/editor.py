@@ -103,7 +103,7 @@ class Editor:
     def resolve_config(self, preset: str = "nonstyle", config: EditConfig | str | Path | None = None, num_steps: int | None = None) -> EditConfig:
         """The config an edit runs: ``config`` (object or YAML path) if given, else the named preset."""
         if config is None:
-            return EditConfig.preset(preset, num_steps or 50)
+            return EditConfig.preset(preset, 50 if num_steps is None else num_steps)
         if isinstance(config, (str, Path)):
             config = EditConfig.from_yaml(config)
         if not isinstance(config, EditConfig):
@@ -132,6 +132,8 @@ class Editor:
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
         check_prompt(target_prompt, "target_prompt")
+        if num_steps is not None:
+            _check_steps(num_steps)
         timings = Timings()
         if isinstance(image_or_inversion, Inversion):
             inversion = image_or_inversion
@@ -140,7 +142,7 @@ class Editor:
                     f"source_prompt {source_prompt!r} differs from the inversion's {inversion.source_prompt!r}; "
                     "omit source_prompt or invert again"
                 )
-            cfg = self.resolve_config(preset, config, num_steps or inversion.num_steps)
+            cfg = self.resolve_config(preset, config, inversion.num_steps if num_steps is None else num_steps)
             inversion.check_compatible(self.model_id, cfg.num_steps)
         else:
             if source_prompt is None:

@@ -166,7 +166,7 @@ def load_components(
         raise ModelLoadError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device={str(device)!r} requested but CUDA is not available here; use device='cpu'.")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ModelLoadError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16.")
 
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
@@ -178,8 +178,9 @@ def load_components(
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
     )
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, torch_dtype=dtype)
+        quiet = {"local_files_only": True, "low_cpu_mem_usage": False}
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, **quiet)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, **quiet)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:

@@ -14,7 +14,7 @@ def self_attn_map_l2(cur: PassCapture, inv: PassCapture, layers: frozenset[int])
     formula); with :attr:`CaptureMode.QK` captures the chunked op recomputes them tile by tile
     from (Q, K) and the source pass's log-sum-exp without materialising any N×N map.
     """
-    total = torch.zeros((), dtype=torch.float32)
+    total: torch.Tensor | None = None
     for index in sorted(layers):
         if cur.mode is CaptureMode.MAPS:
             term = torch.mean((cur.maps[index] - inv.maps[index]) ** 2)
@@ -24,5 +24,7 @@ def self_attn_map_l2(cur: PassCapture, inv: PassCapture, layers: frozenset[int])
             term = attn_map_energy(
                 cur.queries[index], cur.keys[index], inv.queries[index], inv.keys[index], inv.lse[index]
             )
-        total = total.to(term.device) + term.float()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("self_attn_map_l2 needs at least one selected self-attention layer")
     return total

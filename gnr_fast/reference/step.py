@@ -64,7 +64,8 @@ def reference_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step
                 direct = term if direct is None else direct + term
             else:
                 value = guider_energy(guider, step, captures, ctx.layers)
-                if not torch.allclose(value.detach(), torch.zeros((), device=value.device), atol=ctx.config.energy_atol):
+                # The reference drops an energy that torch.allclose(E, 0) accepts, i.e. |E| ≤ atol.
+                if abs(float(value.detach())) > ctx.config.energy_atol:
                     energy = value if energy is None else energy + value
         guider_grad = None
         if energy is not None:

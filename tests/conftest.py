@@ -1,0 +1,54 @@
+"""Shared fixtures: the tiny random pipeline, golden data location, thread settings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_pipeline import build_tiny_pipeline  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GOLDEN = SHARED / "golden"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A random-weight SD 1.x pipeline folder (ε-prediction)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model_path(tmp_path_factory) -> Path:
+    """A random-weight SD 2.x-style pipeline folder (v-prediction)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), seed=1, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_editor(tiny_model_path):
+    from gnr_fast import Editor
+
+    return Editor.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not (GOLDEN / "nonstyle_scene0" / "golden.pt").is_file():
+        pytest.skip(f"golden data not found at {GOLDEN} (it lives in the shared/ folder beside the checkout)")
+    return GOLDEN
+
+
+@pytest.fixture
+def sample_image():
+    """A 64×64 RGB test image: a red disc on a blue background."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[:64, :64]
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[...] = (30, 60, 200)
+    rgb[(yy - 32) ** 2 + (xx - 30) ** 2 < 15**2] = (220, 30, 30)
+    return Image.fromarray(rgb)
