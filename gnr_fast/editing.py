@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +34,7 @@ class EditContext:
     c_trg: torch.Tensor  # [1, 77, C] target prompt
     layers: frozenset[int]  # selected self-attention layers
     timesteps: list[int] = field(default_factory=list)
+    source_cache: Any = None  # gnr_fast.fast.SourceCache of the inversion being edited, if any
 
     @classmethod
     def build(

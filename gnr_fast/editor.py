@@ -14,6 +14,8 @@ from PIL import Image
 from .attention import install_capture_processors
 from .config import EditConfig
 from .editing import EditContext, StepCallback, run_edit_loop
+from .fast.source_cache import CacheKey, SourceCache
+from .fast.step import fast_step, source_sites
 from .errors import ConfigError, InputError
 from .images import DEFAULT_MAX_PIXELS, ImageInput, decode_latent, prepare_image, to_output_image
 from .inversion import Inversion, invert
@@ -23,8 +25,8 @@ from .runtime.eager import EagerUNetRunner
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["reference"]
-MODES = ("reference",)
+Mode = Literal["fast", "reference"]
+MODES = ("fast", "reference")
 
 
 @dataclass
@@ -55,9 +57,17 @@ class EditResult:
 class Editor:
     """Guide-and-Rescale editing with one loaded Stable Diffusion 1.x/2.x checkpoint."""
 
-    def __init__(self, components: Components, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        components: Components,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        source_cache_mb: float = 2048,
+        source_cache_dtype: torch.dtype | None = None,
+    ) -> None:
         self.components = components
         self.max_pixels = max_pixels
+        self.source_cache_bytes = int(source_cache_mb * 1024**2)
+        self.source_cache_dtype = source_cache_dtype or components.dtype
         self.self_attn_layers = install_capture_processors(components.unet)
         self.runner = EagerUNetRunner(components.unet)
         self._embeddings: dict[str, torch.Tensor] = {}
@@ -69,9 +79,20 @@ class Editor:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        source_cache_mb: float = 2048,
+        source_cache_dtype: torch.dtype | None = None,
     ) -> "Editor":
-        """Load a local diffusers SD 1.x/2.x folder (``None``: the bundled model), never contacting a hub."""
-        return cls(load_components(path, device=device, dtype=dtype), max_pixels=max_pixels)
+        """Load a local diffusers SD 1.x/2.x folder (``None``: the bundled model), never contacting a hub.
+
+        ``source_cache_mb`` bounds the source-pass internals a fast edit keeps with an inversion
+        (0 disables the cache); ``source_cache_dtype`` stores them in another dtype (e.g. float16).
+        """
+        return cls(
+            load_components(path, device=device, dtype=dtype),
+            max_pixels=max_pixels,
+            source_cache_mb=source_cache_mb,
+            source_cache_dtype=source_cache_dtype,
+        )
 
     @property
     def model_id(self) -> str:
@@ -119,7 +140,7 @@ class Editor:
         source_prompt: str | None = None,
         preset: str = "nonstyle",
         config: EditConfig | str | Path | None = None,
-        mode: Mode = "reference",
+        mode: Mode = "fast",
         progress: bool = True,
         num_steps: int | None = None,
         callback: StepCallback | None = None,
@@ -128,6 +149,9 @@ class Editor:
 
         With an image, ``source_prompt`` is required and the image is inverted first; with an
         :class:`Inversion`, its source prompt is used (a different ``source_prompt`` is an error).
+        ``mode="fast"`` runs the planned passes (and fills/uses the inversion's source cache);
+        ``mode="reference"`` runs the paper-literal four passes per step. Both give the same edit
+        within the golden tolerances.
         """
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -163,9 +187,14 @@ class Editor:
             c_trg=self.embed(target_prompt),
         )
         latents = inversion.latents.to(self.components.device, self.components.dtype)
-        from .reference.step import reference_step
+        if mode == "fast":
+            ctx.source_cache = self._source_cache(inversion, ctx)
+            step_fn = fast_step
+        else:
+            from .reference.step import reference_step
 
-        final = run_edit_loop(ctx, reference_step, latents, progress=progress, callback=callback)
+            step_fn = reference_step
+        final = run_edit_loop(ctx, step_fn, latents, progress=progress, callback=callback)
         timings.editing_s = time.perf_counter() - start
         start = time.perf_counter()
         image = to_output_image(decode_latent(self.components.vae, final, self.components.scaling_factor)[0], inversion.original_size)
@@ -178,6 +207,35 @@ class Editor:
             unet_calls=self.runner.calls - calls_before,
             config=cfg,
         )
+
+
+    def _source_cache(self, inversion: Inversion, ctx: EditContext) -> SourceCache | None:
+        """The inversion's source cache for this edit's pairing/layers (a fresh one if they changed)."""
+        if self.source_cache_bytes <= 0:
+            return None
+        key = CacheKey(ctx.config.align_inversion, ctx.layers, source_sites(ctx), ctx.config.num_steps)
+        cache = inversion.source_cache
+        if cache is None or cache.key != key:
+            cache = SourceCache(key, max_bytes=self.source_cache_bytes, storage_dtype=self.source_cache_dtype)
+            inversion.source_cache = cache
+        return cache
+
+    def edit_many(
+        self,
+        inversion: Inversion,
+        target_prompts: list[str],
+        preset: str = "nonstyle",
+        config: EditConfig | str | Path | None = None,
+        mode: Mode = "fast",
+        progress: bool = True,
+    ) -> list[EditResult]:
+        """Edit one inversion toward several targets; the source pass runs once and is reused."""
+        if isinstance(target_prompts, str) or not target_prompts:
+            raise InputError("target_prompts must be a non-empty list of prompts")
+        return [
+            self.edit(inversion, target, preset=preset, config=config, mode=mode, progress=progress)
+            for target in target_prompts
+        ]
 
 
 def _check_steps(num_steps: object) -> None:

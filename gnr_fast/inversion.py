@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,6 +36,8 @@ class Inversion:
     original_size: tuple[int, int]  # (width, height) of the input image
     working_size: tuple[int, int]  # (width, height) the model ran at
     content_hash: str  # sha256 of the input's RGB pixels
+    source_cache: Any = field(default=None, repr=False, compare=False)
+    """In-memory :class:`~gnr_fast.fast.SourceCache` filled by fast edits (not saved to disk)."""
 
     def check_compatible(self, model_id: str, num_steps: int | None = None) -> None:
         """Raise :class:`InversionMismatchError` unless this inversion fits ``model_id`` and ``num_steps``."""

@@ -181,17 +181,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="compare gnr-fast with a golden reference run")
     parser.add_argument("run", help="golden run folder (golden.pt, golden.json, input.png, edited.png)")
     parser.add_argument("--model", required=True, help="the model folder the golden run used")
-    parser.add_argument("--mode", default="reference")
+    parser.add_argument("--mode", default="reference", choices=("reference", "fast"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the golden run's rounding: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     editor = Editor.from_pretrained(args.model)
     golden = GoldenRun.load(args.run)
-    from .reference.step import reference_step
+    if args.mode == "fast":
+        from .fast.step import fast_step as step_fn
+    else:
+        from .reference.step import reference_step as step_fn
 
     report = {
         "teacher_forced_inversion_max_step_rel": teacher_forced_inversion(editor, golden),
-        "teacher_forced_edit": summarize(teacher_forced_edit(editor, golden, reference_step)),
+        "teacher_forced_edit": summarize(teacher_forced_edit(editor, golden, step_fn)),
         "free_running": asdict(free_running(editor, golden, args.mode)),
     }
     print(json.dumps(report, indent=2))

@@ -33,7 +33,7 @@ def test_captured_maps_equal_hand_computed_softmax(setup):
     handle = attn_module.register_forward_pre_hook(lambda m, args, kw: inputs.update(h=args[0]), with_kwargs=True)
     capture = PassCapture(layers=frozenset({3}), mode=CaptureMode.MAPS)
     with torch.no_grad():
-        editor.runner(z, 500, ctx, capture)
+        editor.runner(z, 500, ctx, (capture,))
     handle.remove()
     h = inputs["h"]  # [1, N, C]
     heads = attn_module.heads
@@ -49,8 +49,8 @@ def test_capture_does_not_change_output(setup):
     editor, z, ctx = setup
     with torch.no_grad():
         plain = editor.runner(z, 300, ctx)
-        maps = editor.runner(z, 300, ctx, PassCapture(layers=frozenset(range(16)), mode=CaptureMode.MAPS))
-        qk = editor.runner(z, 300, ctx, PassCapture(layers=frozenset(range(16)), mode=CaptureMode.QK))
+        maps = editor.runner(z, 300, ctx, (PassCapture(layers=frozenset(range(16)), mode=CaptureMode.MAPS),))
+        qk = editor.runner(z, 300, ctx, (PassCapture(layers=frozenset(range(16)), mode=CaptureMode.QK),))
     torch.testing.assert_close(maps, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(qk, plain)
 
@@ -61,7 +61,7 @@ def test_qk_capture_and_features(setup):
         layers=frozenset({0, 15}), mode=CaptureMode.QK, feature_sites=frozenset({FeatureSite.UP_LAST, FeatureSite.UP})
     )
     with torch.no_grad():
-        editor.runner(z, 300, ctx, capture)
+        editor.runner(z, 300, ctx, (capture,))
     assert set(capture.queries) == {0, 15} and not capture.maps
     # [B, H, N, D]: SD 1.x configs name the head *count* attention_head_dim (4), 8 channels / 4 = dim 2
     assert capture.queries[0].shape == (1, 4, 64, 2)

@@ -30,7 +30,7 @@ def test_inversion_shape_and_metadata(inversion, tiny_editor):
 
 
 def test_edit_result_contract(tiny_editor, inversion):
-    result = tiny_editor.edit(inversion, "a green circle", progress=False)
+    result = tiny_editor.edit(inversion, "a green circle", mode="reference", progress=False)
     assert result.image.size == (64, 64) and result.image.mode == "RGB"
     assert result.latents.shape == (1, 4, 8, 8) and torch.isfinite(result.latents).all()
     assert result.inversion is inversion

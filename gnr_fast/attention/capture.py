@@ -54,6 +54,15 @@ class PassCapture:
     def wants(self, layer: SelfAttnLayer | None) -> bool:
         return layer is not None and layer.index in self.layers
 
+    def record_qk(self, index: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """Keep Q and K of layer ``index`` ([B, H, N, D]); with ``with_lse`` also each query row's log-sum-exp."""
+        self.queries[index] = query
+        self.keys[index] = key
+        if self.with_lse:
+            from ..ops.attn_map_energy import attention_lse
+
+            self.lse[index] = attention_lse(query, key, scale=scale)
+
 
 def select_layers(layers: Sequence[SelfAttnLayer], ranges: tuple[LayerRange, LayerRange, LayerRange] | None) -> frozenset[int]:
     """Indices of the layers inside the per-group (start, end) ranges; ``None`` selects all."""
@@ -86,18 +95,16 @@ def feature_module(unet: torch.nn.Module, site: FeatureSite) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def capture_features(unet: torch.nn.Module, capture: PassCapture | None) -> Iterator[None]:
-    """Record the outputs of ``capture.feature_sites`` with forward hooks for the duration of one call."""
-    if capture is None or not capture.feature_sites:
-        yield
-        return
+def capture_features(unet: torch.nn.Module, captures: tuple[PassCapture, ...]) -> Iterator[None]:
+    """Record the outputs of each capture's ``feature_sites`` with forward hooks for one call."""
     handles = []
-    for site in capture.feature_sites:
+    for capture in captures:
+        for site in capture.feature_sites:
 
-        def hook(_module: torch.nn.Module, _inputs: object, output: torch.Tensor, site: FeatureSite = site) -> None:
-            capture.features[site] = output[capture.rows]
+            def hook(_m: torch.nn.Module, _i: object, output: torch.Tensor, site=site, capture=capture) -> None:
+                capture.features[site] = output[capture.rows]
 
-        handles.append(feature_module(unet, site).register_forward_hook(hook))
+            handles.append(feature_module(unet, site).register_forward_hook(hook))
     try:
         yield
     finally:

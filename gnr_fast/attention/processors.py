@@ -1,7 +1,8 @@
 """Attention processors that compute attention and record what the guiders need.
 
 Installed once per UNet with ``unet.set_attn_processor``; a :class:`PassCapture` is handed to
-each call through ``cross_attention_kwargs={"capture": capture}``.
+each call through ``cross_attention_kwargs={"captures": (capture, ...)}``; each capture records
+the batch rows it names.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class CaptureAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        capture: PassCapture | None = None,
+        captures: tuple[PassCapture, ...] = (),
     ) -> torch.Tensor:
         residual = hidden_states
         batch, tokens, _ = hidden_states.shape  # [B, N, C]
@@ -45,13 +46,13 @@ class CaptureAttnProcessor:
         key = attn.to_k(context)
         value = attn.to_v(context)
         head_dim = key.shape[-1] // heads
-        record = capture is not None and capture.wants(self.layer)
-        if capture is not None and capture.mode is CaptureMode.MAPS:
+        recording = [c for c in captures if c.wants(self.layer)]
+        if any(c.mode is CaptureMode.MAPS for c in captures):
             # The reference's arithmetic for every attention module of a MAPS-mode call:
             # baddbmm(scale) + fp32 softmax + bmm on [B·H, N, D].
             probs = attn.get_attention_scores(attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), None)
-            if record:
-                capture.maps[self.layer.index] = probs.view(batch, heads, *probs.shape[1:])[capture.rows]
+            for c in recording:
+                c.maps[self.layer.index] = probs.view(batch, heads, *probs.shape[1:])[c.rows]
             out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(value)))
             return self._finish(attn, out, residual)
         query = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, H, N, D]
@@ -59,9 +60,8 @@ class CaptureAttnProcessor:
         value = value.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, H, M, D]
         scale = None if attn.scale == head_dim**-0.5 else attn.scale
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
-        if record:
-            capture.queries[self.layer.index] = query[capture.rows]
-            capture.keys[self.layer.index] = key[capture.rows]
+        for c in recording:
+            c.record_qk(self.layer.index, query[c.rows], key[c.rows], attn.scale)
         out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)  # [B, N, H·D]
         return self._finish(attn, out, residual)
 

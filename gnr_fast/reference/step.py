@@ -37,19 +37,19 @@ def reference_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step
     run = ctx.runner
     # 1. ε_u = ε(z, t, c_∅), no grad
     with torch.no_grad():
-        eps_u = run(z, t, ctx.c_uncond, _capture_for(ctx, None))
+        eps_u = run(z, t, ctx.c_uncond, (_capture_for(ctx, None),))
     # 2. source-trajectory pass ε(z*, t, c_src), recording guider inputs ("inv_inv"), no grad
     inv_capture = _capture_for(ctx, Role.INV_INV)
     with torch.no_grad():
-        run(z_star, t, ctx.c_src, inv_capture)
+        run(z_star, t, ctx.c_src, (inv_capture,))
     # 3. ε(z, t, c_src) with grad w.r.t. z, recording guider inputs ("cur_inv")
     z = z.detach().requires_grad_(True)
     cur_capture = _capture_for(ctx, Role.CUR_INV)
     with torch.enable_grad():
-        eps_src = run(z, t, ctx.c_src, cur_capture)
+        eps_src = run(z, t, ctx.c_src, (cur_capture,))
         # 4. ε_trg = ε(z, t, c_trg), graph alive; recording "cur_trg" if a guider reads it
         trg_capture = _capture_for(ctx, Role.CUR_TRG)
-        eps_trg = run(z, t, ctx.c_trg, trg_capture)
+        eps_trg = run(z, t, ctx.c_trg, (trg_capture,))
         captures = {Role.INV_INV: inv_capture, Role.CUR_INV: cur_capture, Role.CUR_TRG: trg_capture}
         # 5.–6. CFG term, direct terms, and the weighted energy of every energy guider
         delta_cfg = torch.zeros_like(eps_u)

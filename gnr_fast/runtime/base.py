@@ -10,9 +10,9 @@ from ..attention.capture import PassCapture
 
 
 class UNetRunner(Protocol):
-    """(latents, timestep, context[, capture]) → UNet output (ε or v), one batched call."""
+    """(latents, timestep, context[, captures]) → UNet output (ε or v), one batched call."""
 
     def __call__(
-        self, latents: torch.Tensor, timestep: int, context: torch.Tensor, capture: PassCapture | None = None
+        self, latents: torch.Tensor, timestep: int, context: torch.Tensor, captures: tuple[PassCapture, ...] = ()
     ) -> torch.Tensor:  # [B, 4, h, w]
         ...

@@ -17,18 +17,18 @@ class EagerUNetRunner:
         self.rows = 0
 
     def __call__(
-        self, latents: torch.Tensor, timestep: int, context: torch.Tensor, capture: PassCapture | None = None
+        self, latents: torch.Tensor, timestep: int, context: torch.Tensor, captures: tuple[PassCapture, ...] = ()
     ) -> torch.Tensor:
         self.calls += 1
         self.rows += latents.shape[0]
         t = torch.tensor(timestep, dtype=torch.long, device=latents.device)
         if context.shape[0] != latents.shape[0]:
             context = context.expand(latents.shape[0], -1, -1)
-        with capture_features(self.unet, capture):
+        with capture_features(self.unet, captures):
             return self.unet(
                 latents.to(self.unet.dtype),
                 t,
                 encoder_hidden_states=context,
-                cross_attention_kwargs={"capture": capture},
+                cross_attention_kwargs={"captures": captures},
                 return_dict=False,
             )[0]

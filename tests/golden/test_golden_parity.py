@@ -15,6 +15,7 @@ import torch
 
 from gnr_fast import Editor
 from gnr_fast.parity import GoldenRun, free_running, rel_err, summarize, teacher_forced_edit, teacher_forced_inversion
+from gnr_fast.fast.step import fast_step
 from gnr_fast.reference.step import reference_step
 
 
@@ -73,8 +74,18 @@ def test_reference_guider_gradient_within_float32_noise(reference_rows, golden_e
             assert row.eps_final <= 1e-4, f"unguided step {row.step}: eps_final {row.eps_final:.2e}"
 
 
-def test_reference_free_running(golden_editor, golden):
-    result = free_running(golden_editor, golden, mode="reference")
+def test_fast_step_terms_teacher_forced(golden_editor, golden):
+    rows = teacher_forced_edit(golden_editor, golden, fast_step)
+    summary = summarize(rows)
+    assert summary["grad_presence_mismatches"] == 0
+    assert summary["eps_u"] <= 1e-4 and summary["delta_cfg"] <= 1e-4 and summary["gamma"] <= 1e-4
+    assert summary["guider_grad"] <= 1e-3
+    assert summary["eps_final"] <= 1e-3
+
+
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_free_running(golden_editor, golden, mode):
+    result = free_running(golden_editor, golden, mode=mode)
     assert result.inversion_rel <= 5e-5
     assert result.final_latent_rel <= 5e-2
     assert result.image_psnr_db >= 30.0

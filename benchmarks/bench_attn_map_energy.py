@@ -1,0 +1,144 @@
+"""Benchmark: attention-map L2 energy, forward + backward, fast paths vs the materialised reference.
+
+Sizes are SD 1.x self-attention layers at batch 1 (8 heads, head dim 40): N = 1024 (32×32 latent
+tokens, 256² images) and N = 4096 (64×64, 512² images, DESIGN.md §8).
+
+Reported side by side in one run (STYLE.md rule 12):
+- time: pytest-benchmark's table, one group per size; the parenthesised numbers are ratios to
+  the fastest row of the group. A summary line gives chunked/ref (and triton/ref on CUDA).
+- peak memory of one forward + backward above the inputs: on CPU the growth of the peak resident
+  set size (VmHWM) in a fresh child process per measurement (no tracemalloc, no allocator
+  hooks; a child so earlier runs do not hide it); on CUDA ``torch.cuda.max_memory_allocated``.
+
+Run:  python -m pytest benchmarks/bench_attn_map_energy.py   (not part of CI; ~1 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from gnr_fast.ops.attn_map_energy import attention_lse, attn_map_energy, attn_map_energy_ref, triton_supported
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES: dict[str, tuple[int, int, int, int]] = {  # name: (B, H, N, D)
+    "N1024": (1, 8, 1024, 40),
+    "N4096": (1, 8, 4096, 40),
+}
+IMPLS: dict[str, tuple[Callable[..., torch.Tensor], dict[str, object]]] = {
+    "ref": (attn_map_energy_ref, {}),
+    "chunked": (attn_map_energy, {"backend": "torch"}),
+    "triton": (attn_map_energy, {"backend": "triton"}),
+}
+
+
+def make_inputs(batch: int, heads: int, tokens: int, head_dim: int, device: str = DEVICE) -> tuple[torch.Tensor, ...]:
+    """(q, k, q_ref, k_ref, lse_ref): a source pass and a perturbed current pass, float32."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch, heads, tokens, head_dim)
+    q_ref, k_ref = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)  # [B, H, N, D]
+    q = q_ref + 0.3 * torch.randn(shape, generator=gen)
+    k = k_ref + 0.3 * torch.randn(shape, generator=gen)
+    q, k, q_ref, k_ref = (t.to(device) for t in (q, k, q_ref, k_ref))
+    return q.requires_grad_(), k.requires_grad_(), q_ref, k_ref, attention_lse(q_ref, k_ref)
+
+
+def forward_backward(impl: str, inputs: tuple[torch.Tensor, ...]) -> None:
+    """One energy evaluation and its q/k gradients with implementation ``impl``."""
+    fn, kwargs = IMPLS[impl]
+    energy = fn(*inputs, **kwargs)
+    torch.autograd.grad(energy, inputs[:2])
+    if inputs[0].is_cuda:
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib(impl: str, size: str) -> float:
+    """Peak memory (MiB) of one forward + backward above the inputs (see the module docstring)."""
+    if DEVICE == "cuda":
+        inputs = make_inputs(*SIZES[size])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        forward_backward(impl, inputs)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.run(
+        [sys.executable, __file__, "--peak-rss", impl, size],
+        capture_output=True, text=True, check=True, cwd=repo, env=env,
+    )
+    return float(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def results(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, tuple[float, float]]]]:
+    """Collects (mean seconds, peak MiB) per size and implementation; prints the ratios at the end."""
+    table: dict[str, dict[str, tuple[float, float]]] = {size: {} for size in SIZES}
+    yield table
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # print past pytest's output capture
+        reporter.write_line("")
+        _report_ratios(table, reporter.write_line)
+
+
+def _report_ratios(table: dict[str, dict[str, tuple[float, float]]], write_line: Callable[[str], None]) -> None:
+    """One line per size and fast implementation: time and peak-memory ratios to the reference."""
+    for size, rows in table.items():
+        if "ref" not in rows:
+            continue
+        ref_time, ref_peak = rows["ref"]
+        for impl, (seconds, peak) in rows.items():
+            if impl != "ref":
+                write_line(
+                    f"attn_map_energy {size} on {DEVICE}: {impl}/ref time {seconds / ref_time:.2f}x "
+                    f"({seconds:.3f}s vs {ref_time:.3f}s), peak memory {peak / ref_peak:.3f}x "
+                    f"({peak:.0f} MiB vs {ref_peak:.0f} MiB)"
+                )
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("size", list(SIZES))
+def test_attn_map_energy_forward_backward(benchmark, results, size: str, impl: str) -> None:
+    inputs = make_inputs(*SIZES[size])
+    if impl == "triton" and not triton_supported(inputs[0]):
+        pytest.skip("the Triton kernels need a CUDA GPU and triton")
+    benchmark.group = f"attn_map_energy fwd+bwd {size} {DEVICE}"
+    # CPU at N = 4096 takes ~10 s per call: one untimed warm-up is not worth it there.
+    rounds, warmup = (3, 1) if SIZES[size][2] <= 1024 or DEVICE == "cuda" else (1, 0)
+    benchmark.pedantic(forward_backward, args=(impl, inputs), rounds=rounds, iterations=1, warmup_rounds=warmup)
+    peak = peak_memory_mib(impl, size)
+    benchmark.extra_info["peak_mib"] = peak
+    if benchmark.stats is not None:
+        results[size][impl] = (benchmark.stats.stats.mean, peak)
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak resident set size (VmHWM, KiB). Read from /proc rather than
+    ``getrusage``, whose ru_maxrss a child inherits from its parent across fork."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/status has no VmHWM line (the CPU memory benchmark needs Linux)")
+
+
+def _print_peak_rss(impl: str, size: str) -> None:
+    """Child-process entry: print the growth of the peak RSS (MiB) over one forward + backward."""
+    inputs = make_inputs(*SIZES[size], device="cpu")
+    before = _peak_rss_kib()
+    forward_backward(impl, inputs)
+    sys.stdout.write(f"{(_peak_rss_kib() - before) / 1024:.1f}\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--peak-rss", nargs=2, metavar=("IMPL", "SIZE"), required=True)
+    impl_name, size_name = parser.parse_args().peak_rss
+    _print_peak_rss(impl_name, size_name)

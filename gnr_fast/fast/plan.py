@@ -1,0 +1,118 @@
+"""Per-step execution plans: which UNet passes run, batched how, and which need autograd (DESIGN.md §3, §8).
+
+The reference runs four passes every step with two autograd graphs alive. A plan keeps only
+what the active guiders read at that step:
+
+* no guider pass and no backward when no energy is active (2 rows in one no-grad call);
+* the no-grad rows (ε_u, the CFG prompt pass when no guider differentiates it, the source
+  trajectory pass ``inv_inv``) batched into one call;
+* the rows a gradient flows through (``cur_inv``, ``cur_trg``) in one grad call;
+* the source pass dropped when its internals are cached with the inversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ..config import CfgGuider, EditConfig, GuiderConfig, Role, scale_at
+
+
+class Latent(str, Enum):
+    CUR = "z"  # the current latent z_t
+    SRC = "z*"  # the paired inversion latent z*_t
+
+
+class Prompt(str, Enum):
+    UNCOND = "uncond"
+    SRC = "src"
+    TRG = "trg"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One batch row of a UNet call: its inputs, the role it is captured as, and the ε it supplies."""
+
+    latent: Latent
+    prompt: Prompt
+    role: Role | None = None  # captured for guiders as this role
+    supplies: str | None = None  # "eps_u", "eps_trg" or "eps_src"
+
+    def __str__(self) -> str:
+        tag = self.role.value if self.role else self.supplies
+        return f"{self.latent.value}|{self.prompt.value}({tag})"
+
+
+@dataclass(frozen=True)
+class UNetCall:
+    """One batched UNet call; ``grad`` calls keep an autograd graph w.r.t. z."""
+
+    rows: tuple[Row, ...]
+    grad: bool
+
+    def __str__(self) -> str:
+        return f"{'grad' if self.grad else 'no-grad'}[{', '.join(map(str, self.rows))}]"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What step ``step`` runs: its UNet calls and the energy guiders whose gradient it takes."""
+
+    step: int
+    calls: tuple[UNetCall, ...]
+    energies: tuple[GuiderConfig, ...]
+
+    @property
+    def rows(self) -> int:
+        """UNet batch rows in total (the work measure: one row = one single-image pass)."""
+        return sum(len(c.rows) for c in self.calls)
+
+    @property
+    def backward(self) -> bool:
+        return bool(self.energies)
+
+    def describe(self) -> str:
+        return f"step {self.step}: " + " + ".join(map(str, self.calls)) + (" + backward" if self.backward else "")
+
+
+def cfg_guider(config: EditConfig) -> CfgGuider:
+    return next(g for g in config.guiders if isinstance(g, CfgGuider))
+
+
+def plan_step(config: EditConfig, step: int, source_cached: bool = False, energies_vanish: bool = False) -> StepPlan:
+    """The plan for ``step``.
+
+    ``source_cached``: the ``inv_inv`` internals of this step come from the inversion cache.
+    ``energies_vanish``: z equals z* exactly (step 0 of the reference pairing), so every energy
+    comparing the current and the source pass under the same prompt is exactly 0 — the
+    reference runs no backward for those, and neither does the plan. Energies reading the
+    target-prompt pass (``cur_trg``) do not vanish.
+    """
+    cfg = cfg_guider(config)
+    cfg_prompt = Prompt.SRC if cfg.is_source_guidance else Prompt.TRG
+    cfg_supply = "eps_src" if cfg.is_source_guidance else "eps_trg"
+    same_prompt = {Role.CUR_INV, Role.INV_INV}
+    energies = tuple(
+        g
+        for g in config.guiders
+        if g.is_energy and g.is_active(step) and not (energies_vanish and set(g.reads) <= same_prompt)
+    )
+    roles = {role for g in energies for role in g.reads}
+
+    grad_rows: list[Row] = []
+    if Role.CUR_INV in roles:
+        grad_rows.append(Row(Latent.CUR, Prompt.SRC, Role.CUR_INV, "eps_src"))
+    if Role.CUR_TRG in roles:
+        grad_rows.append(Row(Latent.CUR, Prompt.TRG, Role.CUR_TRG, "eps_trg"))
+    supplied_by_grad = {r.supplies for r in grad_rows}
+
+    no_grad_rows = [Row(Latent.CUR, Prompt.UNCOND, None, "eps_u")]
+    if scale_at(cfg.scale, step) != 0.0 and cfg_supply not in supplied_by_grad:
+        no_grad_rows.append(Row(Latent.CUR, cfg_prompt, None, cfg_supply))
+    if Role.INV_INV in roles and not source_cached:
+        no_grad_rows.append(Row(Latent.SRC, Prompt.SRC, Role.INV_INV))
+
+    calls = [UNetCall(tuple(no_grad_rows), grad=False)]
+    if grad_rows:
+        calls.append(UNetCall(tuple(grad_rows), grad=True))
+    return StepPlan(step=step, calls=tuple(calls), energies=energies)

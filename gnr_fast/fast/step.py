@@ -1,0 +1,90 @@
+"""The fast editing step: runs a :class:`~gnr_fast.fast.plan.StepPlan` (DESIGN.md §3, §8).
+
+Same terms as the reference step, computed with batched no-grad passes, one grad call, the
+chunked attention-map energy over captured (Q, K, lse) — never an N×N map — and the source
+pass served from the inversion cache when present.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention.capture import CaptureMode, PassCapture
+from ..config import FeatureSite, LatentsDiff, Role, scale_at
+from ..editing import EditContext, StepTerms, combine_terms
+from ..guiders import guider_energy, latents_diff
+from .plan import Latent, Prompt, StepPlan, cfg_guider, plan_step
+
+
+def _feature_sites(ctx: EditContext, role: Role, plan: StepPlan) -> frozenset[FeatureSite]:
+    return frozenset(g.feature_site for g in plan.energies if role in g.reads and hasattr(g, "feature_site"))
+
+
+def _reads_maps(plan: StepPlan, role: Role) -> bool:
+    return any(role in g.reads and g.name in ("self_attn_map_l2", "self_attn_map_l2_appearance") for g in plan.energies)
+
+
+def source_sites(ctx: EditContext) -> frozenset[FeatureSite]:
+    """Every feature site any guider of the config reads from the source pass."""
+    return frozenset(g.feature_site for g in ctx.config.guiders if Role.INV_INV in g.reads and hasattr(g, "feature_site"))
+
+
+def fast_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int) -> StepTerms:
+    """Compute the noise terms of ``step`` by the plan for it (see :func:`plan_step`)."""
+    cache = ctx.source_cache
+    cached = cache.get(step, z.dtype) if cache is not None else None
+    plan = plan_step(ctx.config, step, source_cached=cached is not None, energies_vanish=torch.equal(z, z_star))
+    t = ctx.timesteps[step]
+    prompts = {Prompt.UNCOND: ctx.c_uncond, Prompt.SRC: ctx.c_src, Prompt.TRG: ctx.c_trg}
+    eps: dict[str, torch.Tensor] = {}
+    captures: dict[Role, PassCapture] = {}
+    if cached is not None and plan.energies:
+        captures[Role.INV_INV] = cached
+    z_grad = z.detach().requires_grad_(True)
+    for call in plan.calls:
+        call_captures = []
+        for j, row in enumerate(call.rows):
+            if row.role is None:
+                continue
+            capture = PassCapture(
+                layers=ctx.layers if _reads_maps(plan, row.role) else frozenset(),
+                mode=CaptureMode.QK,
+                feature_sites=(source_sites(ctx) if row.role is Role.INV_INV else _feature_sites(ctx, row.role, plan)),
+                rows=slice(j, j + 1),
+                with_lse=row.role is Role.INV_INV,
+            )
+            captures[row.role] = capture
+            call_captures.append(capture)
+        current = z_grad if call.grad else z.detach()
+        latents = torch.cat([current if row.latent is Latent.CUR else z_star for row in call.rows])
+        context = torch.cat([prompts[row.prompt] for row in call.rows])
+        with torch.set_grad_enabled(call.grad):
+            out = ctx.runner(latents, t, context, tuple(call_captures))
+        for j, row in enumerate(call.rows):
+            if row.supplies is not None:
+                eps[row.supplies] = out[j : j + 1].detach()
+        if cache is not None and Role.INV_INV in captures and not call.grad and cached is None:
+            if any(r.role is Role.INV_INV for r in call.rows):
+                cache.put(step, captures[Role.INV_INV])
+
+    cfg = cfg_guider(ctx.config)
+    eps_u = eps["eps_u"]
+    cfg_scale = scale_at(cfg.scale, step)
+    prompt_eps = eps.get("eps_src" if cfg.is_source_guidance else "eps_trg")
+    delta_cfg = cfg_scale * (prompt_eps - eps_u) if prompt_eps is not None else torch.zeros_like(eps_u)
+
+    direct = None
+    for guider in ctx.config.guiders:
+        if isinstance(guider, LatentsDiff):
+            term = scale_at(guider.scale, step) * latents_diff(z.detach(), z_star)
+            direct = term if direct is None else direct + term
+
+    energy = None
+    with torch.enable_grad():
+        for guider in plan.energies:
+            value = guider_energy(guider, step, captures, ctx.layers)
+            # The reference drops an energy that torch.allclose(E, 0) accepts, i.e. |E| ≤ atol.
+            if abs(float(value.detach())) > ctx.config.energy_atol:
+                energy = value if energy is None else energy + value
+        guider_grad = torch.autograd.grad(energy, z_grad)[0] if energy is not None else None
+    return combine_terms(ctx.config, eps_u, delta_cfg, guider_grad, direct, 0.0 if energy is None else float(energy.detach()))

@@ -1,0 +1,10 @@
+"""Training of the small SD-1.x-format "shapes" model and its judge on this CPU.
+
+Command-line entry points (each seeded, resumable with ``--resume``, with a ``--smoke`` mode):
+
+- ``python -m gnr_fast.training.vae``   — AutoencoderKL on rendered scenes.
+- ``python -m gnr_fast.training.unet``  — UNet2DConditionModel + CLIP text encoder, jointly.
+- ``python -m gnr_fast.training.export`` — assemble a diffusers StableDiffusionPipeline folder.
+- ``python -m gnr_fast.training.judge`` — the pixel-space attribute classifier.
+- ``python -m gnr_fast.training.evaluate`` — text-to-image fidelity and inversion PSNR.
+"""

@@ -1,0 +1,50 @@
+"""Atomic checkpoint files and the run log shared by the training scripts.
+
+A checkpoint is one ``torch.save`` dict written to ``<out>/checkpoint.pt`` via a temporary file
+and ``os.replace``, so a run killed mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``out/checkpoint.pt`` atomically and return the path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CHECKPOINT_NAME
+    tmp = out / (CHECKPOINT_NAME + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(out: Path) -> dict[str, Any] | None:
+    """Load ``out/checkpoint.pt`` if it exists, else return None."""
+    path = out / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    logger.info("resuming from %s", path)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class RunLog:
+    """Appends one line per event to ``out/train.log`` (flushed immediately)."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "train.log"
+
+    def write(self, line: str) -> None:
+        """Append ``line`` to the log file."""
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line.rstrip("\n") + "\n")

@@ -1,0 +1,126 @@
+"""Measure an exported shapes model: text-to-image fidelity and DDIM-inversion reconstruction.
+
+    python -m gnr_fast.training.evaluate --model gnr_fast/models/shapes-v1 --captions 200 \
+        --inversions 20 --out runs/eval.json
+
+- **Fidelity**: captions of held-out scenes are generated with the plain diffusers pipeline
+  (DDIM, ``--steps`` steps, classifier-free guidance ``--cfg``); the judge reads each image and an
+  image counts when it agrees with every attribute the caption states
+  (:func:`gnr_fast.world.judge.agrees_with_caption`). Per-attribute accuracies are reported too.
+- **Inversion PSNR**: held-out scenes are encoded, DDIM-inverted with their own caption and no
+  guidance (DESIGN.md section 2), then denoised back with the same caption (section 3 with no
+  guiders) and decoded; PSNR against the original image, next to the VAE-only PSNR (the ceiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from tqdm import tqdm
+
+from gnr_fast.schedules import NoiseSchedule, ddim_step_down, ddim_step_up, ddim_timesteps
+from gnr_fast.training.seeds import HELD_OUT_SEED_START
+from gnr_fast.training.vae import psnr, to_model_range
+from gnr_fast.world import generate_scene, parse_caption
+from gnr_fast.world.judge import (
+    DEFAULT_JUDGE_DIR,
+    agrees_with_caption,
+    attribute_matches,
+    attributes_of,
+    load_judge,
+)
+
+# Offsets into the held-out seed range so the fidelity and inversion scenes differ from the
+# scenes used for VAE/judge evaluation (which start at HELD_OUT_SEED_START).
+FIDELITY_SEED_OFFSET = 200_000
+INVERSION_SEED_OFFSET = 300_000
+
+
+@torch.no_grad()
+def text_to_image_fidelity(pipe: StableDiffusionPipeline, judge_dir: Path, count: int, steps: int,
+                           cfg: float, batch: int, seed: int) -> dict[str, float]:
+    """Fraction of generated images whose judged attributes match their caption, plus
+    per-attribute accuracies against the caption's attributes."""
+    judge = load_judge(judge_dir)
+    scenes = [generate_scene(HELD_OUT_SEED_START + FIDELITY_SEED_OFFSET + i) for i in range(count)]
+    images = []
+    for start in tqdm(range(0, count, batch), desc="fidelity", dynamic_ncols=True):
+        prompts = [s.caption for s in scenes[start : start + batch]]
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, output_type="np",
+                   generator=torch.Generator().manual_seed(seed + start))
+        images.append(np.rint(out.images * 255).astype(np.uint8))
+    predicted = judge.predict(np.concatenate(images))
+    agree = [agrees_with_caption(p, parse_caption(s.caption)) for p, s in zip(predicted, scenes)]
+    per_attribute = attribute_matches(predicted, [attributes_of(s.spec) for s in scenes])
+    return {"fidelity_all_stated": float(np.mean(agree))} | {
+        f"fidelity_{k}": v for k, v in per_attribute.items()}
+
+
+@torch.no_grad()
+def inversion_psnr(pipe: StableDiffusionPipeline, count: int, steps: int) -> dict[str, float]:
+    """Mean PSNR of DDIM inversion + reconstruction (source caption, no guidance) and of the VAE
+    alone, over ``count`` held-out scenes."""
+    schedule = NoiseSchedule.from_betas(**{k: pipe.scheduler.config[k] for k in (
+        "beta_start", "beta_end", "num_train_timesteps", "beta_schedule")})
+    timesteps = ddim_timesteps(steps, schedule.num_train_timesteps)  # [980, ..., 0]
+    scaling = pipe.vae.config.scaling_factor
+    scores, vae_scores = [], []
+    for i in tqdm(range(count), desc="inversion", dynamic_ncols=True):
+        scene = generate_scene(HELD_OUT_SEED_START + INVERSION_SEED_OFFSET + i)
+        image = to_model_range(scene.image[None])  # [1, 3, H, W]
+        ids = pipe.tokenizer([scene.caption], padding="max_length", truncation=True,
+                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        context = pipe.text_encoder(ids)[0]  # [1, 77, D]
+        z = pipe.vae.encode(image).latent_dist.mean * scaling  # [1, 4, h, w]
+        vae_scores.append(psnr(image, pipe.vae.decode(z / scaling).sample))
+        for t in reversed(timesteps):  # 0, 20, ..., 980: upward (DESIGN.md section 2)
+            eps = pipe.unet(z, t, encoder_hidden_states=context).sample
+            z = ddim_step_up(schedule, eps, t, z, steps)
+        for t in timesteps:  # 980, ..., 0: downward (DESIGN.md section 3, no guidance)
+            eps = pipe.unet(z, t, encoder_hidden_states=context).sample
+            z = ddim_step_down(schedule, eps, t, z, steps)
+        scores.append(psnr(image, pipe.vae.decode(z / scaling).sample))
+    return {"inversion_psnr_db": float(np.mean(scores)), "vae_only_psnr_db": float(np.mean(vae_scores))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point: writes the metrics JSON to ``--out`` and prints it."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--judge", type=Path, default=DEFAULT_JUDGE_DIR)
+    p.add_argument("--captions", type=int, default=200)
+    p.add_argument("--inversions", type=int, default=20)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = StableDiffusionPipeline.from_pretrained(str(args.model), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    start = time.time()
+    metrics: dict[str, object] = {"model": str(args.model), "steps": args.steps, "cfg": args.cfg,
+                                  "captions": args.captions, "inversions": args.inversions}
+    if args.captions > 0:
+        metrics |= text_to_image_fidelity(pipe, args.judge, args.captions, args.steps, args.cfg,
+                                          args.batch, args.seed)
+    if args.inversions > 0:
+        metrics |= inversion_psnr(pipe, args.inversions, args.steps)
+    metrics["wall_s"] = round(time.time() - start, 1)
+    text = json.dumps(metrics, indent=2)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

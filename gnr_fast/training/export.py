@@ -1,0 +1,94 @@
+"""Assemble the trained components into a standard diffusers StableDiffusionPipeline folder.
+
+    python -m gnr_fast.training.export --vae runs/vae/final --unet-run runs/unet \
+        --tokenizer runs/tokenizer --out gnr_fast/models/shapes-v1
+
+The UNet and text encoder are the EMA weights of the latest checkpoint in ``--unet-run`` (so a run
+can be exported while it keeps training). The scheduler is saved as a DDIMScheduler with SD 1.x
+settings; there is no safety checker or feature extractor. The folder loads with plain
+``StableDiffusionPipeline.from_pretrained(path, local_files_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from gnr_fast.training.checkpoints import load_checkpoint
+from gnr_fast.training.unet import (
+    SD_SCHEDULE,
+    DenoiserShape,
+    build_text_encoder,
+    build_unet,
+    ema_state,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def sd_ddim_scheduler() -> DDIMScheduler:
+    """DDIM with the SD 1.x settings (DESIGN.md section 1; steps_offset 1 as in SD 1.x configs)."""
+    return DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def assemble_pipeline(vae_dir: Path, unet_run: Path, tokenizer_dir: Path) -> tuple[StableDiffusionPipeline, dict]:
+    """Build the pipeline from the VAE folder, the UNet run's EMA checkpoint and the tokenizer.
+
+    Returns the pipeline and the checkpoint's bookkeeping (step, elapsed seconds, args).
+    """
+    state = load_checkpoint(unet_run)
+    if state is None:
+        raise FileNotFoundError(f"no checkpoint.pt in --unet-run {unet_run}; train the UNet first")
+    shape = DenoiserShape(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["shape"].items()})
+    unet = build_unet(shape, state["latent_size"])
+    text_encoder = build_text_encoder(shape)
+    unet.load_state_dict(ema_state(state["ema"], "unet"))
+    text_encoder.load_state_dict(ema_state(state["ema"], "text_encoder"))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir),
+        text_encoder=text_encoder.eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
+        unet=unet.eval(),
+        scheduler=sd_ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    info = {"step": state["step"], "elapsed_s": state["elapsed_s"], "args": state["args"]}
+    return pipe, info
+
+
+def export(vae_dir: Path, unet_run: Path, tokenizer_dir: Path, out: Path) -> dict:
+    """Write the pipeline folder to ``out`` (replacing weights there); return the UNet run info."""
+    pipe, info = assemble_pipeline(vae_dir, unet_run, tokenizer_dir)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    # save_pretrained writes only tokenizer.json; keep the classic SD 1.x files beside it.
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(tokenizer_dir / name, out / "tokenizer" / name)
+    (out / "training_state.json").write_text(
+        json.dumps({"unet_step": info["step"], "unet_wall_s": round(info["elapsed_s"]),
+                    "unet_args": {k: str(v) for k, v in info["args"].items()}}, indent=2) + "\n")
+    logger.info("exported pipeline at UNet step %d to %s", info["step"], out)
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--vae", type=Path, required=True, help="VAE folder (runs/vae/final)")
+    parser.add_argument("--unet-run", type=Path, required=True, help="UNet run folder (checkpoint.pt)")
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    info = export(args.vae, args.unet_run, args.tokenizer, args.out)
+    print(f"exported UNet step {info['step']} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Train the shapes-world UNet2DConditionModel and CLIP text encoder jointly on this CPU.
+
+    python -m gnr_fast.training.unet --out runs/unet --vae runs/vae/final \
+        --tokenizer runs/tokenizer --steps 20000 --deadline 10:15 --threads 2
+
+Objective: DDPM epsilon-prediction with the SD 1.x noise schedule (scaled_linear betas
+0.00085 -> 0.012, 1000 steps; DESIGN.md section 1), Min-SNR-gamma loss weighting, 10 % empty
+captions (so classifier-free guidance works). Latents come from a pre-encoded pool (posterior
+mean and std of the trained VAE, sampled each step; toy-model-training.md: encoding on the fly
+costs more than the UNet step). An exponential moving average (EMA) of both models is kept and is
+what ``export`` uses.
+
+``--deadline HH:MM`` (UTC) makes the run stop cleanly at that time and fits the cosine learning
+rate decay to the time left: every 50 steps the total step count is re-estimated from the measured
+throughput (capped at ``--steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from gnr_fast.training.checkpoints import RunLog, load_checkpoint, save_checkpoint
+from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine_lr
+from gnr_fast.training.seeds import TRAIN_SEED_START
+from gnr_fast.training.vae import to_model_range
+from gnr_fast.world import generate_scene
+
+# SD 1.x training noise schedule (DESIGN.md section 1).
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear"}
+
+
+@dataclass(frozen=True)
+class DenoiserShape:
+    """Architecture knobs of the UNet and text encoder.
+
+    The block layout is SD 1.x's (3 x CrossAttnDownBlock2D + DownBlock2D, mid block with
+    cross-attention, UpBlock2D + 3 x CrossAttnUpBlock2D); with ``layers_per_block = 2`` it has
+    SD 1.x's 16 self-attention layers (6 down, 1 mid, 9 up; DESIGN.md section 4).
+    """
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64, 64)
+    layers_per_block: int = 2
+    attention_heads: int = 4
+    norm_num_groups: int = 32
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    vocab_size: int = 49408  # the CLIP vocabulary (training/tokenizer.py)
+
+
+SMOKE_SHAPE = DenoiserShape(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, text_hidden=16,
+                            text_heads=2, attention_heads=2)
+
+
+def build_unet(shape: DenoiserShape, latent_size: int = 16) -> UNet2DConditionModel:
+    """A fresh UNet2DConditionModel in the SD 1.x block layout."""
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=shape.block_out_channels,
+        layers_per_block=shape.layers_per_block,
+        cross_attention_dim=shape.text_hidden,
+        # diffusers' SD 1.x configs use attention_head_dim for the number of heads.
+        attention_head_dim=shape.attention_heads,
+        norm_num_groups=shape.norm_num_groups,
+    )
+
+
+def build_text_encoder(shape: DenoiserShape) -> CLIPTextModel:
+    """A fresh small CLIPTextModel over the CLIP vocabulary (77-token context)."""
+    config = CLIPTextConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.text_hidden,
+        intermediate_size=4 * shape.text_hidden,
+        projection_dim=shape.text_hidden,
+        num_hidden_layers=shape.text_layers,
+        num_attention_heads=shape.text_heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,  # <|startoftext|>
+        eos_token_id=49407,  # <|endoftext|>
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids [N, 77], padded the way SD 1.x pipelines pad prompts."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_pool(vae: AutoencoderKL, count: int, size: int, batch: int = 64) -> dict[str, object]:
+    """Render ``count`` training scenes and store their VAE posterior mean/std and captions."""
+    means, stds, captions = [], [], []
+    for start in tqdm(range(0, count, batch), desc="encode pool", dynamic_ncols=True):
+        scenes = [generate_scene(TRAIN_SEED_START + s, size)
+                  for s in range(start, min(count, start + batch))]
+        dist = vae.encode(to_model_range(np.stack([s.image for s in scenes]))).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+        captions.extend(s.caption for s in scenes)
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions}
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon-prediction, min(SNR, gamma) / SNR
+    (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 9)."""
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1.0 - alpha_bar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], models: dict[str, torch.nn.Module], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, for every floating-point parameter/buffer."""
+    for prefix, model in models.items():
+        for name, value in model.state_dict().items():
+            key = f"{prefix}.{name}"
+            if value.dtype.is_floating_point:
+                ema[key].mul_(decay).add_(value, alpha=1.0 - decay)
+            else:
+                ema[key].copy_(value)
+
+
+def ema_state(ema: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The state dict of one model (``unet`` or ``text_encoder``) out of the EMA dict."""
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in ema.items() if k.startswith(prefix + ".")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; ``--smoke`` shrinks everything to a seconds-long run."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--vae", type=Path, required=True, help="folder saved by training.vae (final/)")
+    p.add_argument("--tokenizer", type=Path, required=True, help="folder from training.tokenizer")
+    p.add_argument("--steps", type=int, default=20000, help="maximum number of steps")
+    p.add_argument("--deadline", type=str, default=None, help="HH:MM UTC: stop and fit lr decay")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=128, help="scene side in pixels")
+    p.add_argument("--pool", type=int, default=10000, help="pre-encoded training scenes")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--lr-floor", type=float, default=0.05, help="final lr as a fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--empty-prob", type=float, default=0.1, help="fraction of empty captions")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR gamma (paper default)")
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch, args.size, args.pool = 3, 2, 32, 4
+        args.warmup, args.ckpt_every = 1, 2
+    return args
+
+
+def save_final(out: Path, ema: dict[str, torch.Tensor], shape: DenoiserShape, latent_size: int) -> None:
+    """Write the EMA UNet and text encoder as diffusers/transformers folders under ``out/final``."""
+    unet, text_encoder = build_unet(shape, latent_size), build_text_encoder(shape)
+    unet.load_state_dict(ema_state(ema, "unet"))
+    text_encoder.load_state_dict(ema_state(ema, "text_encoder"))
+    unet.save_pretrained(out / "final" / "unet")
+    text_encoder.save_pretrained(out / "final" / "text_encoder")
+
+
+def train(args: argparse.Namespace) -> dict[str, float]:
+    """Run (or resume) UNet + text-encoder training; returns the final metrics."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    shape = SMOKE_SHAPE if args.smoke else DenoiserShape()
+    latent_size = args.size // 8
+    log = RunLog(args.out)
+    deadline = parse_deadline(args.deadline)
+
+    vae = AutoencoderKL.from_pretrained(args.vae).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(args.tokenizer))
+    scaling = float(vae.config.scaling_factor)
+    pool_path = args.out / "latent_pool.pt"
+    if pool_path.exists() and args.resume:
+        pool = torch.load(pool_path, weights_only=False)
+    else:
+        pool = encode_pool(vae, args.pool, args.size)
+        args.out.mkdir(parents=True, exist_ok=True)
+        torch.save(pool, pool_path)
+    del vae
+    tokens = tokenize(tokenizer, pool["captions"])  # [N, 77]
+    empty = tokenize(tokenizer, [""])[0]  # [77]
+
+    unet, text_encoder = build_unet(shape, latent_size), build_text_encoder(shape)
+    models = {"unet": unet, "text_encoder": text_encoder}
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    ema = {f"{p}.{k}": v.detach().clone() for p, m in models.items() for k, v in m.state_dict().items()}
+    step, elapsed = 0, 0.0
+    state = load_checkpoint(args.out) if args.resume else None
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        ema = state["ema"]
+        step, elapsed = state["step"], state["elapsed_s"]
+    noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
+    log.write(f"start step={step} args={vars(args)} shape={asdict(shape)} scaling={scaling:.4f}")
+    log.write(f"params unet={sum(p.numel() for p in unet.parameters())} "
+              f"text_encoder={sum(p.numel() for p in text_encoder.parameters())} pool={len(tokens)}")
+
+    def checkpoint() -> None:
+        save_checkpoint(args.out, {
+            "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema": ema,
+            "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
+            "shape": asdict(shape), "latent_size": latent_size, "args": vars(args)})
+
+    unet.train()
+    text_encoder.train()
+    budget = TimeBudget(args.steps, deadline, step)
+    total = budget.total(step)
+    t0 = time.time() - elapsed
+    losses: list[float] = []
+    bar = tqdm(total=args.steps, initial=step, desc="unet", dynamic_ncols=True)
+    while step < total:
+        if budget.expired():
+            log.write(f"deadline reached at step {step}")
+            break
+        total = budget.total(step)
+        rng = np.random.default_rng([args.seed, step])
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.from_numpy(rng.integers(len(tokens), size=args.batch))
+        z0 = (pool["mean"][idx] + pool["std"][idx] * torch.randn(
+            pool["mean"][idx].shape, generator=gen)) * scaling  # [B, 4, h, w]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, SD_SCHEDULE["num_train_timesteps"], (args.batch,), generator=gen)
+        zt = noise_scheduler.add_noise(z0, noise, t)
+        ids = tokens[idx].clone()
+        ids[torch.from_numpy(rng.uniform(size=args.batch) < args.empty_prob)] = empty
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine_lr(step, args.lr, args.warmup, total, args.lr_floor)
+
+        context = text_encoder(ids).last_hidden_state  # [B, 77, D]
+        eps = unet(zt, t, encoder_hidden_states=context).sample
+        per_sample = ((eps - noise) ** 2).flatten(1).mean(1)
+        loss = (per_sample * min_snr_weights(noise_scheduler, t, args.snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
+        opt.step()
+        step += 1
+        update_ema(ema, models, min(args.ema, (1 + step) / (10 + step)))
+        elapsed = time.time() - t0
+        losses.append(per_sample.mean().item())
+        bar.update(1)
+        if step % 50 == 0 or step == total:
+            mean_loss = float(np.mean(losses[-50:]))
+            bar.set_postfix(loss=f"{mean_loss:.4f}", total=total)
+            log.write(f"step={step} eps_mse={mean_loss:.5f} gnorm={grad_norm:.3f} "
+                      f"lr={opt.param_groups[0]['lr']:.2e} est_total={total} t={elapsed:.0f}s")
+        if step % args.ckpt_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    save_final(args.out, ema, shape, latent_size)
+    metrics = {"step": step, "eps_mse_last100": float(np.mean(losses[-100:])) if losses else
+               float("nan"), "wall_s": elapsed}
+    log.write(f"final {metrics}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    print(train(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The per-step pass plans (DESIGN.md §3, §8): what each step of each preset runs."""
+
+from gnr_fast.config import CfgGuider, EditConfig, LatentsDiff, RescaleConfig, Role, SelfAttnMapL2
+from gnr_fast.fast.plan import Latent, Prompt, plan_step
+
+
+def test_nonstyle_guided_step_batches_no_grad_passes():
+    plan = plan_step(EditConfig.nonstyle(), 5)
+    assert plan.describe() == "step 5: no-grad[z|uncond(eps_u), z|trg(eps_trg), z*|src(inv_inv)] + grad[z|src(cur_inv)] + backward"
+    assert plan.rows == 4 and len(plan.calls) == 2
+    assert [c.grad for c in plan.calls] == [False, True]
+
+
+def test_nonstyle_step_35_runs_two_rows_and_no_backward():
+    plan = plan_step(EditConfig.nonstyle(), 35)
+    assert plan.describe() == "step 35: no-grad[z|uncond(eps_u), z|trg(eps_trg)]"
+    assert plan.rows == 2 and not plan.backward
+
+
+def test_window_boundary_follows_preset():
+    cfg = EditConfig.nonstyle()
+    assert plan_step(cfg, 29).backward and not plan_step(cfg, 30).backward
+
+
+def test_cached_source_drops_the_source_row():
+    plan = plan_step(EditConfig.nonstyle(), 5, source_cached=True)
+    assert all(row.latent is Latent.CUR for call in plan.calls for row in call.rows)
+    assert plan.rows == 3 and plan.backward
+
+
+def test_identical_latents_skip_energies():
+    plan = plan_step(EditConfig.nonstyle(), 0, energies_vanish=True)
+    assert plan.rows == 2 and not plan.backward
+
+
+def test_identical_latents_keep_target_prompt_energies():
+    plan = plan_step(EditConfig.style(), 0, energies_vanish=True)
+    assert [g.name for g in plan.energies] == ["features_map_l2"]
+    assert plan.describe() == "step 0: no-grad[z|uncond(eps_u), z*|src(inv_inv)] + grad[z|trg(cur_trg)] + backward"
+
+
+def test_style_preset_differentiates_the_target_pass():
+    plan = plan_step(EditConfig.style(), 3)
+    grad_call = next(c for c in plan.calls if c.grad)
+    assert {row.role for row in grad_call.rows} == {Role.CUR_INV, Role.CUR_TRG}
+    no_grad = next(c for c in plan.calls if not c.grad)
+    # ε_trg comes from the grad call, so the no-grad call holds only ε_u and the source pass
+    assert [(r.latent, r.prompt) for r in no_grad.rows] == [(Latent.CUR, Prompt.UNCOND), (Latent.SRC, Prompt.SRC)]
+    assert plan_step(EditConfig.style(), 25).rows == 2
+
+
+def test_source_guidance_and_zero_cfg_scale():
+    cfg = EditConfig(guiders=(CfgGuider(scale=(0.0, 5.0), is_source_guidance=True),), num_steps=2)
+    assert plan_step(cfg, 0).rows == 1
+    assert plan_step(cfg, 1).describe() == "step 1: no-grad[z|uncond(eps_u), z|src(eps_src)]"
+
+
+def test_latents_diff_needs_no_pass():
+    cfg = EditConfig(guiders=(CfgGuider(), LatentsDiff()), rescale=RescaleConfig("identity_rescaler"), num_steps=4)
+    assert plan_step(cfg, 1).rows == 2 and not plan_step(cfg, 1).backward
+
+
+def test_plain_attention_guider_reads_current_and_source():
+    cfg = EditConfig(guiders=(CfgGuider(), SelfAttnMapL2(scale=1.0)), num_steps=4)
+    plan = plan_step(cfg, 2)
+    assert plan.rows == 4 and plan.energies == (cfg.guiders[1],)
