@@ -46,7 +46,60 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("-o", "--out", required=True, help="output inversion file (e.g. photo.inv)")
     inv.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     _add_model_args(inv)
+    _add_serving_parsers(sub)
     return parser
+
+
+# --- serving (issue 5): serve, client edit, export triton-repo ---------------------------------
+
+
+def _add_serving_parsers(sub) -> None:
+    serve = sub.add_parser("serve", help="serve gnr_edit and gnr_invert on Triton Inference Server")
+    serve.add_argument("--host", default="127.0.0.1", help="address every endpoint binds to (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port (default 8000)")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port (default 8001)")
+    serve.add_argument("--metrics-port", type=int, default=8002, help="Triton Prometheus metrics port (default 8002)")
+    serve.add_argument("--max-batch", type=int, default=4, help="most concurrent edits sharing UNet calls (default 4)")
+    serve.add_argument("--max-queue-delay-ms", type=float, default=20.0,
+                       help="longest wait for more edits after the first of a batch (default 20)")
+    serve.add_argument("--cache-mb", type=float, default=1024.0,
+                       help="inversion cache budget in MiB, trajectories + source-pass internals (default 1024)")
+    serve.add_argument("--steps", type=int, default=50, help="DDIM steps of requests that name none (default 50)")
+    serve.add_argument("--max-steps", type=int, default=200, help="refuse requests with more steps (default 200)")
+    serve.add_argument("--exit-timeout", type=int, default=30,
+                       help="seconds SIGTERM waits for requests in flight (default 30)")
+    serve.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    _add_model_args(serve)
+
+    client = sub.add_parser("client", help="call a gnr-fast Triton server")
+    client_sub = client.add_subparsers(dest="client_command", required=True)
+    cedit = client_sub.add_parser("edit", help="edit an image on a server")
+    cedit.add_argument("image", help="input image (PNG/JPEG)")
+    cedit.add_argument("-s", "--source", required=True, help="prompt describing the input image")
+    cedit.add_argument("-t", "--target", required=True, help="prompt describing the edited image")
+    cedit.add_argument("-o", "--out", default=None, help="output image path (default: <image>_edited.png)")
+    cedit.add_argument("--url", default="127.0.0.1:8000", help="server address, http://host:port or grpc://host:port")
+    cedit.add_argument("--preset", default=None, choices=("nonstyle", "style"), help="guidance preset")
+    cedit.add_argument("--config", default=None, help="edit config in the authors' YAML/JSON format")
+    cedit.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the server's)")
+    cedit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default 600)")
+
+    export = sub.add_parser("export", help="write deployment artifacts")
+    export_sub = export.add_subparsers(dest="export_command", required=True)
+    repo = export_sub.add_parser("triton-repo", help="a model repository for a standalone tritonserver")
+    repo.add_argument("--model", default=None, help="local diffusers SD 1.x/2.x folder (default: the bundled model)")
+    repo.add_argument("--out", required=True, help="repository folder to write")
+    repo.add_argument("--device", default="cpu", help="torch device the server runs on (default: cpu)")
+    repo.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
+    repo.add_argument("--max-batch", type=int, default=4, help="Triton max_batch_size (default 4)")
+    repo.add_argument("--max-queue-delay-ms", type=float, default=20.0, help="dynamic batching delay (default 20)")
+    repo.add_argument("--instances", type=int, default=1, help="model instances (processes) (default 1)")
+    repo.add_argument("--cache-mb", type=float, default=1024.0, help="inversion cache per instance, MiB (default 1024)")
+    repo.add_argument("--steps", type=int, default=50, help="DDIM steps of requests that name none (default 50)")
+    repo.add_argument("--max-steps", type=int, default=200, help="refuse requests with more steps (default 200)")
+    repo.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
+    repo.add_argument("--torch-threads", type=int, default=None, help="torch threads per instance (default: torch's)")
+    repo.add_argument("--force", action="store_true", help="overwrite an existing repository folder")
 
 
 def _quiet_library_progress() -> None:
@@ -138,7 +191,114 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"edit": _cmd_edit, "invert": _cmd_invert}
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from .editor import Editor
+    from .images import DEFAULT_MAX_PIXELS
+    from .serving.launcher import require_pytriton
+    from .serving.server import ServerConfig, serve
+    from .serving.service import ServiceConfig
+
+    require_pytriton()
+    service_config = ServiceConfig(
+        max_batch=args.max_batch,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        cache_mb=args.cache_mb,
+        default_steps=args.steps,
+        max_steps=args.max_steps,
+    )
+    server_config = ServerConfig(
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        exit_timeout_s=args.exit_timeout,
+    )
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+    editor = Editor.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        source_cache_mb=args.cache_mb,
+    )
+
+    def ready(config: ServerConfig) -> None:
+        print(
+            f"serving gnr_edit, gnr_invert (model {editor.model_id}): http {config.host}:{config.http_port}, "
+            f"grpc {config.host}:{config.grpc_port}, metrics {config.host}:{config.metrics_port}; "
+            "SIGTERM or Ctrl+C stops",
+            flush=True,
+        )
+
+    serve(editor, service_config, server_config, on_ready=ready)
+    print("server stopped", flush=True)
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from .client import GnrClient
+    from .errors import ConfigError, InputError
+
+    if not Path(args.image).is_file():
+        raise InputError(f"image file {args.image!r} does not exist")
+    config = None
+    if args.config is not None:
+        if not Path(args.config).is_file():
+            raise InputError(f"config file {args.config!r} does not exist")
+        try:
+            config = yaml.safe_load(Path(args.config).read_text())  # YAML is a superset of JSON
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {args.config!r} is not valid YAML/JSON: {exc}") from exc
+        config = json.dumps(config)
+    with GnrClient(args.url, timeout_s=args.timeout) as client:
+        image, info = client.edit(args.image, args.source, args.target, preset=args.preset, config=config, steps=args.steps)
+    out = Path(args.out) if args.out else Path(args.image).with_name(Path(args.image).stem + "_edited.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    t = info.get("timings", {})
+    print(
+        f"wrote {out} ({image.width}x{image.height}) in {t.get('total_s', 0):.1f}s on the server "
+        f"[cache {'hit' if info.get('cache_hit') else 'miss'}, inversion {t.get('inversion_s', 0):.1f}s, "
+        f"editing {t.get('editing_s', 0):.1f}s, batch of {info.get('batch_size', 1)}]"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .serving.triton_repo import RepoConfig, write_repository
+
+    config = RepoConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch=args.max_batch,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        instances=args.instances,
+        cache_mb=args.cache_mb,
+        default_steps=args.steps,
+        max_steps=args.max_steps,
+        max_pixels=args.max_pixels,
+        torch_threads=args.torch_threads,
+    )
+    out = write_repository(config, args.out, overwrite=args.force)
+    print(f"wrote a Triton model repository to {out}; run it with:\n  tritonserver --model-repository={out}")
+    return 0
+
+
+COMMANDS = {
+    "edit": _cmd_edit,
+    "invert": _cmd_invert,
+    "serve": _cmd_serve,
+    "client": _cmd_client,
+    "export": _cmd_export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -220,6 +220,12 @@ class Editor:
             inversion.source_cache = cache
         return cache
 
+    def edit_batch(self, requests: list, progress: bool = False) -> list[EditResult]:
+        """Run several edits at once; compatible ones share UNet calls (see :mod:`gnr_fast.batch`)."""
+        from .batch import edit_batch
+
+        return edit_batch(self, requests, progress=progress)
+
     def edit_many(
         self,
         inversion: Inversion,

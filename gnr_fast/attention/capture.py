@@ -49,19 +49,26 @@ class PassCapture:
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, N, D]
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, N, D]
     lse: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, N] float32
+    scales: dict[int, float] = field(default_factory=dict)  # layer -> softmax scale
     features: dict[FeatureSite, torch.Tensor] = field(default_factory=dict)  # site -> [B, C, h, w]
 
     def wants(self, layer: SelfAttnLayer | None) -> bool:
         return layer is not None and layer.index in self.layers
 
-    def record_qk(self, index: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        """Keep Q and K of layer ``index`` ([B, H, N, D]); with ``with_lse`` also each query row's log-sum-exp."""
+    def record_qk(
+        self, index: int, query: torch.Tensor, key: torch.Tensor, scale: float, lse: torch.Tensor | None = None
+    ) -> None:
+        """Keep Q and K of layer ``index`` ([B, H, N, D]); with ``with_lse`` also each query row's
+        log-sum-exp ([B, H, N] float32), taken from ``lse`` when the attention kernel produced it."""
         self.queries[index] = query
         self.keys[index] = key
+        self.scales[index] = scale
         if self.with_lse:
-            from ..ops.attn_map_energy import attention_lse
+            if lse is None:
+                from ..ops.attn_map_energy import attention_lse
 
-            self.lse[index] = attention_lse(query, key, scale=scale)
+                lse = attention_lse(query, key, scale=scale)
+            self.lse[index] = lse.float() if lse.dtype != torch.float64 else lse
 
 
 def select_layers(layers: Sequence[SelfAttnLayer], ranges: tuple[LayerRange, LayerRange, LayerRange] | None) -> frozenset[int]:

@@ -59,9 +59,14 @@ class CaptureAttnProcessor:
         key = key.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, H, M, D]
         value = value.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, H, M, D]
         scale = None if attn.scale == head_dim**-0.5 else attn.scale
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
+        lse = None
+        if any(c.with_lse for c in recording) and flash_cpu_lse_supported(query, attention_mask):
+            # The CPU flash kernel returns each query row's log-sum-exp alongside the output.
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
         for c in recording:
-            c.record_qk(self.layer.index, query[c.rows], key[c.rows], attn.scale)
+            c.record_qk(self.layer.index, query[c.rows], key[c.rows], attn.scale, None if lse is None else lse[c.rows])
         out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)  # [B, N, H·D]
         return self._finish(attn, out, residual)
 
@@ -71,6 +76,16 @@ class CaptureAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def flash_cpu_lse_supported(query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+    """Whether the CPU flash-attention op (which also returns the log-sum-exp) can serve this call."""
+    return (
+        query.device.type == "cpu"
+        and attention_mask is None
+        and query.dtype in (torch.float32, torch.float64, torch.bfloat16)
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
 
 
 def _check_supported(name: str, attn) -> None:

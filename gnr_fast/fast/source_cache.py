@@ -50,6 +50,7 @@ class SourceCache:
         out.queries = {i: t.to(compute_dtype) for i, t in stored.queries.items()}
         out.keys = {i: t.to(compute_dtype) for i, t in stored.keys.items()}
         out.lse = dict(stored.lse)
+        out.scales = dict(stored.scales)
         out.features = {s: t.to(compute_dtype) for s, t in stored.features.items()}
         return out
 
@@ -60,6 +61,7 @@ class SourceCache:
         stored.queries = {i: t.detach().to(dtype) for i, t in capture.queries.items()}
         stored.keys = {i: t.detach().to(dtype) for i, t in capture.keys.items()}
         stored.lse = {i: t.detach() for i, t in capture.lse.items()}
+        stored.scales = dict(capture.scales)
         stored.features = {s: t.detach().to(dtype) for s, t in capture.features.items()}
         size = sum(
             t.numel() * t.element_size()

@@ -22,7 +22,12 @@ def self_attn_map_l2(cur: PassCapture, inv: PassCapture, layers: frozenset[int])
             from ..ops.attn_map_energy import attn_map_energy
 
             term = attn_map_energy(
-                cur.queries[index], cur.keys[index], inv.queries[index], inv.keys[index], inv.lse[index]
+                cur.queries[index],
+                cur.keys[index],
+                inv.queries[index],
+                inv.keys[index],
+                inv.lse[index],
+                scale=cur.scales.get(index),
             )
         total = term if total is None else total + term
     if total is None:

@@ -89,6 +89,21 @@ def inversion_psnr(pipe: StableDiffusionPipeline, count: int, steps: int) -> dic
     return {"inversion_psnr_db": float(np.mean(scores)), "vae_only_psnr_db": float(np.mean(vae_scores))}
 
 
+@torch.no_grad()
+def judge_through_vae(pipe: StableDiffusionPipeline, judge_dir: Path, count: int, batch: int = 50) -> dict[str, float]:
+    """Per-attribute judge accuracy on held-out scenes after a VAE encode/decode round trip."""
+    judge = load_judge(judge_dir)
+    scenes = [generate_scene(HELD_OUT_SEED_START + i) for i in range(count)]
+    images = []
+    for start in range(0, count, batch):
+        x = to_model_range(np.stack([s.image for s in scenes[start : start + batch]]))
+        recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        images.append(((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    predicted = judge.predict(np.concatenate(images))
+    accuracy = attribute_matches(predicted, [attributes_of(s.spec) for s in scenes])
+    return {f"judge_through_vae_{k}": v for k, v in accuracy.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point: writes the metrics JSON to ``--out`` and prints it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -99,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--judge-vae-check", type=int, default=0,
+                   help="also report judge accuracy on this many VAE round-tripped scenes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
@@ -109,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     metrics: dict[str, object] = {"model": str(args.model), "steps": args.steps, "cfg": args.cfg,
                                   "captions": args.captions, "inversions": args.inversions}
+    if args.judge_vae_check > 0:
+        metrics |= judge_through_vae(pipe, args.judge, args.judge_vae_check)
     if args.captions > 0:
         metrics |= text_to_image_fidelity(pipe, args.judge, args.captions, args.steps, args.cfg,
                                           args.batch, args.seed)

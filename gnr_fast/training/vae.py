@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-psnr", type=float, default=None, help="stop once reached")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init", type=Path, default=None, help="start from this saved VAE folder")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="freeze the encoder (keeps the latent space and scaling_factor of --init)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -133,8 +136,17 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(args.seed)
     shape = SMOKE_SHAPE if args.smoke else VaeShape()
     log = RunLog(args.out)
-    vae = build_vae(shape, args.size)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    if args.decoder_only and args.init is None:
+        raise SystemExit("--decoder-only needs --init (the VAE whose encoder is kept)")
+    vae = AutoencoderKL.from_pretrained(args.init) if args.init is not None else build_vae(shape, args.size)
+    if args.init is not None:
+        shape = VaeShape(tuple(vae.config.block_out_channels), vae.config.layers_per_block,
+                         vae.config.latent_channels, vae.config.norm_num_groups)
+    frozen = [vae.encoder, vae.quant_conv] if args.decoder_only else []
+    for module in frozen:
+        module.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
     state = load_checkpoint(args.out) if args.resume else None
     if state is not None:
@@ -180,7 +192,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         x = to_model_range(np.ascontiguousarray(crops))
         for group in opt.param_groups:
             group["lr"] = warmup_cosine_lr(step, args.lr, args.warmup, total, args.lr_floor)
-        posterior = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not args.decoder_only):
+            posterior = vae.encode(x).latent_dist
         z = posterior.sample(torch.Generator().manual_seed(args.seed * 1_000_003 + step))
         recon = vae.decode(z).sample
         mse = torch.mean((recon - x) ** 2)
@@ -188,7 +201,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         loss = mse + args.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(vae.parameters(), args.clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.clip))
         opt.step()
         step += 1
         elapsed = time.time() - t0
@@ -211,8 +224,11 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     checkpoint()
 
     score = evaluate_psnr(vae, held_out)
-    std = measure_latent_std(vae, held_out)
-    vae.register_to_config(scaling_factor=1.0 / std)
+    if args.decoder_only:  # same encoder, same latents: keep the UNet's scaling factor
+        std = 1.0 / float(vae.config.scaling_factor)
+    else:
+        std = measure_latent_std(vae, held_out)
+        vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(args.out / "final")
     metrics = {"step": step, "heldout_psnr_db": score, "latent_std": std,
                "scaling_factor": 1.0 / std, "wall_s": elapsed}

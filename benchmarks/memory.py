@@ -1,0 +1,60 @@
+"""Memory probes: the largest tensor an operation allocates, and a process's peak RSS for one edit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in bytes) produced by any op while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self.shape: tuple[int, ...] = ()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.bytes:
+                self.bytes, self.shape = t.numel() * t.element_size(), tuple(t.shape)
+        return out
+
+
+def peak_rss_mb(model: str, mode: str, steps: int, size: int, timeout: float = 1800) -> dict:
+    """Run one whole edit in a fresh process; return its peak RSS and the RSS before the edit (MiB)."""
+    cmd = [sys.executable, "-m", "benchmarks.memory", "--model", model, "--mode", mode, "--steps", str(steps), "--size", str(size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1], check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=("golden", "sd15"))
+    parser.add_argument("--mode", choices=("reference", "fast"))
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--size", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    from benchmarks.models import golden_editor, sd15_editor
+    from PIL import Image
+
+    editor = golden_editor() if args.model == "golden" else sd15_editor()
+    image = Image.new("RGB", (args.size, args.size), (200, 40, 40))
+    inversion = editor.invert(image, "a red square", num_steps=args.steps, progress=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    editor.edit(inversion, "a green square", mode=args.mode, progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rss_before_edit_mb": round(before, 1), "peak_rss_mb": round(peak, 1), "edit_rss_mb": round(peak - before, 1)}))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,56 @@
+"""Models the benchmarks run on: the golden tiny model and an SD 1.5-architecture UNet with random weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT.parent / "shared" / "golden"
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def golden_editor():
+    """The authors' golden tiny model (256² input, 32² latent), or None when shared/ is absent."""
+    from gnr_fast import Editor
+
+    path = GOLDEN / "tiny-sd"
+    return Editor.from_pretrained(path) if path.is_dir() else None
+
+
+def sd15_editor(seed: int = 0):
+    """An Editor over SD 1.5's exact UNet/VAE/CLIP-L architectures with random weights (built from config, no download)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from gnr_fast import Editor
+    from gnr_fast.loading import Components
+    from gnr_fast.schedules import NoiseSchedule
+    from tiny_pipeline import write_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(  # SD 1.5 unet/config.json
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(  # SD 1.5 vae/config.json
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14 text tower; small vocabulary (random weights anyway)
+        vocab_size=514, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_act="quick_gelu",
+    ))
+    tok_dir = Path(torch.hub.get_dir()).parent / "gnr-bench-tokenizer"
+    write_tiny_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    components = Components(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, schedule=NoiseSchedule.from_betas(),
+        path=Path("<sd15-random>"), model_id=f"sd15-random-{seed}", device=torch.device("cpu"), dtype=torch.float32,
+    )
+    return Editor(components)

@@ -1,0 +1,212 @@
+"""``gnr-fast serve``: the edit service on a real Triton Inference Server (pytriton).
+
+Two models, with the tensors of :mod:`gnr_fast.serving.protocol`:
+
+* ``gnr_edit`` — edit an image; the inversion comes from the cache when the same image, source
+  prompt, steps and model were inverted before (and the source pass from its source cache);
+* ``gnr_invert`` — compute and cache an inversion ahead of the edits.
+
+Batching is the service's own queue (:class:`~gnr_fast.serving.service.EditService`): Triton
+runs ``gnr_edit`` with as many instances as edits may share a batch, each instance hands its one
+request to the queue, and the engine thread runs up to ``max_batch`` compatible edits through
+:func:`~gnr_fast.batch.edit_batch`. Unlike Triton's dynamic batcher (which fails every request of a
+batch when one fails), a bad request is answered with its own error. Health, readiness and metrics
+are Triton's endpoints. SIGTERM/SIGINT stop the server gracefully: Triton stops taking requests and
+waits up to ``exit_timeout_s`` for the ones in flight, which the engine thread finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..editor import Editor
+from ..errors import ConfigError
+from .launcher import prepare_environment, require_pytriton
+from .protocol import (
+    EDIT_INPUTS,
+    EDIT_MODEL,
+    EDIT_OUTPUTS,
+    INVERT_INPUTS,
+    INVERT_MODEL,
+    INVERT_OUTPUTS,
+    Field,
+    bytes_tensor,
+    read_inputs,
+)
+from .service import EditService, ServiceConfig, encode_png
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the server listens and how Triton runs the models."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    exit_timeout_s: int = 30  # SIGTERM: wait this long for requests in flight
+    edit_instances: int | None = None  # concurrent gnr_edit requests; default: the service's max_batch
+    invert_instances: int = 1
+    log_verbose: int = 0  # Triton's verbose log level
+
+    def __post_init__(self) -> None:
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ConfigError(f"{name.replace('_', '-')} must be a TCP port in [1, 65535], got {port!r}")
+        if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
+            raise ConfigError(
+                f"http, grpc and metrics ports must differ, got {self.http_port}, {self.grpc_port}, {self.metrics_port}"
+            )
+        for name in ("exit_timeout_s", "invert_instances"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.edit_instances is not None and (not isinstance(self.edit_instances, int) or self.edit_instances < 1):
+            raise ConfigError(f"edit_instances must be a positive integer, got {self.edit_instances!r}")
+
+
+class EditModel:
+    """The inference callable of one ``gnr_edit`` instance (each Triton instance has its own)."""
+
+    def __init__(self, service: EditService) -> None:
+        self.service = service
+
+    def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
+        return [self._answer(request) for request in requests]  # one request per call: no Triton batching
+
+    def _answer(self, request) -> dict[str, np.ndarray]:
+        values = read_inputs(request.data, EDIT_INPUTS)
+        job = self.service.edit_job(
+            values["image"],
+            values["source_prompt"],
+            values["target_prompt"],
+            preset=values["preset"],
+            config_json=values["config"],
+            steps=values["steps"],
+        )
+        outcome = self.service.wait(job)
+        png = encode_png(outcome.result.image)
+        info = json.dumps(outcome.info(job)).encode()
+        return {"edited_image": bytes_tensor(png), "info": bytes_tensor(info)}
+
+
+class InvertModel:
+    """The inference callable of one ``gnr_invert`` instance."""
+
+    def __init__(self, service: EditService) -> None:
+        self.service = service
+
+    def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
+        return [self._answer(request) for request in requests]
+
+    def _answer(self, request) -> dict[str, np.ndarray]:
+        values = read_inputs(request.data, INVERT_INPUTS)
+        job = self.service.invert_job(values["image"], values["source_prompt"], steps=values["steps"])
+        outcome = self.service.wait(job)
+        info = outcome.info(job)
+        info["cache"] = _cache_info(self.service)
+        return {"info": bytes_tensor(json.dumps(info).encode())}
+
+
+def _cache_info(service: EditService) -> dict:
+    stats = service.cache.stats()
+    return {"hits": stats.hits, "misses": stats.misses, "entries": stats.entries, "bytes": stats.nbytes}
+
+
+def _tensors(fields: tuple[Field, ...]) -> list:
+    from pytriton.model_config import Tensor
+
+    return [Tensor(name=f.name, dtype=f.numpy_dtype, shape=(1,), optional=f.optional) for f in fields]
+
+
+def serve(
+    editor: Editor,
+    service_config: ServiceConfig | None = None,
+    server_config: ServerConfig | None = None,
+    stop: threading.Event | None = None,
+    on_ready: Callable[[ServerConfig], None] | None = None,
+) -> None:
+    """Serve ``editor`` until ``stop`` is set, SIGTERM/SIGINT arrive, or Triton exits.
+
+    Signal handlers are installed only when called from the main thread (and restored after).
+    """
+    require_pytriton()
+    prepare_environment()
+    from pytriton.model_config import ModelConfig
+    from pytriton.triton import Triton, TritonConfig
+
+    service_config = service_config or ServiceConfig()
+    server_config = server_config or ServerConfig()
+    stop = stop or threading.Event()
+    service = EditService(editor, service_config)
+    triton_config = TritonConfig(
+        http_address=server_config.host,
+        http_port=server_config.http_port,
+        grpc_address=server_config.host,
+        grpc_port=server_config.grpc_port,
+        metrics_address=server_config.host,
+        metrics_port=server_config.metrics_port,
+        allow_gpu_metrics=False,
+        allow_sagemaker=False,
+        allow_vertex_ai=False,
+        strict_readiness=True,
+        exit_timeout_secs=server_config.exit_timeout_s,
+        log_verbose=server_config.log_verbose,
+    )
+    edit_instances = server_config.edit_instances or service_config.max_batch
+    previous = _install_signal_handlers(stop)
+    triton = Triton(config=triton_config)
+    service.start()
+    try:
+        triton.bind(
+            model_name=EDIT_MODEL,
+            infer_func=[EditModel(service) for _ in range(edit_instances)],
+            inputs=_tensors(EDIT_INPUTS),
+            outputs=_tensors(EDIT_OUTPUTS),
+            config=ModelConfig(batching=False),
+            strict=True,
+        )
+        triton.bind(
+            model_name=INVERT_MODEL,
+            infer_func=[InvertModel(service) for _ in range(server_config.invert_instances)],
+            inputs=_tensors(INVERT_INPUTS),
+            outputs=_tensors(INVERT_OUTPUTS),
+            config=ModelConfig(batching=False),
+            strict=True,
+        )
+        triton.run()
+        logger.info("serving %s and %s on %s", EDIT_MODEL, INVERT_MODEL, server_config.host)
+        if on_ready is not None:
+            on_ready(server_config)
+        while not stop.wait(1.0):
+            if not triton.is_alive():
+                logger.error("Triton Inference Server stopped unexpectedly")
+                break
+    finally:
+        triton.stop()  # SIGINT to tritonserver: it finishes the requests in flight, then exits
+        service.close()
+        _restore_signal_handlers(previous)
+
+
+def _install_signal_handlers(stop: threading.Event) -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    return previous
+
+
+def _restore_signal_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
