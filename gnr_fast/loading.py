@@ -81,6 +81,11 @@ def check_pipeline_folder(path: Path) -> dict:
     or folder that is not a diffusers pipeline, a missing component/config/weights, SDXL and other
     unsupported architectures.
     """
+    if not path.exists() and path == BUNDLED_MODEL:
+        raise ModelNotFoundError(
+            f"the bundled model is not installed at {str(path)!r}; reinstall gnr-fast, or pass --model / path= with "
+            "a local diffusers Stable Diffusion 1.x/2.x folder"
+        )
     if not path.exists():
         raise ModelNotFoundError(
             f"model path {str(path)!r} does not exist. Pass the folder of a local diffusers Stable Diffusion "

@@ -1,0 +1,1 @@
+"""Edit-quality evaluation in the shapes world: held-out cases, metrics, and the benchmark runner."""
