@@ -8,23 +8,12 @@ from pathlib import Path
 import torch
 
 
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins CLIP's byte-level BPE uses for raw bytes."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def write_tiny_tokenizer(folder: Path) -> None:
     """A character-level CLIP tokenizer (byte alphabet, no merges) with model_max_length 77."""
     folder.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_alphabet()
+    from gnr_fast.training.tokenizer import byte_symbols
+
+    alphabet = byte_symbols()
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
