@@ -1,16 +1,22 @@
 """Benchmark: attention-map L2 energy, forward + backward, fast paths vs the materialised reference.
 
-Sizes are SD 1.x self-attention layers at batch 1 (8 heads, head dim 40): N = 1024 (32×32 latent
-tokens, 256² images) and N = 4096 (64×64, 512² images, DESIGN.md §8).
+Sizes are self-attention layers at batch 1: SD 1.x (8 heads, head dim 40) at N = 1024 (32×32
+latent tokens, 256² images) and N = 4096 (64×64, 512² images, DESIGN.md §8), plus a narrow
+layer (4 heads, head dim 8) at N = 1024 like the small UNets of the CPU editing tests.
+
+Implementations: ``ref`` (materialised maps), the chunked torch path with its two gradient
+strategies — ``fused`` (gradient computed in the forward sweep, the default when autograd needs
+it) and ``recompute`` (``recompute=True``: backward recomputes the maps) — and ``triton`` (CUDA).
 
 Reported side by side in one run (STYLE.md rule 12):
 - time: pytest-benchmark's table, one group per size; the parenthesised numbers are ratios to
-  the fastest row of the group. A summary line gives chunked/ref (and triton/ref on CUDA).
+  the fastest row of the group. Summary lines give each fast path / ref and fused / recompute.
 - peak memory of one forward + backward above the inputs: on CPU the growth of the peak resident
   set size (VmHWM) in a fresh child process per measurement (no tracemalloc, no allocator
   hooks; a child so earlier runs do not hide it); on CUDA ``torch.cuda.max_memory_allocated``.
 
-Run:  python -m pytest benchmarks/bench_attn_map_energy.py   (not part of CI; ~1 min on 2 cores)
+Run:  python -m pytest benchmarks/bench_attn_map_energy.py   (not part of CI; ~2 min on 2 cores;
+      prefix OMP_NUM_THREADS=1 to time one core)
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from gnr_fast.ops.attn_map_energy import attention_lse, attn_map_energy, attn_ma
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES: dict[str, tuple[int, int, int, int]] = {  # name: (B, H, N, D)
-    "N1024": (1, 8, 1024, 40),
-    "N4096": (1, 8, 4096, 40),
+    "N1024-H4-D8": (1, 4, 1024, 8),
+    "N1024-H8-D40": (1, 8, 1024, 40),
+    "N4096-H8-D40": (1, 8, 4096, 40),
 }
 IMPLS: dict[str, tuple[Callable[..., torch.Tensor], dict[str, object]]] = {
     "ref": (attn_map_energy_ref, {}),
-    "chunked": (attn_map_energy, {"backend": "torch"}),
+    "fused": (attn_map_energy, {"backend": "torch", "recompute": False}),
+    "recompute": (attn_map_energy, {"backend": "torch", "recompute": True}),
     "triton": (attn_map_energy, {"backend": "triton"}),
 }
 
@@ -90,18 +98,19 @@ def results(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, tupl
 
 
 def _report_ratios(table: dict[str, dict[str, tuple[float, float]]], write_line: Callable[[str], None]) -> None:
-    """One line per size and fast implementation: time and peak-memory ratios to the reference."""
+    """Per size: time and peak-memory ratios of each fast implementation to the reference, and of
+    the fused to the recomputing gradient."""
     for size, rows in table.items():
-        if "ref" not in rows:
-            continue
-        ref_time, ref_peak = rows["ref"]
-        for impl, (seconds, peak) in rows.items():
-            if impl != "ref":
-                write_line(
-                    f"attn_map_energy {size} on {DEVICE}: {impl}/ref time {seconds / ref_time:.2f}x "
-                    f"({seconds:.3f}s vs {ref_time:.3f}s), peak memory {peak / ref_peak:.3f}x "
-                    f"({peak:.0f} MiB vs {ref_peak:.0f} MiB)"
-                )
+        pairs = [(impl, "ref") for impl in rows if impl != "ref"] + [("fused", "recompute")]
+        for impl, base in pairs:
+            if impl not in rows or base not in rows:
+                continue
+            (seconds, peak), (base_seconds, base_peak) = rows[impl], rows[base]
+            write_line(
+                f"attn_map_energy {size} on {DEVICE}: {impl}/{base} time {seconds / base_seconds:.2f}x "
+                f"({seconds:.3f}s vs {base_seconds:.3f}s), peak memory {peak / base_peak:.3f}x "
+                f"({peak:.0f} MiB vs {base_peak:.0f} MiB)"
+            )
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -112,7 +121,7 @@ def test_attn_map_energy_forward_backward(benchmark, results, size: str, impl: s
         pytest.skip("the Triton kernels need a CUDA GPU and triton")
     benchmark.group = f"attn_map_energy fwd+bwd {size} {DEVICE}"
     # CPU at N = 4096 takes ~10 s per call: one untimed warm-up is not worth it there.
-    rounds, warmup = (3, 1) if SIZES[size][2] <= 1024 or DEVICE == "cuda" else (1, 0)
+    rounds, warmup = (5, 1) if SIZES[size][2] <= 1024 or DEVICE == "cuda" else (1, 0)
     benchmark.pedantic(forward_backward, args=(impl, inputs), rounds=rounds, iterations=1, warmup_rounds=warmup)
     peak = peak_memory_mib(impl, size)
     benchmark.extra_info["peak_mib"] = peak

@@ -15,8 +15,8 @@ Layers, as in STYLE.md rule 3:
 - :func:`attn_map_energy` — the public entry point: validates its inputs and picks, by named
   predicates, the Triton kernels (``kernels/attn_map_energy.py``, registered as the torch ops
   ``gnr_fast::attn_map_energy_fwd`` / ``gnr_fast::attn_map_energy_bwd``) or the chunked
-  pure-torch :class:`_ChunkedAttnMapEnergy`. Both keep O(chunk·N + N·D) memory and recompute the
-  maps in backward from per-row statistics (flash-attention style).
+  pure-torch :class:`_ChunkedAttnMapEnergy`. Both keep O(chunk·N + N·D) memory and never hold
+  a [B, H, N, N] map.
 - :func:`attention_lse` — chunked per-row log-sum-exp, so capture code can produce ``lse_ref``
   without an N×N map.
 
@@ -25,8 +25,16 @@ Backward math (M = B·H·N·N, g = ∂L/∂E, D_i = Σ_j A_ij (A_ij − A_ref_ij
     dS_ij = (2 g / M) · A_ij · ((A_ij − A_ref_ij) − D_i)
     dq    = scale · dS k ,   dk = scale · dSᵀ q
 
-D_i is computed in the forward sweep (it costs nothing there) and saved with the row
-log-sum-exp, two [B, H, N] vectors, so backward needs one sweep per gradient.
+Each chunk of query rows holds complete rows of A and A_ref, so D_i is available in the same
+chunk as dS. Two ways to get the gradient (both give the same bits):
+
+- fused (torch path, the default when autograd needs the gradient): the forward sweep also
+  computes dq and dk for g = 1 and saves them, 2·[B, H, N, D]; backward only multiplies by g.
+  A guided edit differentiates the energy right after computing it, once per step, so this does
+  one sweep over the maps per step instead of two.
+- recomputing (``recompute=True``, forward without gradient, and the Triton path): forward
+  saves the inputs and the per-row D_i ([B, H, N]); backward recomputes A and A_ref chunk by
+  chunk (flash-attention style). Nothing is spent on a gradient that is never asked for.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import math
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,9 +56,23 @@ logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "torch", "triton"]
 
-# A chunk of query rows materialises [B, H, chunk, N] score tiles; the default chunk keeps one
-# tile at about 16 M floats (64 MiB in fp32), 1/8 of one SD 1.x N=4096, H=8 map (DESIGN.md §8).
+# A chunk of query rows materialises [B, H, chunk, N] tiles (two at a time on the torch path); the
+# default chunk keeps one tile at about 16 M floats (64 MiB in fp32), 1/8 of one SD 1.x N=4096,
+# H=8 map (DESIGN.md §8) ...
 TILE_BUDGET_FLOATS = 16 * 2**20
+# ... and for CPU tensors at about 0.5 M floats (2 MiB), but at least 64 query rows: tiles that
+# stay in cache beat the 16 M-float default, while fewer rows make the matmuls inefficient.
+# Fused forward + backward on one AVX-512 core (torch 2.13, benchmarks/bench_attn_map_energy.py
+# shapes, min over rounds on a shared machine), by rows per chunk:
+#   N=1024 B=1 H=4 D=8:   c=64 22 ms, c=128 24 ms, c=256 27 ms, c=1024 (4 M floats) 50 ms
+#   N=1024 B=1 H=8 D=40:  c=64 78 ms, c=128 91 ms, c=512 117 ms, c=1024 141 ms
+#   N=1024 B=2 H=8 D=40:  c=32 174 ms, c=64 140 ms, c=128 187 ms, c=1024 (16 M) 360 ms
+#   N=4096 B=1 H=8 D=40:  c=16 2.20 s, c=32 1.69 s, c=64 1.61 s, c=128 1.62 s, c=512 (16 M) 1.94 s
+#   N=4096 B=2 H=8 D=40:  c=16 3.93 s, c=32 3.49 s, c=64 3.51 s, c=128 4.58 s, c=256 (16 M) 5.07 s
+# A CPU tile is therefore max(CPU_TILE_BUDGET_FLOATS, B·H·64·N) floats, and never above
+# TILE_BUDGET_FLOATS.
+CPU_TILE_BUDGET_FLOATS = 2**19
+CPU_MIN_CHUNK_ROWS = 64
 
 # dtypes each path accepts. The torch path computes in float32 (float64 for float64 inputs).
 _TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -102,6 +124,7 @@ def attn_map_energy(
     scale: float | None = None,
     chunk: int | None = None,
     backend: Backend = "auto",
+    recompute: bool = False,
 ) -> Tensor:
     """Self-attention-map L2 energy ``mean((A − A_ref)²)`` without materialising A or A_ref.
 
@@ -113,12 +136,23 @@ def attn_map_energy(
         lse_ref: [B, H, N] float32 (float64 with float64 ``q``): per-row log-sum-exp of
             ``scale · q_ref k_refᵀ``, e.g. from :func:`attention_lse`.
         scale: softmax scale; ``None`` means ``D ** -0.5``.
-        chunk: query rows per step of the torch path; ``None`` keeps one [B, H, chunk, N] tile at
-            about :data:`TILE_BUDGET_FLOATS` floats. Ignored by the Triton path (it tiles itself).
+        chunk: query rows per step of the torch path; ``None`` means :func:`default_chunk` (one
+            [B, H, chunk, N] tile of about :data:`CPU_TILE_BUDGET_FLOATS` floats, at least
+            :data:`CPU_MIN_CHUNK_ROWS` rows, on CPU; :data:`TILE_BUDGET_FLOATS` elsewhere). The
+            torch path holds two such tiles at a time.
+            Ignored by the Triton path (it tiles itself).
         backend: ``"auto"`` uses the Triton kernels when :func:`triton_supported` holds, else the
             chunked torch path; ``"torch"`` / ``"triton"`` force one (``"triton"`` raises
             :class:`BackendUnavailableError` with the reason when unsupported; on CPU it works
             only under ``TRITON_INTERPRET=1``).
+        recompute: torch path only. ``False`` (default): when autograd needs the gradient (grad
+            mode on and ``q`` or ``k`` requires grad), the forward sweep computes it too and
+            backward just scales it — the fast choice when the energy is differentiated once
+            right after it is computed, as in a guided edit step; when no backward follows it
+            costs 1.6–1.9× a plain forward (measured on CPU), and 2·[B, H, N, D] extra memory
+            until backward. ``True``: forward saves per-row statistics only and backward
+            recomputes the maps (flash-attention style). Gradients are identical either way.
+            The Triton path always recomputes.
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs), equal to :func:`attn_map_energy_ref`
@@ -126,11 +160,11 @@ def attn_map_energy(
 
     Raises:
         InputError: a tensor has the wrong shape, dtype or device, or ``scale``/``chunk``/
-            ``backend`` is invalid.
+            ``backend``/``recompute`` is invalid.
         BackendUnavailableError: ``backend="triton"`` but :func:`triton_unsupported_reason`
             gives a reason.
     """
-    _check_inputs(q, k, q_ref, k_ref, lse_ref, scale, chunk, backend)
+    _check_inputs(q, k, q_ref, k_ref, lse_ref, scale, chunk, backend, recompute)
     scale = _resolve_scale(q, scale)
     q_ref, k_ref, lse_ref = q_ref.detach(), k_ref.detach(), lse_ref.detach()
 
@@ -138,8 +172,9 @@ def attn_map_energy(
     if use_triton:
         return _TritonAttnMapEnergy.apply(q, k, q_ref, k_ref, lse_ref, scale)
     batch, heads, tokens, _ = q.shape
-    chunk = chunk if chunk is not None else default_chunk(batch, heads, tokens)
-    return _ChunkedAttnMapEnergy.apply(q, k, q_ref, k_ref, lse_ref, scale, chunk)
+    chunk = chunk if chunk is not None else default_chunk(batch, heads, tokens, q.device)
+    fuse_grad = not recompute and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    return _ChunkedAttnMapEnergy.apply(q, k, q_ref, k_ref, lse_ref, scale, chunk, fuse_grad)
 
 
 @torch.no_grad()
@@ -156,7 +191,7 @@ def attention_lse(q: Tensor, k: Tensor, scale: float | None = None, chunk: int |
     _check_lse_inputs(q, k, scale, chunk)
     scale = _resolve_scale(q, scale)
     batch, heads, tokens, _ = q.shape
-    chunk = chunk if chunk is not None else default_chunk(batch, heads, k.shape[2])
+    chunk = chunk if chunk is not None else default_chunk(batch, heads, k.shape[2], q.device)
     dtype = _compute_dtype(q)
     keys = k.to(dtype)  # [B, H, L, D]
     lse = torch.empty(batch, heads, tokens, dtype=dtype, device=q.device)  # [B, H, N]
@@ -166,10 +201,18 @@ def attention_lse(q: Tensor, k: Tensor, scale: float | None = None, chunk: int |
     return lse
 
 
-def default_chunk(batch: int, heads: int, tokens: int) -> int:
-    """Query rows per chunk so that one [batch, heads, chunk, tokens] tile holds at most
-    :data:`TILE_BUDGET_FLOATS` floats (at least 1 row, at most ``tokens``)."""
-    return max(1, min(tokens, TILE_BUDGET_FLOATS // max(1, batch * heads * tokens)))
+def default_chunk(batch: int, heads: int, tokens: int, device: torch.device | str | None = None) -> int:
+    """Query rows per chunk (at least 1, at most ``tokens``) for [batch, heads, chunk, tokens] tiles.
+
+    Other devices (and ``device=None``): the tile holds at most :data:`TILE_BUDGET_FLOATS` floats.
+    CPU: about :data:`CPU_TILE_BUDGET_FLOATS` floats but at least :data:`CPU_MIN_CHUNK_ROWS` rows,
+    still at most :data:`TILE_BUDGET_FLOATS` floats (measurements beside the constants).
+    """
+    row_floats = max(1, batch * heads * tokens)
+    rows = TILE_BUDGET_FLOATS // row_floats
+    if device is not None and torch.device(device).type == "cpu":
+        rows = min(rows, max(CPU_MIN_CHUNK_ROWS, CPU_TILE_BUDGET_FLOATS // row_floats))
+    return max(1, min(tokens, rows))
 
 
 def triton_supported(q: Tensor, allow_interpreter: bool = False) -> bool:
@@ -251,6 +294,7 @@ def _check_inputs(
     scale: float | None,
     chunk: int | None,
     backend: str,
+    recompute: bool,
 ) -> None:
     """Raise :class:`InputError` naming the argument and value unless every input is usable."""
     named = {"q": q, "k": k, "q_ref": q_ref, "k_ref": k_ref, "lse_ref": lse_ref}
@@ -286,6 +330,8 @@ def _check_inputs(
     _check_scale_and_chunk(scale, chunk)
     if backend not in ("auto", "torch", "triton"):
         raise InputError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if not isinstance(recompute, bool):
+        raise InputError(f"recompute must be True or False, got {recompute!r}")
 
 
 def _check_lse_inputs(q: Tensor, k: Tensor, scale: float | None, chunk: int | None) -> None:
@@ -353,29 +399,137 @@ def _scores(q_rows: Tensor, keys: Tensor, scale: float) -> Tensor:
     return torch.matmul(q_rows.to(keys.dtype), keys.transpose(-1, -2)).mul_(scale)
 
 
-def _maps_chunk(
-    q_rows: Tensor, keys: Tensor, q_ref_rows: Tensor, keys_ref: Tensor, lse_ref_rows: Tensor, scale: float,
-    lse_rows: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """A, A − A_ref and the row log-sum-exp for one chunk of query rows.
+# exp(x) = 2^(x · log₂e). A_ref is computed as exp2(scale·log₂e · q_ref k_refᵀ − log₂e · lse_ref),
+# both factors folded into one baddbmm: on one AVX-512 core (torch 2.13) torch.exp2 takes 0.32 ms
+# per 2**20 float32 values and torch.exp 0.88 ms. Accuracy is unchanged: the rounding of the
+# float32 exponent argument (~1e-6 relative at |argument| ~ 20, present either way) dominates.
+_LOG2_E = math.log2(math.e)
 
-    ``lse_rows`` ([B, H, c]) is recomputed when None. Returns (A [B,H,c,N], A − A_ref [B,H,c,N],
-    lse [B,H,c]).
+
+class _Sweep(NamedTuple):
+    """What one pass over the query-row chunks returns (``None`` where not requested).
+
+    ``row_sq``: Σ_j (A − A_ref)²_ij, [B·H, N]. ``row_dot``: D_i = Σ_j A_ij (A − A_ref)_ij, [B·H, N].
+    ``dq_t`` and ``dk_t``, [B·H, D, N] (transposed): Σ_j P_ij k_j and Σ_i P_ij q_i with
+    P = A ⊙ ((A − A_ref) − D), i.e. the gradients before the factor 2·scale·g / M.
     """
-    scores = _scores(q_rows, keys, scale)  # [B, H, c, N]
-    if lse_rows is None:
-        lse_rows = torch.logsumexp(scores, dim=-1)  # [B, H, c]
-    attn = scores.sub_(lse_rows[..., None]).exp_()  # A, in place of the scores
-    attn_ref = _scores(q_ref_rows, keys_ref, scale).sub_(lse_ref_rows[..., None]).exp_()  # A_ref
-    diff = attn_ref.neg_().add_(attn)  # A − A_ref, in place of A_ref
-    return attn, diff, lse_rows
+
+    row_sq: Tensor | None
+    row_dot: Tensor | None
+    dq_t: Tensor | None
+    dk_t: Tensor | None
+
+
+def _sweep(
+    q: Tensor,
+    k: Tensor,
+    q_ref: Tensor,
+    k_ref: Tensor,
+    lse_ref: Tensor,
+    scale: float,
+    chunk: int,
+    *,
+    energy: bool,
+    need_row_dot: bool = False,
+    need_dq: bool = False,
+    need_dk: bool = False,
+    row_dot: Tensor | None = None,
+) -> _Sweep:
+    """One sweep over chunks of ``chunk`` query rows of [B, H, N, D] inputs (see :class:`_Sweep`).
+
+    ``energy``: return ``row_sq``. ``need_row_dot``: return ``row_dot`` (computed in the sweep, or
+    ``row_dot`` itself when given). ``need_dq``/``need_dk``: return the gradient sums; D_i comes
+    from ``row_dot`` when given (recomputing backward), else from the same chunk (fused sweep —
+    each chunk holds complete rows of A and A_ref, so D_i needs no second pass).
+
+    Per chunk of c rows, with T = [B·H, c, N] tiles in two buffers reused across chunks::
+
+        attn  ← softmax(scale · q_c kᵀ)                          (baddbmm, alpha=scale; in place)
+        diff  ← exp2(log₂e · (scale · q_ref_c k_refᵀ − lse_ref_c))   (baddbmm, alpha, beta=1)
+        diff  ← attn − diff;  row_sq_c = Σ_j diff²
+        diff  ← attn ⊙ diff;  D_c = Σ_j diff;  diff ← diff − D_c ⊙ attn        (= P_c)
+        dq_t[:, :, c] = kᵀ P_cᵀ;  dk_t += q_cᵀ P_c
+
+    Both gradient products put the head dim on the output's row axis ([D, ·] outputs): for a
+    2**20-float tile at D = 8, MKL takes 1.2 ms for P k but 0.5 ms for kᵀ Pᵀ, and 3.1 ms for
+    Pᵀ q_c but 0.3 ms for q_cᵀ P. ``softmax`` and ``sub`` write over one of their inputs; both
+    are elementwise in that operand, which makes the aliasing safe.
+
+    Memory: two tiles of B·H·c·N floats plus O(B·H·N·D); no [B, H, N, N] tensor.
+    """
+    batch, heads, tokens, head_dim = q.shape
+    dtype = _compute_dtype(q)
+    rows_total = batch * heads
+    # [B·H, N, D] views (copies only for non-contiguous or half inputs).
+    queries, keys, queries_ref, keys_ref = (
+        t.to(dtype).reshape(rows_total, tokens, head_dim) for t in (q, k, q_ref, k_ref)
+    )
+    neg_lse_ref2 = lse_ref.to(dtype).reshape(rows_total, tokens, 1) * -_LOG2_E  # −log₂e · lse_ref, [B·H, N, 1]
+    grads = need_dq or need_dk
+    like = {"device": q.device, "dtype": dtype}
+    row_sq = torch.empty(rows_total, tokens, **like) if energy else None  # [B·H, N]
+    if need_row_dot and row_dot is None:
+        row_dot_out: Tensor | None = torch.empty(rows_total, tokens, **like)  # [B·H, N]
+    else:
+        row_dot_out = row_dot if need_row_dot else None
+    dq_t = torch.empty(rows_total, head_dim, tokens, **like) if need_dq else None  # [B·H, D, N]
+    dk_t = torch.zeros(rows_total, head_dim, tokens, **like) if need_dk else None  # [B·H, D, N]
+
+    chunk = min(chunk, tokens)
+    attn_buf = torch.empty(rows_total * chunk * tokens, **like)  # one tile, reused per chunk
+    diff_buf = torch.empty_like(attn_buf)
+    keys_t, keys_ref_t = keys.transpose(1, 2), keys_ref.transpose(1, 2)  # [B·H, D, N] views
+    for start in range(0, tokens, chunk):
+        rows = slice(start, min(start + chunk, tokens))
+        tile = (rows_total, rows.stop - start, tokens)
+        attn = attn_buf[: math.prod(tile)].view(tile)  # [B·H, c, N]
+        diff = diff_buf[: math.prod(tile)].view(tile)  # [B·H, c, N]
+        q_rows = queries[:, rows]  # [B·H, c, D]
+        torch.baddbmm(attn, q_rows, keys_t, beta=0, alpha=scale, out=attn)
+        torch.softmax(attn, dim=-1, out=attn)  # A
+        torch.baddbmm(neg_lse_ref2[:, rows], queries_ref[:, rows], keys_ref_t, alpha=scale * _LOG2_E, out=diff)
+        diff.exp2_()  # A_ref
+        torch.sub(attn, diff, out=diff)  # A − A_ref
+        if row_sq is not None:
+            row_sq[:, rows] = torch.linalg.vecdot(diff, diff)
+        if not grads and row_dot_out is None:
+            continue
+        grad_scores = diff.mul_(attn)  # A ⊙ (A − A_ref)
+        if row_dot is None:
+            row_dot_rows = grad_scores.sum(dim=-1, keepdim=True)  # D_i, [B·H, c, 1]
+            if row_dot_out is not None:
+                row_dot_out[:, rows] = row_dot_rows[..., 0]
+        else:
+            row_dot_rows = row_dot[:, rows, None]
+        if not grads:
+            continue
+        grad_scores.addcmul_(attn, row_dot_rows, value=-1)  # P = A ⊙ ((A − A_ref) − D)
+        if dq_t is not None:
+            dq_t[:, :, rows] = torch.bmm(keys_t, grad_scores.transpose(1, 2))
+        if dk_t is not None:
+            dk_t.baddbmm_(q_rows.transpose(1, 2), grad_scores)
+    return _Sweep(row_sq, row_dot_out, dq_t, dk_t)
+
+
+def _unflatten_grads(sweep: _Sweep, shape: torch.Size) -> tuple[Tensor | None, Tensor | None]:
+    """The sweep's gradient sums as contiguous [B, H, N, D] tensors (copied out of [B·H, D, N])."""
+    dq, dk = (None if t is None else t.transpose(1, 2).contiguous().view(shape) for t in (sweep.dq_t, sweep.dk_t))
+    return dq, dk
 
 
 class _ChunkedAttnMapEnergy(torch.autograd.Function):
-    """Energy and its q/k gradients, one chunk of query rows at a time.
+    """Energy and its q/k gradients, one chunk of query rows at a time (see :func:`_sweep`).
 
-    Forward keeps one chunk's [B, H, chunk, N] maps alive at a time and saves q, k, the source
-    tensors and two [B, H, N] row statistics (log-sum-exp, D_i); backward recomputes each chunk.
+    Two ways to get the gradient, chosen by the caller (``fuse_grad``):
+
+    - fused (``fuse_grad=True``, used when autograd needs q/k gradients and ``recompute=False``):
+      the forward sweep also computes the gradient for ∂L/∂E = 1 and saves it, 2·[B, H, N, D];
+      backward only scales it by the incoming gradient. One sweep per step instead of two.
+    - recomputing (``fuse_grad=False``): forward saves q, k, the source tensors and D_i
+      ([B, H, N]); backward recomputes A and A_ref chunk by chunk (flash-attention style).
+      Nothing is spent on gradients that are never asked for.
+
+    Both give bitwise-identical gradients (same per-chunk operations in the same order).
     """
 
     @staticmethod
@@ -388,51 +542,47 @@ class _ChunkedAttnMapEnergy(torch.autograd.Function):
         lse_ref: Tensor,
         scale: float,
         chunk: int,
+        fuse_grad: bool,
     ) -> Tensor:
         batch, heads, tokens, _ = q.shape
-        dtype = _compute_dtype(q)
-        keys, keys_ref = k.to(dtype), k_ref.to(dtype)  # [B, H, N, D]
-        lse = torch.empty(batch, heads, tokens, dtype=dtype, device=q.device)  # [B, H, N]
-        row_dot = torch.empty_like(lse)  # D_i = Σ_j A_ij (A_ij − A_ref_ij), [B, H, N]
-        total = torch.zeros((), dtype=dtype, device=q.device)
-        for start in range(0, tokens, chunk):
-            rows = slice(start, min(start + chunk, tokens))
-            attn, diff, lse_rows = _maps_chunk(
-                q[:, :, rows], keys, q_ref[:, :, rows], keys_ref, lse_ref[:, :, rows], scale, None
-            )
-            lse[:, :, rows] = lse_rows
-            row_dot[:, :, rows] = (attn * diff).sum(dim=-1)
-            total += diff.square().sum()
-        ctx.save_for_backward(q, k, q_ref, k_ref, lse_ref, lse, row_dot)
-        ctx.scale, ctx.chunk = scale, chunk
-        return total / (batch * heads * tokens * tokens)
+        # Grad mode is off inside forward; requires_grad still tells which gradients autograd wants.
+        want_dq, want_dk = q.requires_grad, k.requires_grad
+        fused = fuse_grad and (want_dq or want_dk)
+        sweep = _sweep(
+            q, k, q_ref, k_ref, lse_ref, scale, chunk, energy=True,
+            need_row_dot=not fused and (want_dq or want_dk),
+            need_dq=fused and want_dq, need_dk=fused and want_dk,
+        )
+        ctx.fused = fused
+        if fused:
+            ctx.save_for_backward(*_unflatten_grads(sweep, q.shape))
+        else:
+            ctx.save_for_backward(q, k, q_ref, k_ref, lse_ref, sweep.row_dot)
+        ctx.scale, ctx.chunk, ctx.shape = scale, chunk, q.shape
+        ctx.dtypes, ctx.compute_dtype = (q.dtype, k.dtype), _compute_dtype(q)
+        return sweep.row_sq.sum() / (batch * heads * tokens * tokens)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_energy: Tensor
     ) -> tuple[Tensor | None, ...]:
-        q, k, q_ref, k_ref, lse_ref, lse, row_dot = ctx.saved_tensors
-        scale, chunk = ctx.scale, ctx.chunk
-        batch, heads, tokens, _ = q.shape
-        dtype = _compute_dtype(q)
-        keys, keys_ref = k.to(dtype), k_ref.to(dtype)  # [B, H, N, D]
-        dq = torch.empty(q.shape, dtype=dtype, device=q.device)  # [B, H, N, D]
-        dk = torch.zeros(k.shape, dtype=dtype, device=k.device)  # [B, H, N, D]
-        for start in range(0, tokens, chunk):
-            rows = slice(start, min(start + chunk, tokens))
-            q_rows = q[:, :, rows].to(dtype)  # [B, H, c, D]
-            attn, diff, _ = _maps_chunk(
-                q_rows, keys, q_ref[:, :, rows], keys_ref, lse_ref[:, :, rows], scale, lse[:, :, rows]
+        need_dq, need_dk = ctx.needs_input_grad[:2]
+        if ctx.fused:
+            dq, dk = ctx.saved_tensors
+        else:
+            q, k, q_ref, k_ref, lse_ref, row_dot = ctx.saved_tensors
+            sweep = _sweep(
+                q, k, q_ref, k_ref, lse_ref, ctx.scale, ctx.chunk, energy=False,
+                need_dq=need_dq, need_dk=need_dk, row_dot=row_dot,
             )
-            grad_scores = attn.mul_(diff.sub_(row_dot[:, :, rows, None]))  # A ⊙ (A − A_ref − D), [B,H,c,N]
-            dq[:, :, rows] = grad_scores @ keys
-            dk += grad_scores.transpose(-1, -2) @ q_rows
-        # dS = (2 g / M) · A ⊙ (A − A_ref − D); dq = scale · dS k; dk = scale · dSᵀ q.
-        coef = grad_energy.to(dtype) * (2.0 * scale / (batch * heads * tokens * tokens))
-        dq = (dq * coef).to(q.dtype) if ctx.needs_input_grad[0] else None
-        dk = (dk * coef).to(k.dtype) if ctx.needs_input_grad[1] else None
-        return dq, dk, None, None, None, None, None
+            dq, dk = _unflatten_grads(sweep, q.shape)
+        # dS = (2 g / M) · P; dq = scale · dS k; dk = scale · dSᵀ q.
+        batch, heads, tokens, _ = ctx.shape
+        coef = grad_energy.to(ctx.compute_dtype) * (2.0 * ctx.scale / (batch * heads * tokens * tokens))
+        dq = (dq * coef).to(ctx.dtypes[0]) if need_dq else None
+        dk = (dk * coef).to(ctx.dtypes[1]) if need_dk else None
+        return dq, dk, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ the q/k gradients.
 
 Tolerances:
 - float32 fast path vs the float32 reference: 1e-5. Both compute the same float32 formula and
-  differ only in summation order; over this file's shapes the measured worst case is 1.6e-6
-  (against float64: chunked 3.9e-6, the float32 reference itself 2.7e-6).
+  differ only in summation order and exp implementation (the chunked path takes exp2); over this
+  file's shapes the measured worst case is 2.8e-6 (against float64: chunked 3.3e-6, the float32
+  reference itself 2.7e-6).
 - float16/bfloat16 inputs: the FlashAttention rule — the error of the fast path against the
   float64 reference is at most twice that of the reference itself run on the same low-precision
   inputs, plus the float32 floor 1e-5. (All paths upcast to float32 internally; the gradients'
@@ -116,43 +117,52 @@ def float64_reference(q, k, q_ref, k_ref, lse_ref, **kwargs) -> tuple[torch.Tens
 # Chunked torch path vs the materialised reference
 # ------------------------------------------------------------------------------------------
 
+# The torch path's two gradient strategies: gradient computed in the forward sweep (the default
+# when autograd needs it) or recomputed chunk by chunk in backward.
+GRAD_MODES = pytest.mark.parametrize("recompute", [False, True], ids=["fused", "recompute"])
 
+
+@GRAD_MODES
 @pytest.mark.parametrize("head_dim", [4, 8, 40])
 @pytest.mark.parametrize("tokens", [16, 50, 64, 256])
 @pytest.mark.parametrize("heads", [1, 3])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("chunk", [7, 16, None], ids=["chunk7", "chunk16", "chunk_default"])
-def test_chunked_matches_reference_fp32(batch, heads, tokens, head_dim, chunk):
-    """Value and q/k gradients of the chunked path equal the fp32 reference within 1e-5
-    (chunk 7 divides none of the N, chunk 16 divides all but 50)."""
+def test_chunked_matches_reference_fp32(batch, heads, tokens, head_dim, chunk, recompute):
+    """Value and q/k gradients of the chunked path, fused and recomputing, equal the fp32
+    reference within 1e-5 (chunk 7 divides none of the N, chunk 16 divides all but 50)."""
     inputs = make_inputs(batch, heads, tokens, head_dim)
     expected = energy_and_grads(attn_map_energy_ref, *inputs)
-    actual = energy_and_grads(attn_map_energy, *inputs, chunk=chunk, backend="torch")
+    actual = energy_and_grads(attn_map_energy, *inputs, chunk=chunk, backend="torch", recompute=recompute)
     assert all(t.dtype == torch.float32 for t in actual)
     for name, a, e in zip(("energy", "dq", "dk"), actual, expected):
         assert rel_err(a, e) <= FP32_RTOL, f"{name}: {rel_err(a, e):.2e}"
 
 
+@GRAD_MODES
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 3, 50, 8), (2, 1, 64, 40)])
-def test_chunked_low_precision_inputs(shape, dtype):
+def test_chunked_low_precision_inputs(shape, dtype, recompute):
     """Half-precision inputs: error vs the float64 reference at most 2× the reference's own
     (computed from the same half inputs) + 1e-5; gradients come back in the input dtype."""
     inputs = make_inputs(*shape, dtype=dtype)
     exact = float64_reference(*inputs)
     baseline = energy_and_grads(attn_map_energy_ref, *inputs)
-    actual = energy_and_grads(attn_map_energy, *inputs, chunk=13, backend="torch")
+    actual = energy_and_grads(attn_map_energy, *inputs, chunk=13, backend="torch", recompute=recompute)
     assert actual[0].dtype == torch.float32
     assert actual[1].dtype == dtype and actual[2].dtype == dtype
     for name, a, b, e in zip(("energy", "dq", "dk"), actual, baseline, exact):
         assert rel_err(a, e) <= 2 * rel_err(b, e) + FP32_FLOOR, f"{name}: {rel_err(a, e):.2e}"
 
 
-def test_chunked_explicit_scale_and_chunk_larger_than_n():
+@GRAD_MODES
+def test_chunked_explicit_scale_and_chunk_larger_than_n(recompute):
     """A non-default scale (sharper softmax) and a chunk longer than the sequence."""
     inputs = make_inputs(2, 2, 33, 8, seed=3)
     expected = energy_and_grads(attn_map_energy_ref, *inputs, scale=0.9)
-    actual = energy_and_grads(attn_map_energy, *inputs, scale=0.9, chunk=1000, backend="torch")
+    actual = energy_and_grads(
+        attn_map_energy, *inputs, scale=0.9, chunk=1000, backend="torch", recompute=recompute
+    )
     for name, a, e in zip(("energy", "dq", "dk"), actual, expected):
         assert rel_err(a, e) <= FP32_RTOL, f"{name}: {rel_err(a, e):.2e}"
 
@@ -166,24 +176,76 @@ def test_identical_passes_give_zero_energy_and_gradient():
     assert dq.abs().max().item() < 1e-5 and dk.abs().max().item() < 1e-5
 
 
-def test_gradcheck_float64():
-    """Finite differences agree with the recomputing backward (float64, tiny case, chunk 2 ∤ 5)."""
+@GRAD_MODES
+def test_gradcheck_float64(recompute):
+    """Finite differences agree with the fused and the recomputing backward (float64, tiny case,
+    chunk 2 ∤ 5)."""
     q, k, q_ref, k_ref, lse_ref = make_inputs(1, 2, 5, 3, dtype=torch.float64)
 
     def energy(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return attn_map_energy(q, k, q_ref, k_ref, lse_ref, chunk=2, backend="torch")
+        return attn_map_energy(q, k, q_ref, k_ref, lse_ref, chunk=2, backend="torch", recompute=recompute)
 
     assert torch.autograd.gradcheck(energy, (q, k), eps=1e-6, atol=1e-8, rtol=1e-5)
 
 
-def test_gradient_only_for_inputs_that_require_it():
+@GRAD_MODES
+def test_gradient_only_for_inputs_that_require_it(recompute):
     """Only k requires grad: dk matches the reference and q gets no gradient."""
     q, k, q_ref, k_ref, lse_ref = make_inputs(1, 2, 30, 8)
     q = q.detach()
-    (dk,) = torch.autograd.grad(attn_map_energy(q, k, q_ref, k_ref, lse_ref, chunk=8), (k,))
+    energy = attn_map_energy(q, k, q_ref, k_ref, lse_ref, chunk=8, backend="torch", recompute=recompute)
+    (dk,) = torch.autograd.grad(energy, (k,))
     (dk_ref,) = torch.autograd.grad(attn_map_energy_ref(q, k, q_ref, k_ref, lse_ref), (k,))
     assert q.grad is None
     assert rel_err(dk, dk_ref) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_fused_and_recomputing_gradients_are_bitwise_equal(dtype):
+    """Both strategies run the same per-chunk operations in the same order, so energy and
+    gradients agree exactly (also for an upstream gradient ≠ 1 and a chunk that does not divide N)."""
+    inputs = make_inputs(2, 3, 45, 8, dtype=dtype, seed=7)
+    fused = energy_and_grads(attn_map_energy, *inputs, chunk=10, backend="torch", recompute=False)
+    recomputed = energy_and_grads(attn_map_energy, *inputs, chunk=10, backend="torch", recompute=True)
+    for name, a, b in zip(("energy", "dq", "dk"), fused, recomputed):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: {rel_err(a, b):.2e}"
+
+
+class OpCountMode(TorchDispatchMode):
+    """Counts the aten ops run under it by overload packet name (e.g. ``"baddbmm"``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def matmuls(self) -> int:
+        return sum(self.counts.get(name, 0) for name in ("bmm", "baddbmm", "baddbmm_", "mm", "addmm", "matmul"))
+
+
+@pytest.mark.parametrize(
+    "recompute, grad_enabled, fwd_matmuls, bwd_matmuls",
+    [(False, True, 4, 0), (True, True, 2, 4), (False, False, 2, None)],
+    ids=["fused", "recompute", "no_grad"],
+)
+def test_sweeps_per_strategy(recompute, grad_enabled, fwd_matmuls, bwd_matmuls):
+    """Matmuls per chunk: fused = 4 in forward (A, A_ref, dq, dk) and none in backward; recompute
+    = 2 in forward and 4 in backward; without grad mode the forward does no gradient work."""
+    inputs = make_inputs(1, 2, 40, 8)
+    chunks = 4  # chunk 12 over 40 rows
+    with torch.set_grad_enabled(grad_enabled), OpCountMode() as fwd:
+        energy = attn_map_energy(*inputs, chunk=12, backend="torch", recompute=recompute)
+    assert fwd.matmuls() == fwd_matmuls * chunks, fwd.counts
+    if bwd_matmuls is None:
+        assert energy.grad_fn is None
+        return
+    with OpCountMode() as bwd:
+        torch.autograd.grad(energy, inputs[:2])
+    assert bwd.matmuls() == bwd_matmuls * chunks, bwd.counts
 
 
 # ------------------------------------------------------------------------------------------
@@ -216,9 +278,11 @@ def _tensors(value: object) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def test_chunked_path_never_allocates_an_n_by_n_map():
+@GRAD_MODES
+def test_chunked_path_never_allocates_an_n_by_n_map(recompute):
     """Forward and backward allocate at most one [B, H, chunk, N] tile per op, 32× less than the
-    [B, H, N, N] maps the reference creates; nothing N×N is saved for backward."""
+    [B, H, N, N] maps the reference creates; nothing larger than q is saved for backward (the
+    fused path saves dq and dk, and its backward allocates nothing larger than them)."""
     batch, heads, tokens, head_dim, chunk = 1, 2, 512, 8, 16
     inputs = make_inputs(batch, heads, tokens, head_dim)
     tile = batch * heads * chunk * tokens
@@ -229,12 +293,14 @@ def test_chunked_path_never_allocates_an_n_by_n_map():
         return tensor
 
     with LargestTensorMode() as fwd_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        energy = attn_map_energy(*inputs, chunk=chunk, backend="torch")
+        energy = attn_map_energy(*inputs, chunk=chunk, backend="torch", recompute=recompute)
     with LargestTensorMode() as bwd_mode:
         torch.autograd.grad(energy, inputs[:2])
     assert bwd_mode.ops > 0, "the backward pass did not run under the dispatch mode"
     assert fwd_mode.largest <= tile and bwd_mode.largest <= tile, (fwd_mode.largest, bwd_mode.largest, tile)
     assert max(saved) <= batch * heads * tokens * head_dim
+    if not recompute:
+        assert bwd_mode.largest <= batch * heads * tokens * head_dim, bwd_mode.largest
 
     with LargestTensorMode() as ref_mode:
         torch.autograd.grad(attn_map_energy_ref(*inputs), inputs[:2])
@@ -245,8 +311,22 @@ def test_default_chunk_respects_tile_budget():
     """The default chunk keeps one [B, H, chunk, N] tile within TILE_BUDGET_FLOATS."""
     assert default_chunk(1, 8, 4096) * 8 * 4096 <= ops.TILE_BUDGET_FLOATS
     assert default_chunk(1, 8, 4096) == 512
+    assert default_chunk(1, 8, 4096, "cuda") == 512
     assert default_chunk(1, 1, 64) == 64  # short sequences: one chunk
     assert default_chunk(64, 64, 2**20) == 1  # never below one row
+
+
+def test_default_chunk_on_cpu():
+    """CPU tiles: about CPU_TILE_BUDGET_FLOATS floats but at least CPU_MIN_CHUNK_ROWS rows, and
+    never above TILE_BUDGET_FLOATS."""
+    budget, min_rows = ops.CPU_TILE_BUDGET_FLOATS, ops.CPU_MIN_CHUNK_ROWS
+    assert ops.TILE_BUDGET_FLOATS >= budget >= 8 * min_rows * 1024
+    chunk = default_chunk(1, 8, 1024, "cpu")
+    assert chunk * 8 * 1024 <= budget < 2 * chunk * 8 * 1024
+    assert default_chunk(1, 8, 1024, torch.device("cpu")) == chunk
+    assert default_chunk(2, 8, 4096, "cpu") == max(min_rows, budget // (2 * 8 * 4096))  # the row floor
+    assert default_chunk(1, 1, 64, "cpu") == 64
+    assert default_chunk(64, 64, 2**20, "cpu") == 1  # the global budget still bounds the tile
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,6 +380,7 @@ def _bad_inputs() -> list[tuple[str, dict[str, object], str]]:
         ("chunk_zero", {"chunk": 0}, "chunk must be a positive int"),
         ("chunk_float", {"chunk": 2.5}, "chunk must be a positive int"),
         ("backend", {"backend": "cuda"}, "backend must be 'auto', 'torch' or 'triton'"),
+        ("recompute", {"recompute": "yes"}, "recompute must be True or False"),
     ]
 
 
