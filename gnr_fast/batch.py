@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .attention.capture import CaptureMode, PassCapture
-from .config import EditConfig, LatentsDiff, Role, scale_at
-from .editing import EditContext, StepTerms, combine_terms, source_latent
+from .attention.capture import PassCapture
+from .config import EditConfig, Role
+from .editing import EditContext, StepTerms, source_latent
 from .errors import GnrError, GuidanceError, InputError
-from .fast.plan import Latent, Prompt, Row, StepPlan, cfg_guider, plan_step
-from .fast.step import _feature_sites, _reads_maps, source_sites
-from .guiders import guider_energy, latents_diff
+from .fast.plan import Latent, Prompt, Row, StepPlan, plan_step
+from .fast.step import row_capture, step_terms
+from .guiders import guider_energy
 from .images import ImageInput, decode_latent, to_output_image
 from .inversion import Inversion
 from .prompts import check_prompt
@@ -250,7 +250,7 @@ def batch_step(
                         continue
                     rows.append((b, row))
                     if row.role is Role.INV_INV:
-                        fresh_sources[(sources[b], plan.energies)] = (b, _row_capture(ctxs[b], plan, row.role, len(rows) - 1))
+                        fresh_sources[(sources[b], plan.energies)] = (b, row_capture(ctxs[b], plan, row.role, len(rows) - 1))
                         captures[b][Role.INV_INV] = fresh_sources[(sources[b], plan.energies)][1]
         if not rows:
             continue
@@ -259,7 +259,7 @@ def batch_step(
             if row.role is Role.INV_INV:
                 call_captures.append(captures[b][Role.INV_INV])
             elif row.role is not None:
-                captures[b][row.role] = _row_capture(ctxs[b], plans[b], row.role, j)
+                captures[b][row.role] = row_capture(ctxs[b], plans[b], row.role, j)
                 call_captures.append(captures[b][row.role])
         latents = torch.cat([
             (z_grad[b : b + 1] if grad else z[b].detach()) if row.latent is Latent.CUR else z_star[b] for b, row in rows
@@ -272,7 +272,7 @@ def batch_step(
                 eps[b][row.supplies] = out[j : j + 1].detach()
     for b, capture in fresh_sources.values():
         if ctxs[b].source_cache is not None:
-            ctxs[b].source_cache.put(step, _owned(capture))
+            ctxs[b].source_cache.put(step, capture)
 
     # 3. Per-image energies (with the reference's |E| ≤ atol skip), one backward for all.
     energies: list[torch.Tensor | None] = [None] * count
@@ -290,54 +290,9 @@ def batch_step(
     for b, ctx in enumerate(ctxs):
         guider_grad = grads[b : b + 1] if energies[b] is not None else None
         energy = 0.0 if energies[b] is None else float(energies[b].detach())
-        terms.append(_image_terms(ctx, step, eps[b], z[b], z_star[b], guider_grad, energy))
+        terms.append(step_terms(ctx, step, eps[b], z[b], z_star[b], guider_grad, energy))
     return terms
-
-
-def _row_capture(ctx: EditContext, plan: StepPlan, role: Role, j: int) -> PassCapture:
-    """What row ``j`` of a call records for ``role`` (the same recording the single fast step makes)."""
-    return PassCapture(
-        layers=ctx.layers if _reads_maps(plan, role) else frozenset(),
-        mode=CaptureMode.QK,
-        feature_sites=source_sites(ctx) if role is Role.INV_INV else _feature_sites(ctx, role, plan),
-        rows=slice(j, j + 1),
-        with_lse=role is Role.INV_INV,
-    )
 
 
 def _prompt(ctx: EditContext, prompt: Prompt) -> torch.Tensor:
     return {Prompt.UNCOND: ctx.c_uncond, Prompt.SRC: ctx.c_src, Prompt.TRG: ctx.c_trg}[prompt]  # [1, 77, C]
-
-
-def _owned(capture: PassCapture) -> PassCapture:
-    """A copy of a row capture that owns its memory (a row is a view of the whole batched call)."""
-    out = PassCapture(layers=capture.layers, mode=capture.mode, feature_sites=capture.feature_sites,
-                      with_lse=capture.with_lse)
-    out.queries = {i: q.detach().clone() for i, q in capture.queries.items()}
-    out.keys = {i: k.detach().clone() for i, k in capture.keys.items()}
-    out.lse = {i: s.detach().clone() for i, s in capture.lse.items()}
-    out.scales = dict(capture.scales)
-    out.features = {s: f.detach().clone() for s, f in capture.features.items()}
-    return out
-
-
-def _image_terms(
-    ctx: EditContext,
-    step: int,
-    eps: dict[str, torch.Tensor],
-    z: torch.Tensor,
-    z_star: torch.Tensor,
-    guider_grad: torch.Tensor | None,
-    energy: float,
-) -> StepTerms:
-    """Δcfg = w · (ε_prompt − ε_u), the direct terms, then γ and the sum (DESIGN.md §3 steps 6–7)."""
-    cfg = cfg_guider(ctx.config)
-    eps_u = eps["eps_u"]  # [1, 4, h, w]
-    prompt_eps = eps.get("eps_src" if cfg.is_source_guidance else "eps_trg")
-    delta_cfg = scale_at(cfg.scale, step) * (prompt_eps - eps_u) if prompt_eps is not None else torch.zeros_like(eps_u)
-    direct = None
-    for guider in ctx.config.guiders:
-        if isinstance(guider, LatentsDiff):
-            term = scale_at(guider.scale, step) * latents_diff(z.detach(), z_star)
-            direct = term if direct is None else direct + term
-    return combine_terms(ctx.config, eps_u, delta_cfg, guider_grad, direct, energy)

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from . import demo
 from .errors import GnrError
 
 logger = logging.getLogger("gnr_fast.cli")
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     _add_model_args(inv)
     _add_serving_parsers(sub)
+    demo.add_parser(sub, _add_model_args)
+    sub.add_parser("eval", help="edit-quality benchmark on the shapes world (gnr-fast eval --help)", add_help=False)
     return parser
 
 
@@ -233,7 +236,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    serve(editor, service_config, server_config, on_ready=ready)
+    if not serve(editor, service_config, server_config, on_ready=ready):
+        print("gnr-fast: error: Triton Inference Server stopped unexpectedly; see its log above", file=sys.stderr)
+        return 1
     print("server stopped", flush=True)
     return 0
 
@@ -292,7 +297,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return demo.run(args, _editor(args))
+
+
 COMMANDS = {
+    "demo": _cmd_demo,
     "edit": _cmd_edit,
     "invert": _cmd_invert,
     "serve": _cmd_serve,
@@ -303,6 +313,11 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gnr-fast`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        from .evaluation.quality import main as eval_main
+
+        return eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

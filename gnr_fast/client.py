@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import errors
-from .errors import GnrError, InputError
+from .errors import GnrError, InputError, ServerError
 from .serving.launcher import require_tritonclient
 from .serving.protocol import (
     EDIT_INPUTS,
@@ -36,10 +36,6 @@ from .serving.protocol import (
 )
 
 Protocol = Literal["http", "grpc"]
-
-
-class ServerError(GnrError, RuntimeError):
-    """The server could not be reached or answered with an error that is not a gnr-fast error."""
 
 
 class GnrClient:

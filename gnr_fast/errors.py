@@ -53,3 +53,11 @@ class ExportError(GnrError, RuntimeError):
 
 class GuidanceError(GnrError, RuntimeError):
     """Guidance produced non-finite values during an edit (reported, never retried silently)."""
+
+
+class ServiceBusyError(GnrError, RuntimeError):
+    """The edit service's queue is full or it is shutting down; the client may try again later."""
+
+
+class ServerError(GnrError, RuntimeError):
+    """A gnr-fast server could not be reached or answered with an error that is not a gnr-fast error."""

@@ -1,6 +1,5 @@
 """Each guider's energy and gradient against a direct computation on small tensors (DESIGN.md §4)."""
 
-import pytest
 import torch
 
 from gnr_fast.attention import CaptureMode, PassCapture

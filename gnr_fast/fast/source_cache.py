@@ -58,11 +58,12 @@ class SourceCache:
         """Store a detached copy of ``capture`` if it fits in the budget; return whether it was stored."""
         dtype = self.storage_dtype
         stored = PassCapture(layers=capture.layers, mode=CaptureMode.QK, feature_sites=capture.feature_sites, with_lse=True)
-        stored.queries = {i: t.detach().to(dtype) for i, t in capture.queries.items()}
-        stored.keys = {i: t.detach().to(dtype) for i, t in capture.keys.items()}
-        stored.lse = {i: t.detach() for i, t in capture.lse.items()}
+        # copy=True: captured rows are views into the whole batched call's tensors.
+        stored.queries = {i: t.detach().to(dtype, copy=True) for i, t in capture.queries.items()}
+        stored.keys = {i: t.detach().to(dtype, copy=True) for i, t in capture.keys.items()}
+        stored.lse = {i: t.detach().clone() for i, t in capture.lse.items()}
         stored.scales = dict(capture.scales)
-        stored.features = {s: t.detach().to(dtype) for s, t in capture.features.items()}
+        stored.features = {s: t.detach().to(dtype, copy=True) for s, t in capture.features.items()}
         size = sum(
             t.numel() * t.element_size()
             for group in (stored.queries, stored.keys, stored.lse, stored.features)

@@ -16,17 +16,46 @@ from ..guiders import guider_energy, latents_diff
 from .plan import Latent, Prompt, StepPlan, cfg_guider, plan_step
 
 
-def _feature_sites(ctx: EditContext, role: Role, plan: StepPlan) -> frozenset[FeatureSite]:
-    return frozenset(g.feature_site for g in plan.energies if role in g.reads and hasattr(g, "feature_site"))
-
-
-def _reads_maps(plan: StepPlan, role: Role) -> bool:
-    return any(role in g.reads and g.name in ("self_attn_map_l2", "self_attn_map_l2_appearance") for g in plan.energies)
-
-
 def source_sites(ctx: EditContext) -> frozenset[FeatureSite]:
     """Every feature site any guider of the config reads from the source pass."""
     return frozenset(g.feature_site for g in ctx.config.guiders if Role.INV_INV in g.reads and hasattr(g, "feature_site"))
+
+
+def row_capture(ctx: EditContext, plan: StepPlan, role: Role, row: int) -> PassCapture:
+    """The capture batch row ``row`` of a call records for ``role`` under ``plan`` (Q/K of the
+    selected layers if an attention energy reads the role, its feature sites, lse for the source)."""
+    readers = [g for g in plan.energies if role in g.reads]
+    reads_maps = any(g.name in ("self_attn_map_l2", "self_attn_map_l2_appearance") for g in readers)
+    sites = source_sites(ctx) if role is Role.INV_INV else frozenset(g.feature_site for g in readers if hasattr(g, "feature_site"))
+    return PassCapture(
+        layers=ctx.layers if reads_maps else frozenset(),
+        mode=CaptureMode.QK,
+        feature_sites=sites,
+        rows=slice(row, row + 1),
+        with_lse=role is Role.INV_INV,
+    )
+
+
+def step_terms(
+    ctx: EditContext,
+    step: int,
+    eps: dict[str, torch.Tensor],
+    z: torch.Tensor,
+    z_star: torch.Tensor,
+    guider_grad: torch.Tensor | None,
+    energy: float,
+) -> StepTerms:
+    """Δcfg = w · (ε_prompt − ε_u), the direct terms, then γ and the sum (DESIGN.md §3 steps 5–7)."""
+    cfg = cfg_guider(ctx.config)
+    eps_u = eps["eps_u"]  # [1, 4, h, w]
+    prompt_eps = eps.get("eps_src" if cfg.is_source_guidance else "eps_trg")
+    delta_cfg = scale_at(cfg.scale, step) * (prompt_eps - eps_u) if prompt_eps is not None else torch.zeros_like(eps_u)
+    direct = None
+    for guider in ctx.config.guiders:
+        if isinstance(guider, LatentsDiff):
+            term = scale_at(guider.scale, step) * latents_diff(z.detach(), z_star)
+            direct = term if direct is None else direct + term
+    return combine_terms(ctx.config, eps_u, delta_cfg, guider_grad, direct, energy)
 
 
 def fast_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int) -> StepTerms:
@@ -44,17 +73,9 @@ def fast_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int
     for call in plan.calls:
         call_captures = []
         for j, row in enumerate(call.rows):
-            if row.role is None:
-                continue
-            capture = PassCapture(
-                layers=ctx.layers if _reads_maps(plan, row.role) else frozenset(),
-                mode=CaptureMode.QK,
-                feature_sites=(source_sites(ctx) if row.role is Role.INV_INV else _feature_sites(ctx, row.role, plan)),
-                rows=slice(j, j + 1),
-                with_lse=row.role is Role.INV_INV,
-            )
-            captures[row.role] = capture
-            call_captures.append(capture)
+            if row.role is not None:
+                captures[row.role] = row_capture(ctx, plan, row.role, j)
+                call_captures.append(captures[row.role])
         current = z_grad if call.grad else z.detach()
         latents = torch.cat([current if row.latent is Latent.CUR else z_star for row in call.rows])
         context = torch.cat([prompts[row.prompt] for row in call.rows])
@@ -67,18 +88,6 @@ def fast_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int
             if any(r.role is Role.INV_INV for r in call.rows):
                 cache.put(step, captures[Role.INV_INV])
 
-    cfg = cfg_guider(ctx.config)
-    eps_u = eps["eps_u"]
-    cfg_scale = scale_at(cfg.scale, step)
-    prompt_eps = eps.get("eps_src" if cfg.is_source_guidance else "eps_trg")
-    delta_cfg = cfg_scale * (prompt_eps - eps_u) if prompt_eps is not None else torch.zeros_like(eps_u)
-
-    direct = None
-    for guider in ctx.config.guiders:
-        if isinstance(guider, LatentsDiff):
-            term = scale_at(guider.scale, step) * latents_diff(z.detach(), z_star)
-            direct = term if direct is None else direct + term
-
     energy = None
     with torch.enable_grad():
         for guider in plan.energies:
@@ -87,4 +96,4 @@ def fast_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int
             if abs(float(value.detach())) > ctx.config.energy_atol:
                 energy = value if energy is None else energy + value
         guider_grad = torch.autograd.grad(energy, z_grad)[0] if energy is not None else None
-    return combine_terms(ctx.config, eps_u, delta_cfg, guider_grad, direct, 0.0 if energy is None else float(energy.detach()))
+    return step_terms(ctx, step, eps, z, z_star, guider_grad, 0.0 if energy is None else float(energy.detach()))

@@ -29,15 +29,21 @@ logger = logging.getLogger(__name__)
 SERVE_EXTRA = 'pip install "gnr-fast[serve]"  (nvidia-pytriton==0.7.0, tritonclient[http,grpc]==2.73.0)'
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported here (without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def require_pytriton() -> None:
     """Raise :class:`BackendUnavailableError` naming the install command unless pytriton can be imported."""
-    missing = [name for name in ("pytriton", "tritonclient") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("pytriton", "tritonclient") if not installed(name)]
     if missing:
         raise BackendUnavailableError(f"serving needs {', '.join(missing)}; install them with {SERVE_EXTRA}")
 
 
 def require_tritonclient() -> None:
-    if importlib.util.find_spec("tritonclient") is None:
+    """Raise :class:`BackendUnavailableError` naming the install command unless tritonclient can be imported."""
+    if not installed("tritonclient"):
         raise BackendUnavailableError(f"the client needs tritonclient; install it with {SERVE_EXTRA}")
 
 

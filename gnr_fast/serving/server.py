@@ -135,10 +135,11 @@ def serve(
     server_config: ServerConfig | None = None,
     stop: threading.Event | None = None,
     on_ready: Callable[[ServerConfig], None] | None = None,
-) -> None:
+) -> bool:
     """Serve ``editor`` until ``stop`` is set, SIGTERM/SIGINT arrive, or Triton exits.
 
-    Signal handlers are installed only when called from the main thread (and restored after).
+    Returns True after a requested stop, False when Triton stopped on its own. Signal handlers are
+    installed only when called from the main thread (and restored after).
     """
     require_pytriton()
     prepare_environment()
@@ -191,7 +192,8 @@ def serve(
         while not stop.wait(1.0):
             if not triton.is_alive():
                 logger.error("Triton Inference Server stopped unexpectedly")
-                break
+                return False
+        return True
     finally:
         triton.stop()  # SIGINT to tritonserver: it finishes the requests in flight, then exits
         service.close()

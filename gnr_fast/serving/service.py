@@ -32,7 +32,7 @@ from typing import Any
 from ..batch import BatchRequest, edit_batch
 from ..config import EditConfig
 from ..editor import EditResult, Editor
-from ..errors import ConfigError, GnrError, InputError
+from ..errors import ConfigError, GnrError, InputError, ServiceBusyError
 from ..images import PreparedImage, prepare_image
 from ..inversion import Inversion, invert
 from ..prompts import check_prompt
@@ -47,10 +47,6 @@ MAX_IMAGE_BYTES = 32 * 1024**2
 """Largest encoded image accepted (a 1024² PNG is a few MB)."""
 
 PRESETS = ("nonstyle", "style")
-
-
-class ServiceBusyError(GnrError, RuntimeError):
-    """The service's queue is full or it is shutting down; the client may try again later."""
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
     python -m gnr_fast.training.export --vae runs/vae/final --unet-run runs/unet \
         --tokenizer runs/tokenizer --out gnr_fast/models/shapes-v1
 
-The UNet and text encoder are the EMA weights of the latest checkpoint in ``--unet-run`` (so a run
-can be exported while it keeps training). The scheduler is saved as a DDIMScheduler with SD 1.x
+The UNet and text encoder are the EMA (default) or raw weights of the latest checkpoint in
+``--unet-run`` (so a run can be exported while it keeps training). The scheduler is saved as a DDIMScheduler with SD 1.x
 settings; there is no safety checker or feature extractor. The folder loads with plain
 ``StableDiffusionPipeline.from_pretrained(path, local_files_only=True)``.
 """
@@ -37,9 +37,11 @@ def sd_ddim_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def assemble_pipeline(vae_dir: Path, unet_run: Path, tokenizer_dir: Path) -> tuple[StableDiffusionPipeline, dict]:
-    """Build the pipeline from the VAE folder, the UNet run's EMA checkpoint and the tokenizer.
+def assemble_pipeline(vae_dir: Path, unet_run: Path, tokenizer_dir: Path,
+                      weights: str = "ema") -> tuple[StableDiffusionPipeline, dict]:
+    """Build the pipeline from the VAE folder, the UNet run's checkpoint and the tokenizer.
 
+    ``weights`` picks the EMA ("ema") or the raw last-step ("raw") UNet and text encoder.
     Returns the pipeline and the checkpoint's bookkeeping (step, elapsed seconds, args).
     """
     state = load_checkpoint(unet_run)
@@ -48,8 +50,14 @@ def assemble_pipeline(vae_dir: Path, unet_run: Path, tokenizer_dir: Path) -> tup
     shape = DenoiserShape(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["shape"].items()})
     unet = build_unet(shape, state["latent_size"])
     text_encoder = build_text_encoder(shape)
-    unet.load_state_dict(ema_state(state["ema"], "unet"))
-    text_encoder.load_state_dict(ema_state(state["ema"], "text_encoder"))
+    if weights == "ema":
+        unet.load_state_dict(ema_state(state["ema"], "unet"))
+        text_encoder.load_state_dict(ema_state(state["ema"], "text_encoder"))
+    elif weights == "raw":
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+    else:
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae_dir),
         text_encoder=text_encoder.eval(),
@@ -60,19 +68,21 @@ def assemble_pipeline(vae_dir: Path, unet_run: Path, tokenizer_dir: Path) -> tup
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    info = {"step": state["step"], "elapsed_s": state["elapsed_s"], "args": state["args"]}
+    info = {"step": state["step"], "elapsed_s": state["elapsed_s"], "args": state["args"],
+            "weights": weights}
     return pipe, info
 
 
-def export(vae_dir: Path, unet_run: Path, tokenizer_dir: Path, out: Path) -> dict:
+def export(vae_dir: Path, unet_run: Path, tokenizer_dir: Path, out: Path, weights: str = "ema") -> dict:
     """Write the pipeline folder to ``out`` (replacing weights there); return the UNet run info."""
-    pipe, info = assemble_pipeline(vae_dir, unet_run, tokenizer_dir)
+    pipe, info = assemble_pipeline(vae_dir, unet_run, tokenizer_dir, weights)
     pipe.save_pretrained(str(out), safe_serialization=True)
     # save_pretrained writes only tokenizer.json; keep the classic SD 1.x files beside it.
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(tokenizer_dir / name, out / "tokenizer" / name)
     (out / "training_state.json").write_text(
         json.dumps({"unet_step": info["step"], "unet_wall_s": round(info["elapsed_s"]),
+                    "weights": weights,
                     "unet_args": {k: str(v) for k, v in info["args"].items()}}, indent=2) + "\n")
     logger.info("exported pipeline at UNet step %d to %s", info["step"], out)
     return info
@@ -85,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-run", type=Path, required=True, help="UNet run folder (checkpoint.pt)")
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                        help="EMA weights (default) or the raw weights of the last checkpoint")
     args = parser.parse_args(argv)
-    info = export(args.vae, args.unet_run, args.tokenizer, args.out)
+    info = export(args.vae, args.unet_run, args.tokenizer, args.out, args.weights)
     print(f"exported UNet step {info['step']} to {args.out}")
 
 

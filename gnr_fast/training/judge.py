@@ -32,6 +32,7 @@ from gnr_fast.world.judge import (
     JudgeConfig,
     JudgeNet,
     attribute_matches,
+    load_judge,
     attributes_of,
     decode_attributes,
     encode_attributes,
@@ -88,10 +89,14 @@ def to_input(images: np.ndarray, config: JudgeConfig, gen: torch.Generator | Non
 
 
 @torch.no_grad()
-def evaluate(net: JudgeNet, count: int, size: int, blur_sigma: float = 0.0) -> dict[str, float]:
-    """Per-attribute accuracy on ``count`` held-out scenes of the default distribution."""
+def evaluate(net: JudgeNet, count: int, size: int, blur_sigma: float = 0.0,
+             vae_dir: Path | None = None) -> dict[str, float]:
+    """Per-attribute accuracy on ``count`` held-out scenes of the default distribution, optionally
+    blurred (``blur_sigma`` px) or passed through the VAE at ``vae_dir``."""
     net.eval()
     images, _, truth = render_batch(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + count), size)
+    if vae_dir is not None:
+        images = round_trip(vae_dir, images)
     x = prepare_images(images, size)
     if blur_sigma > 0:
         x = gaussian_blur(x, torch.full((len(x),), blur_sigma))
@@ -104,6 +109,34 @@ def evaluate(net: JudgeNet, count: int, size: int, blur_sigma: float = 0.0) -> d
                       for i in range(len(next(iter(classes.values()))))]
     net.train()
     return attribute_matches(predicted, truth)
+
+
+@torch.no_grad()
+def round_trip(vae_dir: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """uint8 images -> VAE encode (posterior mean) -> decode -> uint8 images."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    out = []
+    for start in tqdm(range(0, len(images), batch), desc="vae round trip", dynamic_ncols=True):
+        x = prepare_images(images[start : start + batch], images.shape[1])
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        out.append(((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+# Offset of the VAE round-trip pool's seeds inside the judge's training range (disjoint from the
+# on-the-fly scenes, which use at most steps * batch seeds from the range start).
+VAE_POOL_SEED_OFFSET = 2_000_000
+
+
+def vae_round_trip_pool(vae_dir: Path, count: int, size: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """Round-tripped images and labels of ``count`` judge-training scenes: the artefacts the
+    judge must tolerate on decoded and generated images."""
+    first = JUDGE_TRAIN_SEED_START + VAE_POOL_SEED_OFFSET
+    images, labels = render_batch(range(first, first + count), size, two_object_prob=TRAIN_TWO_OBJECT_PROB,
+                                  background_weights=TRAIN_BACKGROUND_WEIGHTS)[:2]
+    return round_trip(vae_dir, images), labels
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,6 +153,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-noise", type=float, default=0.06, help="max noise std in [-1, 1] units")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-scenes", type=int, default=1000)
+    p.add_argument("--init", type=Path, default=None, help="start from this judge folder")
+    p.add_argument("--vae", type=Path, default=None, help="VAE folder for round-trip training images")
+    p.add_argument("--vae-pool", type=int, default=2000, help="round-tripped scenes to pre-compute")
+    p.add_argument("--vae-fraction", type=float, default=0.5, help="share of each batch from the pool")
+    p.add_argument("--vae-eval-scenes", type=int, default=300, help="held-out scenes judged through the VAE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true")
@@ -127,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.size, args.eval_every, args.eval_scenes = 3, 4, 64, 2, 8
-        args.warmup = 1
+        args.warmup, args.vae_pool, args.vae_eval_scenes = 1, 4, 4
     return args
 
 
@@ -136,7 +174,11 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = JudgeConfig(widths=(8, 8, 8, 8), input_size=32) if args.smoke else JudgeConfig()
-    net = JudgeNet(config)
+    if args.init is not None:
+        net = load_judge(args.init).net.train()
+        config = net.config
+    else:
+        net = JudgeNet(config)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     log = RunLog(args.out)
     step, elapsed = 0, 0.0
@@ -151,14 +193,28 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         save_checkpoint(args.out, {"model": net.state_dict(), "optimizer": opt.state_dict(),
                                    "step": step, "elapsed_s": elapsed, "args": vars(args)})
 
+    pool_images, pool_labels = None, None
+    if args.vae is not None:
+        pool_file = args.out / "vae_pool.pt"
+        if pool_file.exists():
+            pool_images, pool_labels = torch.load(pool_file, weights_only=False)
+        else:
+            pool_images, pool_labels = vae_round_trip_pool(args.vae, args.vae_pool, args.size)
+            torch.save((pool_images, pool_labels), pool_file)
+    n_pool = int(round(args.batch * args.vae_fraction)) if pool_images is not None else 0
+
     t0 = time.time() - elapsed
     net.train()
     bar = tqdm(total=args.steps, initial=step, desc="judge", dynamic_ncols=True)
     while step < args.steps:
         first = JUDGE_TRAIN_SEED_START + step * args.batch
-        images, labels, _ = render_batch(range(first, first + args.batch), args.size,
+        images, labels, _ = render_batch(range(first, first + args.batch - n_pool), args.size,
                                          two_object_prob=TRAIN_TWO_OBJECT_PROB,
                                          background_weights=TRAIN_BACKGROUND_WEIGHTS)
+        if n_pool:
+            pick = np.random.default_rng([args.seed, step]).integers(len(pool_images), size=n_pool)
+            images = np.concatenate([images, pool_images[pick]])
+            labels = {h: torch.cat([labels[h], pool_labels[h][torch.from_numpy(pick)]]) for h in HEADS}
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         x = to_input(images, config, gen, args.max_blur, args.max_noise)
         for group in opt.param_groups:
@@ -185,11 +241,14 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     blurred = evaluate(net, args.eval_scenes, args.size, blur_sigma=1.0)
     log.write(f"final clean {clean}")
     log.write(f"final blurred(sigma=1) {blurred}")
+    through_vae = evaluate(net, args.vae_eval_scenes, args.size, vae_dir=args.vae) if args.vae else {}
+    if through_vae:
+        log.write(f"final through VAE {args.vae} {through_vae}")
     if args.export is not None:
         save_judge(net, args.export)
         log.write(f"exported to {args.export}")
     return {"step": step, "wall_s": elapsed} | {f"clean_{k}": v for k, v in clean.items()} | {
-        f"blur1_{k}": v for k, v in blurred.items()}
+        f"blur1_{k}": v for k, v in blurred.items()} | {f"vae_{k}": v for k, v in through_vae.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,218 @@
+"""``gnr-fast export triton-repo``: a model repository for a standalone ``tritonserver``.
+
+The repository holds one model, ``gnr_edit`` (the tensors of :mod:`gnr_fast.serving.protocol`,
+with a batch dimension), run by Triton's Python backend:
+
+    OUT/gnr_edit/config.pbtxt     max_batch_size, dynamic_batching, instance_group, parameters
+    OUT/gnr_edit/1/model.py       imports :class:`TritonPythonModel` from this module
+
+Triton's dynamic batcher gathers up to ``max_batch`` requests within ``max_queue_delay_ms``; one
+``execute`` call validates each request, answers the bad ones with their own error, and runs the
+valid ones through :meth:`EditService.run <gnr_fast.serving.service.EditService.run>` (shared UNet
+calls, inversion cache). Each instance is a separate process with its own model copy and cache,
+so ``gnr_invert`` (which only fills a cache) is served by ``gnr-fast serve`` alone.
+
+The Python backend imports ``gnr_fast`` from the Python environment whose ``bin`` is first on the
+server's ``PATH``, and must load that interpreter's ``libpython`` (see
+:mod:`gnr_fast.serving.launcher`, whose :func:`~gnr_fast.serving.launcher.tritonserver_command`
+starts the ``tritonserver`` bundled in the pytriton wheel on such a repository).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import ConfigError, ExportError, GnrError
+from .protocol import EDIT_INPUTS, EDIT_MODEL, EDIT_OUTPUTS, Field, bytes_tensor, error_line, read_inputs
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+MODEL_PY = '''"""gnr-fast edit model for Triton's Python backend (written by `gnr-fast export triton-repo`)."""
+
+from gnr_fast.serving.triton_repo import TritonPythonModel  # noqa: F401
+'''
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """What the exported ``gnr_edit`` model runs and how Triton schedules it."""
+
+    model: str | None = None  # local diffusers folder; None: the bundled model
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch: int = 4  # Triton max_batch_size: most requests in one execute (they share UNet calls)
+    max_queue_delay_ms: float = 20.0  # dynamic batching: longest wait for more requests
+    instances: int = 1  # instance_group count (processes, each with its own model and cache)
+    cache_mb: float = 1024.0  # inversion cache per instance
+    default_steps: int = 50
+    max_steps: int = 200
+    max_pixels: int | None = None
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_batch", "instances", "default_steps", "max_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_queue_delay_ms", "cache_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        for name in ("max_pixels", "torch_threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def write_repository(config: RepoConfig, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the ``gnr_edit`` repository to ``out``; return its absolute path.
+
+    The model folder is resolved to an absolute path and checked to be a diffusers pipeline;
+    ``out`` must not exist unless ``overwrite``.
+    """
+    out = Path(out).resolve()
+    model = config.model
+    if model is not None:
+        path = Path(model).resolve()
+        if not (path / "model_index.json").is_file():
+            raise ExportError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json in {path})")
+        model = str(path)
+    if out.exists():
+        if not overwrite:
+            raise ExportError(f"{str(out)!r} exists; choose another --out or pass --force to overwrite it")
+        if not (out / EDIT_MODEL / "config.pbtxt").is_file() and any(out.iterdir()):
+            raise ExportError(f"{str(out)!r} is not empty and not a gnr-fast repository; refusing to overwrite it")
+        shutil.rmtree(out)
+    version = out / EDIT_MODEL / "1"
+    version.mkdir(parents=True)
+    (version / "model.py").write_text(MODEL_PY)
+    (out / EDIT_MODEL / "config.pbtxt").write_text(model_config(RepoConfig(**{**asdict(config), "model": model})))
+    return out
+
+
+def model_config(config: RepoConfig) -> str:
+    """The ``config.pbtxt`` of ``gnr_edit`` (Triton's protobuf text format)."""
+
+    def tensor(spec: Field) -> str:
+        kind = "TYPE_STRING" if spec.datatype == "BYTES" else "TYPE_INT32"
+        optional = " optional: true" if spec.optional else ""
+        return f'  {{ name: "{spec.name}" data_type: {kind} dims: [ 1 ]{optional} }}'
+
+    parameters = {
+        "model_path": config.model or "",
+        "device": config.device,
+        "dtype": config.dtype,
+        "cache_mb": str(config.cache_mb),
+        "default_steps": str(config.default_steps),
+        "max_steps": str(config.max_steps),
+        "max_pixels": "" if config.max_pixels is None else str(config.max_pixels),
+        "torch_threads": "" if config.torch_threads is None else str(config.torch_threads),
+    }
+    lines = [
+        f'name: "{EDIT_MODEL}"',
+        'backend: "python"',
+        f"max_batch_size: {config.max_batch}",
+        "input [",
+        ",\n".join(tensor(f) for f in EDIT_INPUTS),
+        "]",
+        "output [",
+        ",\n".join(tensor(f) for f in EDIT_OUTPUTS),
+        "]",
+        "dynamic_batching {",
+        f"  max_queue_delay_microseconds: {int(round(config.max_queue_delay_ms * 1000))}",
+        "}",
+        f"instance_group [ {{ count: {config.instances} kind: KIND_CPU }} ]",
+        "parameters [",
+        ",\n".join(f"  {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}" for k, v in parameters.items()),
+        "]",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+class TritonPythonModel:
+    """The Python-backend model of ``gnr_edit`` (Triton calls initialize / execute / finalize)."""
+
+    def initialize(self, args: dict) -> None:
+        import torch
+
+        from ..editor import Editor
+        from ..images import DEFAULT_MAX_PIXELS
+        from .service import EditService, ServiceConfig
+
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        if params.get("torch_threads"):
+            torch.set_num_threads(int(params["torch_threads"]))
+        cache_mb = float(params.get("cache_mb") or 1024)
+        editor = Editor.from_pretrained(
+            params.get("model_path") or None,
+            device=params.get("device") or "cpu",
+            dtype=getattr(torch, params.get("dtype") or "float32"),
+            max_pixels=int(params["max_pixels"]) if params.get("max_pixels") else DEFAULT_MAX_PIXELS,
+            source_cache_mb=cache_mb,
+        )
+        self.service = EditService(
+            editor,
+            ServiceConfig(
+                max_batch=int(config.get("max_batch_size") or 1),
+                cache_mb=cache_mb,
+                default_steps=int(params.get("default_steps") or 50),
+                max_steps=int(params.get("max_steps") or 200),
+            ),
+        )
+        logger.info("gnr_edit instance %s ready (model %s)", args.get("model_instance_name"), editor.model_id)
+
+    def execute(self, requests: list) -> list:
+        """One response per request: validation errors and failed edits are that request's error."""
+        import triton_python_backend_utils as pb_utils
+
+        from .service import encode_png
+
+        jobs, answers = [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                values = read_inputs(_request_data(pb_utils, request), EDIT_INPUTS)
+                jobs.append((i, self.service.edit_job(
+                    values["image"], values["source_prompt"], values["target_prompt"],
+                    preset=values["preset"], config_json=values["config"], steps=values["steps"],
+                )))
+            except GnrError as exc:
+                answers[i] = exc
+        for (i, job), outcome in zip(jobs, self.service.run([job for _, job in jobs]) if jobs else []):
+            answers[i] = outcome if isinstance(outcome, GnrError) else (job, outcome)
+        responses = []
+        for answer in answers:
+            if isinstance(answer, GnrError):
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error_line(answer))))
+                continue
+            job, outcome = answer
+            png = encode_png(outcome.result.image)
+            info = json.dumps(outcome.info(job)).encode()
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("edited_image", bytes_tensor(png, batched=True)),
+                pb_utils.Tensor("info", bytes_tensor(info, batched=True)),
+            ]))
+        return responses
+
+    def finalize(self) -> None:
+        self.service.cache.clear()
+
+
+def _request_data(pb_utils, request) -> dict:
+    """The request's input tensors as numpy arrays (absent optional inputs left out)."""
+    data = {}
+    for spec in EDIT_INPUTS:
+        tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+        if tensor is not None:
+            data[spec.name] = tensor.as_numpy()
+    return data
