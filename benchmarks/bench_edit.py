@@ -21,7 +21,7 @@ from gnr_fast.reference.step import reference_step
 SETUPS = {
     # name: (editor factory, image size, steps, guided step, unguided step, rounds for steps)
     "golden": (golden_editor, 256, 50, 5, 40, 3),
-    "sd15": (sd15_editor, 256, 10, 2, 8, 1),
+    "sd15": (sd15_editor, 256, 6, 2, 5, 1),
 }
 STEP_FNS = {"reference": reference_step, "fast": fast_step}
 

@@ -29,8 +29,39 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+class RssSampler:
+    """Samples this process's resident set size (from /proc/self/statm) every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
 def peak_rss_mb(model: str, mode: str, steps: int, size: int, timeout: float = 1800) -> dict:
-    """Run one whole edit in a fresh process; return its peak RSS and the RSS before the edit (MiB)."""
+    """Run one edit of an existing inversion in a fresh process; return the RSS before it, the peak RSS
+    sampled during it, and their difference (MiB)."""
     cmd = [sys.executable, "-m", "benchmarks.memory", "--model", model, "--mode", mode, "--steps", str(steps), "--size", str(size)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1], check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -50,9 +81,10 @@ def _main() -> None:
     editor = golden_editor() if args.model == "golden" else sd15_editor()
     image = Image.new("RGB", (args.size, args.size), (200, 40, 40))
     inversion = editor.invert(image, "a red square", num_steps=args.steps, progress=False)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    editor.edit(inversion, "a green square", mode=args.mode, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = RssSampler.current() / 2**20
+    with RssSampler() as sampler:
+        editor.edit(inversion, "a green square", mode=args.mode, progress=False)
+    peak = sampler.peak / 2**20
     print(json.dumps({"rss_before_edit_mb": round(before, 1), "peak_rss_mb": round(peak, 1), "edit_rss_mb": round(peak - before, 1)}))
 
 
