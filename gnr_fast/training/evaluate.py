@@ -91,17 +91,20 @@ def inversion_psnr(pipe: StableDiffusionPipeline, count: int, steps: int) -> dic
 
 @torch.no_grad()
 def judge_through_vae(pipe: StableDiffusionPipeline, judge_dir: Path, count: int, batch: int = 50) -> dict[str, float]:
-    """Per-attribute judge accuracy on held-out scenes after a VAE encode/decode round trip."""
+    """Per-attribute judge accuracy on held-out scenes after a VAE encode/decode round trip, and
+    the round trip's mean PSNR over the same scenes."""
     judge = load_judge(judge_dir)
     scenes = [generate_scene(HELD_OUT_SEED_START + i) for i in range(count)]
-    images = []
+    images, scores = [], []
     for start in range(0, count, batch):
         x = to_model_range(np.stack([s.image for s in scenes[start : start + batch]]))
         recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        scores.append(psnr(x, recon) * len(x))
         images.append(((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     predicted = judge.predict(np.concatenate(images))
     accuracy = attribute_matches(predicted, [attributes_of(s.spec) for s in scenes])
-    return {f"judge_through_vae_{k}": v for k, v in accuracy.items()}
+    return {f"judge_through_vae_{k}": v for k, v in accuracy.items()} | {
+        "vae_round_trip_psnr_db": sum(scores) / count}
 
 
 def main(argv: list[str] | None = None) -> None:
