@@ -34,8 +34,8 @@ from .attention.capture import PassCapture
 from .config import EditConfig, Role
 from .editing import EditContext, StepTerms, source_latent
 from .errors import GnrError, GuidanceError, InputError
-from .fast.plan import Latent, Prompt, Row, StepPlan, plan_step
-from .fast.step import row_capture, step_terms
+from .fast.plan import Latent, Row, StepPlan, plan_step
+from .fast.step import prompt_embedding, row_capture, step_terms
 from .guiders import guider_energy
 from .images import ImageInput, decode_latent, to_output_image
 from .inversion import Inversion
@@ -264,7 +264,7 @@ def batch_step(
         latents = torch.cat([
             (z_grad[b : b + 1] if grad else z[b].detach()) if row.latent is Latent.CUR else z_star[b] for b, row in rows
         ])  # [R, 4, h, w]
-        context = torch.cat([_prompt(ctxs[b], row.prompt) for b, row in rows])  # [R, 77, C]
+        context = torch.cat([prompt_embedding(ctxs[b], row.prompt) for b, row in rows])  # [R, 77, C]
         with torch.set_grad_enabled(grad):
             out = ctx0.runner(latents, t, context, tuple(call_captures))  # [R, 4, h, w]
         for j, (b, row) in enumerate(rows):
@@ -292,7 +292,3 @@ def batch_step(
         energy = 0.0 if energies[b] is None else float(energies[b].detach())
         terms.append(step_terms(ctx, step, eps[b], z[b], z_star[b], guider_grad, energy))
     return terms
-
-
-def _prompt(ctx: EditContext, prompt: Prompt) -> torch.Tensor:
-    return {Prompt.UNCOND: ctx.c_uncond, Prompt.SRC: ctx.c_src, Prompt.TRG: ctx.c_trg}[prompt]  # [1, 77, C]

@@ -36,6 +36,11 @@ def row_capture(ctx: EditContext, plan: StepPlan, role: Role, row: int) -> PassC
     )
 
 
+def prompt_embedding(ctx: EditContext, prompt: Prompt) -> torch.Tensor:
+    """The embedding a plan row's prompt names: [1, 77, C]."""
+    return {Prompt.UNCOND: ctx.c_uncond, Prompt.SRC: ctx.c_src, Prompt.TRG: ctx.c_trg}[prompt]
+
+
 def step_terms(
     ctx: EditContext,
     step: int,
@@ -64,7 +69,6 @@ def fast_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int
     cached = cache.get(step, z.dtype) if cache is not None else None
     plan = plan_step(ctx.config, step, source_cached=cached is not None, energies_vanish=torch.equal(z, z_star))
     t = ctx.timesteps[step]
-    prompts = {Prompt.UNCOND: ctx.c_uncond, Prompt.SRC: ctx.c_src, Prompt.TRG: ctx.c_trg}
     eps: dict[str, torch.Tensor] = {}
     captures: dict[Role, PassCapture] = {}
     if cached is not None and plan.energies:
@@ -78,7 +82,7 @@ def fast_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int
                 call_captures.append(captures[row.role])
         current = z_grad if call.grad else z.detach()
         latents = torch.cat([current if row.latent is Latent.CUR else z_star for row in call.rows])
-        context = torch.cat([prompts[row.prompt] for row in call.rows])
+        context = torch.cat([prompt_embedding(ctx, row.prompt) for row in call.rows])
         with torch.set_grad_enabled(call.grad):
             out = ctx.runner(latents, t, context, tuple(call_captures))
         for j, row in enumerate(call.rows):
