@@ -37,8 +37,8 @@ from .errors import GnrError, GuidanceError, InputError
 from .fast.plan import Latent, Row, StepPlan, plan_step
 from .fast.step import prompt_embedding, row_capture, step_terms
 from .guiders import guider_energy
-from .images import ImageInput, decode_latent, to_output_image
-from .inversion import Inversion
+from .images import ImageInput, PreparedImage, decode_latent, prepare_image, to_output_image
+from .inversion import Inversion, invert_many
 from .prompts import check_prompt
 from .schedules import ddim_step_down
 
@@ -95,14 +95,19 @@ def edit_batch(
     if isinstance(requests, BatchRequest) or not isinstance(requests, Sequence):
         raise InputError(f"requests must be a list of BatchRequest, got {type(requests).__name__}")
     results: list = [None] * len(requests)
-    items: list[_Item] = []
+    pending: list[_Pending] = []
     for index, request in enumerate(requests):
         try:
-            items.append(_resolve(editor, index, request, progress))
+            pending.append(_validate(editor, index, request))
         except GnrError as exc:
             if not return_exceptions:
                 raise
             results[index] = exc
+    for failure in _invert_images(editor, pending, progress):
+        if not return_exceptions:
+            raise failure.error
+        results[failure.index] = failure.error
+    items = [_item(editor, p) for p in pending if p.inversion is not None]
     groups: dict[tuple, list[_Item]] = {}
     for item in items:
         groups.setdefault(item.group, []).append(item)
@@ -114,12 +119,29 @@ def edit_batch(
     return results
 
 
-def _resolve(editor: "Editor", index: int, request: BatchRequest, progress: bool) -> _Item:
-    """Validate ``request``, invert its image if needed, and build its edit context."""
+@dataclass(eq=False)
+class _Pending:
+    """A validated request whose image may still have to be inverted."""
+
+    index: int
+    request: BatchRequest
+    config: EditConfig
+    inversion: Inversion | None = None
+    image: PreparedImage | None = None  # set while the inversion is still to be computed
+    inversion_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Failure:
+    index: int
+    error: GnrError
+
+
+def _validate(editor: "Editor", index: int, request: BatchRequest) -> _Pending:
+    """Check ``request`` and resolve its config; read its image when it has no inversion yet."""
     if not isinstance(request, BatchRequest):
         raise InputError(f"requests[{index}] must be a BatchRequest, got {type(request).__name__}")
     check_prompt(request.target_prompt, "target_prompt")
-    inversion_s = 0.0
     if isinstance(request.source, Inversion):
         inversion = request.source
         if request.source_prompt is not None and request.source_prompt != inversion.source_prompt:
@@ -130,26 +152,53 @@ def _resolve(editor: "Editor", index: int, request: BatchRequest, progress: bool
         steps = inversion.num_steps if request.num_steps is None else request.num_steps
         config = editor.resolve_config(request.preset, request.config, steps)
         inversion.check_compatible(editor.model_id, config.num_steps)
-    else:
-        if request.source_prompt is None:
-            raise InputError(f"requests[{index}].source_prompt is required when editing an image")
-        config = editor.resolve_config(request.preset, request.config, request.num_steps)
+        return _Pending(index, request, config, inversion=inversion)
+    if request.source_prompt is None:
+        raise InputError(f"requests[{index}].source_prompt is required when editing an image")
+    check_prompt(request.source_prompt, f"requests[{index}].source_prompt")
+    config = editor.resolve_config(request.preset, request.config, request.num_steps)
+    return _Pending(index, request, config, image=prepare_image(request.source, max_pixels=editor.max_pixels))
+
+
+def _invert_images(editor: "Editor", pending: list[_Pending], progress: bool) -> list[_Failure]:
+    """Invert the images of ``pending`` (one batched inversion per step count); the failures."""
+    by_steps: dict[int, list[_Pending]] = {}
+    for p in pending:
+        if p.inversion is None:
+            by_steps.setdefault(p.config.num_steps, []).append(p)
+    failures = []
+    for num_steps, group in by_steps.items():
+        prompts = [p.request.source_prompt for p in group]
         start = time.perf_counter()
-        inversion = editor.invert(request.source, request.source_prompt, num_steps=config.num_steps, progress=progress)
-        inversion_s = time.perf_counter() - start
+        try:
+            inversions = invert_many(editor.components, editor.runner, [p.image for p in group], prompts,
+                                     [editor.embed(q) for q in prompts], num_steps=num_steps, progress=progress)
+        except GnrError as exc:
+            failures.extend(_Failure(p.index, exc) for p in group)
+            continue
+        seconds = time.perf_counter() - start
+        for p, inversion in zip(group, inversions):
+            p.inversion, p.image, p.inversion_s = inversion, None, seconds
+    return failures
+
+
+def _item(editor: "Editor", pending: _Pending) -> _Item:
+    """The edit context and starting latent of a request with its inversion."""
+    inversion = pending.inversion
     components = editor.components
     ctx = EditContext.build(
         components,
         editor.runner,
-        config,
+        pending.config,
         editor.self_attn_layers,
         c_uncond=editor.embed(""),
         c_src=editor.embed(inversion.source_prompt),
-        c_trg=editor.embed(request.target_prompt),
+        c_trg=editor.embed(pending.request.target_prompt),
     )
     ctx.source_cache = editor._source_cache(inversion, ctx)
     latents = inversion.latents.to(components.device, components.dtype)
-    return _Item(index=index, inversion=inversion, ctx=ctx, latents=latents, z=latents[-1].clone(), inversion_s=inversion_s)
+    return _Item(index=pending.index, inversion=inversion, ctx=ctx, latents=latents, z=latents[-1].clone(),
+                 inversion_s=pending.inversion_s)
 
 
 def _run_group(editor: "Editor", items: list[_Item], progress: bool) -> "list[EditResult | GnrError]":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -116,24 +116,67 @@ def invert(
     For i = 0 … N−1 with t = timesteps[N−1−i]: ε = ε(z*_i, t, c_src), then the upward DDIM
     step from level t to t + stride.
     """
+    return invert_many(components, runner, [image], [source_prompt], [c_src], num_steps, progress, callback)[0]
+
+
+def invert_many(
+    components: Components,
+    runner: UNetRunner,
+    images: Sequence[PreparedImage],
+    source_prompts: Sequence[str],
+    c_srcs: Sequence[torch.Tensor],
+    num_steps: int = 50,
+    progress: bool = True,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> list[Inversion]:
+    """:func:`invert` for several images at once, in order. Images of one working size share
+    every UNet call (one row each); each result equals its single inversion up to float rounding.
+    ``callback(i, z)`` gets the batch of one working size at a time."""
+    if not (len(images) == len(source_prompts) == len(c_srcs)):
+        raise ValueError("invert_many needs one source prompt and one embedding per image")
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(image.working_size, []).append(index)
+    results: list[Inversion | None] = [None] * len(images)
+    for rows in by_size.values():
+        trajectory = _invert_rows(
+            components, runner, torch.cat([images[i].pixels for i in rows]), torch.cat([c_srcs[i] for i in rows]),
+            num_steps, progress, callback,
+        )  # [N+1, B, 4, h, w]
+        for row, index in enumerate(rows):
+            image = images[index]
+            results[index] = Inversion(
+                latents=trajectory[:, row : row + 1].clone(),
+                source_prompt=source_prompts[index],
+                num_steps=num_steps,
+                model_id=components.model_id,
+                original_size=image.original_size,
+                working_size=image.working_size,
+                content_hash=image.content_hash,
+            )
+    return results
+
+
+def _invert_rows(
+    components: Components,
+    runner: UNetRunner,
+    pixels: torch.Tensor,
+    c: torch.Tensor,
+    num_steps: int,
+    progress: bool,
+    callback: Callable[[int, torch.Tensor], None] | None,
+) -> torch.Tensor:
+    """The DDIM inversion trajectory [N+1, B, 4, h, w] of ``pixels`` [B, 3, H, W] under ``c`` [B, 77, D]."""
     schedule = components.schedule
     timesteps = ddim_timesteps(num_steps, schedule.num_train_timesteps)
-    z = encode_latent(components.vae, image.pixels, components.scaling_factor).to(components.dtype)
+    z = encode_latent(components.vae, pixels, components.scaling_factor).to(components.dtype)
     trajectory = [z]
     with torch.no_grad():
         for i in tqdm(range(num_steps), desc="Inversion", disable=not progress, leave=False):
             t = timesteps[num_steps - 1 - i]
-            eps = runner(z, t, c_src)
+            eps = runner(z, t, c)
             z = ddim_step_up(schedule, eps, t, z, num_steps)
             trajectory.append(z)
             if callback is not None:
                 callback(i, z)
-    return Inversion(
-        latents=torch.stack(trajectory),
-        source_prompt=source_prompt,
-        num_steps=num_steps,
-        model_id=components.model_id,
-        original_size=image.original_size,
-        working_size=image.working_size,
-        content_hash=image.content_hash,
-    )
+    return torch.stack(trajectory)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import CfgGuider, EditConfig, RescaleConfig
 from ..world.judge import attributes_of
-from .cases import EDIT_KINDS, EditCase, EditKind, make_cases
+from .cases import EDIT_KINDS, EditCase, EditKind, make_case, make_cases
 from .metrics import feature_distance, masked_psnr, masked_ssim
 
 MethodFactory = Callable[[int], EditConfig]
@@ -66,6 +66,31 @@ def judge_success(judge, edited: np.ndarray, case: EditCase) -> bool:
     return all(getattr(predicted, f) == getattr(truth, f) for f in fields)
 
 
+def run_case(editor, judge, case: EditCase, num_steps: int, methods: dict[str, MethodFactory]) -> list[CaseResult]:
+    """Invert ``case``'s source once, edit it with every method, and score each edit."""
+    inversion = editor.invert(case.source.image, case.source.caption, num_steps=num_steps, progress=False)
+    results = []
+    for name, factory in methods.items():
+        start = time.perf_counter()
+        edited = editor.edit(inversion, case.target.caption, config=factory(num_steps), progress=False)
+        seconds = time.perf_counter() - start
+        image = np.asarray(edited.image)
+        results.append(
+            CaseResult(
+                kind=case.kind,
+                seed=case.seed,
+                method=name,
+                success=judge_success(judge, image, case),
+                psnr_keep=masked_psnr(image, case.source.image, case.keep_mask),
+                ssim_keep=masked_ssim(image, case.source.image, case.keep_mask),
+                perceptual=feature_distance(judge, image, case.source.image),
+                seconds=seconds,
+                image=image,
+            )
+        )
+    return results
+
+
 def evaluate(
     editor,
     judge,
@@ -77,29 +102,64 @@ def evaluate(
 ) -> tuple[list[EditCase], list[CaseResult]]:
     """Run every method on ``per_kind`` held-out cases of each kind; return the cases and results."""
     methods = methods or METHODS
-    size = editor.components.unet.config.sample_size * editor.components.latent_factor
-    cases = [case for kind in kinds for case in make_cases(kind, per_kind, size=size)]
+    cases = [case for kind in kinds for case in make_cases(kind, per_kind, size=_model_size(editor))]
     results: list[CaseResult] = []
     for case in tqdm(cases, desc="quality", disable=not progress):
-        inversion = editor.invert(case.source.image, case.source.caption, num_steps=num_steps, progress=False)
-        for name, factory in methods.items():
-            start = time.perf_counter()
-            edited = editor.edit(inversion, case.target.caption, config=factory(num_steps), progress=False)
-            seconds = time.perf_counter() - start
-            image = np.asarray(edited.image)
-            results.append(
-                CaseResult(
-                    kind=case.kind,
-                    seed=case.seed,
-                    method=name,
-                    success=judge_success(judge, image, case),
-                    psnr_keep=masked_psnr(image, case.source.image, case.keep_mask),
-                    ssim_keep=masked_ssim(image, case.source.image, case.keep_mask),
-                    perceptual=feature_distance(judge, image, case.source.image),
-                    seconds=seconds,
-                    image=image,
-                )
-            )
+        results.extend(run_case(editor, judge, case, num_steps, methods))
+    return cases, results
+
+
+def _model_size(editor) -> int:
+    return editor.components.unet.config.sample_size * editor.components.latent_factor
+
+
+_WORKER: dict[str, object] = {}
+
+
+def _init_worker(model: str | None, threads: int) -> None:
+    import torch
+
+    from ..editor import Editor
+    from ..world.judge import load_judge
+
+    torch.set_num_threads(threads)
+    _WORKER["editor"] = Editor.from_pretrained(model)
+    _WORKER["judge"] = load_judge()
+
+
+def _worker_case(kind: EditKind, seed: int, size: int, num_steps: int, method_names: tuple[str, ...]) -> list[CaseResult]:
+    case = make_case(kind, seed, size=size)
+    return run_case(_WORKER["editor"], _WORKER["judge"], case, num_steps, {m: METHODS[m] for m in method_names})
+
+
+def evaluate_parallel(
+    model: str | None,
+    jobs: int,
+    kinds: Sequence[EditKind] = EDIT_KINDS,
+    per_kind: int = 50,
+    num_steps: int = 50,
+    method_names: Sequence[str] = tuple(METHODS),
+    threads_per_job: int = 1,
+    progress: bool = True,
+) -> tuple[list[EditCase], list[CaseResult]]:
+    """:func:`evaluate` spread over ``jobs`` worker processes, each with its own editor and the
+    bundled judge; same cases, same results, same order (every edit is deterministic)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ..editor import Editor
+
+    unknown = [m for m in method_names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    size = _model_size(Editor.from_pretrained(model))
+    cases = [case for kind in kinds for case in make_cases(kind, per_kind, size=size)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(model, threads_per_job)) as pool:
+        futures = [
+            pool.submit(_worker_case, c.kind, c.seed, size, num_steps, tuple(method_names)) for c in cases
+        ]
+        results = [r for f in tqdm(futures, desc="quality", disable=not progress) for r in f.result()]
     return cases, results
 
 
@@ -193,15 +253,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="+", default=list(EDIT_KINDS), choices=EDIT_KINDS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", default="benchmarks/quality")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (per job with --jobs)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1: in this process)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    editor = Editor.from_pretrained(args.model)
-    judge = load_judge()
-    cases, results = evaluate(
-        editor, judge, args.kinds, args.per_kind, args.steps, {m: METHODS[m] for m in args.methods}
-    )
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    if args.jobs > 1:
+        cases, results = evaluate_parallel(
+            args.model, args.jobs, args.kinds, args.per_kind, args.steps, args.methods, args.threads or 1
+        )
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        cases, results = evaluate(
+            Editor.from_pretrained(args.model), load_judge(), args.kinds, args.per_kind, args.steps,
+            {m: METHODS[m] for m in args.methods},
+        )
     command = "gnr-fast eval " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     path = write_report(cases, results, Path(args.out), command)
     print(markdown_table(summary_rows(results)))

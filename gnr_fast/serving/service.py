@@ -34,7 +34,7 @@ from ..config import EditConfig
 from ..editor import EditResult, Editor
 from ..errors import ConfigError, GnrError, InputError, ServiceBusyError
 from ..images import PreparedImage, prepare_image
-from ..inversion import Inversion, invert
+from ..inversion import Inversion, invert_many
 from ..prompts import check_prompt
 from .cache import InversionCache, InversionKey
 
@@ -105,6 +105,7 @@ class Outcome:
     batch_size: int = 1
     queue_s: float = 0.0
     inversion_s: float = 0.0
+    inversion_batch: int = 0  # images inverted together with this job's (0: cache hit)
 
     def info(self, job: Job) -> dict[str, Any]:
         """The JSON-ready report returned beside the image."""
@@ -115,6 +116,7 @@ class Outcome:
             "working_size": list(self.inversion.working_size),
             "model_id": self.inversion.model_id,
             "content_hash": self.inversion.content_hash,
+            "inversion_batch": self.inversion_batch,
         }
         if self.result is not None:
             timings.update(editing_s=self.result.timings.editing_s, decoding_s=self.result.timings.decoding_s)
@@ -210,14 +212,21 @@ class EditService:
 
     def _run(self, jobs: list[Job]) -> list[Outcome | GnrError]:
         started = time.perf_counter()
-        outcomes: list[Outcome | GnrError] = []
-        for job in jobs:
+        outcomes: list[Outcome | GnrError | None] = [None] * len(jobs)
+        missing: dict[InversionKey, list[int]] = {}  # new inversions, each shared by its jobs
+        for i, job in enumerate(jobs):
             try:
                 if job.is_edit:
                     self._check_tokens(job.target_prompt, "target_prompt")
-                outcomes.append(self._inversion(job, queue_s=started - job.received))
+                inversion = self.cache.get(job.key)
+                if inversion is not None:
+                    outcomes[i] = Outcome(inversion, cache_hit=True, queue_s=started - job.received)
+                else:
+                    self._check_tokens(job.key.source_prompt, "source_prompt")
+                    missing.setdefault(job.key, []).append(i)
             except GnrError as exc:
-                outcomes.append(exc)
+                outcomes[i] = exc
+        self._invert_missing(jobs, missing, outcomes, started)
         edits = [i for i, (job, out) in enumerate(zip(jobs, outcomes)) if job.is_edit and isinstance(out, Outcome)]
         if edits:
             requests = [BatchRequest(outcomes[i].inversion, jobs[i].target_prompt, config=jobs[i].config) for i in edits]
@@ -232,25 +241,40 @@ class EditService:
                     outcomes[i].batch_size = len(edits)
         return outcomes
 
-    def _inversion(self, job: Job, queue_s: float) -> Outcome:
-        """The job's inversion from the cache, or computed (and cached)."""
-        inversion = self.cache.get(job.key)
-        if inversion is not None:
-            return Outcome(inversion, cache_hit=True, queue_s=queue_s)
-        source_prompt = job.key.source_prompt
-        self._check_tokens(source_prompt, "source_prompt")
-        start = time.perf_counter()
-        inversion = invert(
-            self.editor.components,
-            self.editor.runner,
-            job.image,
-            source_prompt,
-            self.editor.embed(source_prompt),
-            num_steps=job.key.num_steps,
-            progress=False,
-        )
-        self.cache.put(job.key, inversion)
-        return Outcome(inversion, cache_hit=False, queue_s=queue_s, inversion_s=time.perf_counter() - start)
+    def _invert_missing(
+        self, jobs: list[Job], missing: dict[InversionKey, list[int]], outcomes: list, started: float
+    ) -> None:
+        """Compute (and cache) the missing inversions, those of one step count together (images of
+        one working size share UNet calls); fill the outcomes of every job that needs them."""
+        groups: dict[int, list[InversionKey]] = {}
+        for key in missing:
+            groups.setdefault(key.num_steps, []).append(key)
+        for num_steps, keys in groups.items():
+            firsts = [jobs[missing[key][0]] for key in keys]
+            start = time.perf_counter()
+            try:
+                inversions = invert_many(
+                    self.editor.components,
+                    self.editor.runner,
+                    [job.image for job in firsts],
+                    [key.source_prompt for key in keys],
+                    [self.editor.embed(key.source_prompt) for key in keys],
+                    num_steps=num_steps,
+                    progress=False,
+                )
+            except GnrError as exc:
+                for key in keys:
+                    for i in missing[key]:
+                        outcomes[i] = exc
+                continue
+            seconds = time.perf_counter() - start
+            for key, inversion in zip(keys, inversions):
+                self.cache.put(key, inversion)
+                for i in missing[key]:
+                    outcomes[i] = Outcome(
+                        inversion, cache_hit=False, queue_s=started - jobs[i].received, inversion_s=seconds,
+                        inversion_batch=sum(k.working_size == key.working_size for k in keys),
+                    )
 
     def _check_tokens(self, prompt: str, name: str) -> None:
         """Refuse a prompt longer than the text encoder's context (a library edit would truncate it)."""

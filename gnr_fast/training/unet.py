@@ -6,8 +6,10 @@
 Objective: DDPM epsilon-prediction with the SD 1.x noise schedule (scaled_linear betas
 0.00085 -> 0.012, 1000 steps; DESIGN.md section 1), Min-SNR-gamma loss weighting, 10 % empty
 captions (so classifier-free guidance works). Latents come from a pre-encoded pool (posterior
-mean and std of the trained VAE, sampled each step; toy-model-training.md: encoding on the fly
-costs more than the UNet step). An exponential moving average (EMA) of both models is kept and is
+mean and std of the trained VAE; toy-model-training.md: encoding on the fly costs more than the
+UNet step). By default the UNet learns the posterior *means*, which is also what inversion encodes
+(``images.encode``); ``--latents sample`` draws a posterior sample each step instead (with a small
+KL weight the posterior noise is a large, unpredictable part of every target). An exponential moving average (EMA) of both models is kept and is
 what ``export`` uses.
 
 ``--deadline HH:MM`` (UTC) makes the run stop cleanly at that time and fits the cosine learning
@@ -117,6 +119,18 @@ def encode_pool(vae: AutoencoderKL, count: int, size: int, batch: int = 64) -> d
     return {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions}
 
 
+def pool_latents(pool: dict[str, object], idx: torch.Tensor, scaling: float, mode: str,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Scaled training latents [B, 4, h, w] of pool entries ``idx``: the posterior mean
+    (``mode="mean"``) or one posterior sample (``mode="sample"``)."""
+    mean = pool["mean"][idx]
+    if mode == "mean":
+        return mean * scaling
+    if mode == "sample":
+        return (mean + pool["std"][idx] * torch.randn(mean.shape, generator=generator)) * scaling
+    raise ValueError(f"latents mode must be 'mean' or 'sample', got {mode!r}")
+
+
 def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights for epsilon-prediction, min(SNR, gamma) / SNR
     (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 9)."""
@@ -159,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-floor", type=float, default=0.05, help="final lr as a fraction of --lr")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--latents", choices=("mean", "sample"), default="mean",
+                   help="train on VAE posterior means (default) or posterior samples")
     p.add_argument("--empty-prob", type=float, default=0.1, help="fraction of empty captions")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR gamma (paper default)")
     p.add_argument("--ema", type=float, default=0.999)
@@ -245,8 +261,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         rng = np.random.default_rng([args.seed, step])
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         idx = torch.from_numpy(rng.integers(len(tokens), size=args.batch))
-        z0 = (pool["mean"][idx] + pool["std"][idx] * torch.randn(
-            pool["mean"][idx].shape, generator=gen)) * scaling  # [B, 4, h, w]
+        z0 = pool_latents(pool, idx, scaling, args.latents, gen)  # [B, 4, h, w]
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, SD_SCHEDULE["num_train_timesteps"], (args.batch,), generator=gen)
         zt = noise_scheduler.add_noise(z0, noise, t)

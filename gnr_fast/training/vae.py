@@ -121,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", type=Path, default=None, help="start from this saved VAE folder")
     p.add_argument("--decoder-only", action="store_true",
                    help="freeze the encoder (keeps the latent space and scaling_factor of --init)")
+    p.add_argument("--latents", choices=("sample", "mean"), default="sample",
+                   help="decode posterior samples (default) or means (--decoder-only: what the "
+                        "UNet and inversion produce)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -194,7 +197,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             group["lr"] = warmup_cosine_lr(step, args.lr, args.warmup, total, args.lr_floor)
         with torch.set_grad_enabled(not args.decoder_only):
             posterior = vae.encode(x).latent_dist
-        z = posterior.sample(torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+        z = (posterior.mean if args.latents == "mean" else
+             posterior.sample(torch.Generator().manual_seed(args.seed * 1_000_003 + step)))
         recon = vae.decode(z).sample
         mse = torch.mean((recon - x) ** 2)
         kl = posterior.kl().mean()

@@ -7,7 +7,7 @@ import pytest
 
 from gnr_fast.evaluation.cases import EDIT_KINDS, make_case, make_cases
 from gnr_fast.evaluation.metrics import masked_psnr, masked_ssim
-from gnr_fast.evaluation.quality import CaseResult, markdown_table, picture_grid, summary_rows
+from gnr_fast.evaluation.quality import METHODS, CaseResult, markdown_table, picture_grid, summary_rows
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS)
@@ -65,3 +65,24 @@ def test_report_table_and_grid():
     assert "| colour | gar | 2 | 100 % |" in markdown_table(rows)
     grid = picture_grid(cases, results, rows_per_kind=2)
     assert grid.size == (4 * 64, 14 + 2 * 64)
+
+
+def test_parallel_evaluation_equals_in_process(tiny_model_path, tiny_editor):
+    from gnr_fast.evaluation.quality import evaluate, evaluate_parallel
+    from gnr_fast.world.judge import load_judge
+
+    kwargs = dict(kinds=("colour", "shape"), per_kind=1, num_steps=2)
+    cases, serial = evaluate(tiny_editor, load_judge(), methods={"baseline": METHODS["baseline"]}, progress=False, **kwargs)
+    cases_p, parallel = evaluate_parallel(str(tiny_model_path), 2, method_names=("baseline",), progress=False, **kwargs)
+    assert [c.seed for c in cases] == [c.seed for c in cases_p]
+    assert [(r.kind, r.seed, r.method) for r in serial] == [(r.kind, r.seed, r.method) for r in parallel]
+    for a, b in zip(serial, parallel):
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
+        assert a.success == b.success
+
+
+def test_parallel_evaluation_rejects_unknown_methods():
+    from gnr_fast.evaluation.quality import evaluate_parallel
+
+    with pytest.raises(ValueError, match="unknown methods"):
+        evaluate_parallel(None, 2, method_names=("nope",))

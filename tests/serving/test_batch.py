@@ -130,3 +130,32 @@ def test_bad_request_is_reported_in_its_slot(editor, inversions):
         edit_batch(editor, [BatchRequest(_image(0), TARGETS[0])])
     with pytest.raises(InputError, match="list of BatchRequest"):
         edit_batch(editor, BatchRequest(fresh(inversions[0]), TARGETS[0]))
+
+
+def test_new_images_of_one_size_are_inverted_together(editor):
+    images = [_image(10), _image(11), Image.fromarray(np.zeros((128, 64, 3), np.uint8))]
+    prompts = ["a red circle", "a blue square", "a black stripe"]
+    calls = editor.runner.calls
+    requests = [BatchRequest(img, "a green square", source_prompt=p, num_steps=STEPS) for img, p in zip(images, prompts)]
+    batch = edit_batch(editor, requests)
+    assert batch[0].unet_calls == batch[1].unet_calls  # the two 64x64 edits ran as one group
+    inversion_calls = editor.runner.calls - calls - batch[0].unet_calls - batch[2].unet_calls
+    assert inversion_calls == 2 * STEPS  # one call per step per working size, not per image
+    for img, p, result in zip(images, prompts, batch):
+        single = editor.invert(img, p, num_steps=STEPS, progress=False)
+        assert rel_err(result.inversion.latents, single.latents) < TOL
+        assert result.inversion.content_hash == single.content_hash and result.inversion.source_prompt == p
+    assert batch[0].timings.inversion_s == batch[1].timings.inversion_s > 0  # shared
+
+
+def test_an_unreadable_image_fails_only_its_request(editor, inversions):
+    results = edit_batch(
+        editor,
+        [BatchRequest(b"not an image", TARGETS[0], source_prompt="a cat", num_steps=STEPS),
+         BatchRequest(_image(12), TARGETS[1], source_prompt="  ", num_steps=STEPS),
+         BatchRequest(_image(13), TARGETS[2], source_prompt="a cat", num_steps=STEPS)],
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], InputError) and "image" in str(results[0])
+    assert isinstance(results[1], InputError) and "source_prompt" in str(results[1])
+    assert results[2].latents.shape == inversions[0].latents[0].shape

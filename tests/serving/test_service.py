@@ -153,3 +153,18 @@ def test_server_and_service_settings_are_validated():
         ServiceConfig(max_batch=0)
     with pytest.raises(ConfigError, match="exceeds max_steps"):
         ServiceConfig(default_steps=300, max_steps=200)
+
+
+def test_new_images_in_one_batch_share_their_inversion_calls(service, tiny_editor):
+    jobs = [service.edit_job(_png(20), "a red circle", "a green square"),
+            service.edit_job(_png(21), "a blue square", "a red circle"),
+            service.edit_job(_png(20), "a red circle", "a yellow star")]  # same image twice: one inversion
+    calls = tiny_editor.runner.calls
+    outcomes = service.run(jobs)
+    assert [o.inversion_batch for o in outcomes] == [2, 2, 2]
+    assert outcomes[0].inversion is outcomes[2].inversion and not any(o.cache_hit for o in outcomes)
+    assert tiny_editor.runner.calls - calls == STEPS + outcomes[0].result.unet_calls
+    single = tiny_editor.invert(_png(21), "a blue square", num_steps=STEPS, progress=False)
+    assert rel_err(outcomes[1].inversion.latents, single.latents) < 1e-4
+    assert outcomes[1].info(jobs[1])["inversion_batch"] == 2
+    assert service.run([service.edit_job(_png(21), "a blue square", "a cat")])[0].cache_hit
