@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import demo
+from .config import PRESET_NAMES
 from .errors import GnrError
 
 logger = logging.getLogger("gnr_fast.cli")
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("-s", "--source", help="prompt describing the input image")
     edit.add_argument("-t", "--target", required=True, help="prompt describing the edited image")
     edit.add_argument("-o", "--out", default=None, help="output image path (default: <image>_edited.png)")
-    edit.add_argument("--preset", default="nonstyle", choices=("nonstyle", "style"), help="guidance preset")
+    edit.add_argument("--preset", default="nonstyle", choices=PRESET_NAMES, help="guidance preset")
     edit.add_argument("--config", default=None, help="edit config in the authors' YAML format (overrides --preset)")
     edit.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, or the inversion's)")
     edit.add_argument("--inversion", default=None, help="reuse an inversion file written by `gnr-fast invert`")
@@ -82,7 +83,7 @@ def _add_serving_parsers(sub) -> None:
     cedit.add_argument("-t", "--target", required=True, help="prompt describing the edited image")
     cedit.add_argument("-o", "--out", default=None, help="output image path (default: <image>_edited.png)")
     cedit.add_argument("--url", default="127.0.0.1:8000", help="server address, http://host:port or grpc://host:port")
-    cedit.add_argument("--preset", default=None, choices=("nonstyle", "style"), help="guidance preset")
+    cedit.add_argument("--preset", default=None, choices=PRESET_NAMES, help="guidance preset")
     cedit.add_argument("--config", default=None, help="edit config in the authors' YAML/JSON format")
     cedit.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the server's)")
     cedit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default 600)")

@@ -20,6 +20,8 @@ from .errors import ConfigError
 Schedule = Union[float, tuple[float, ...]]
 PRESET_STEPS = 50
 """The step count the paper's presets (and the authors' per-step lists) are written for."""
+PRESET_NAMES = ("nonstyle", "style", "shapes")
+"""Named presets: the paper's two, and ``shapes`` for the bundled model (:meth:`EditConfig.shapes`)."""
 
 
 class Role(str, Enum):
@@ -277,14 +279,26 @@ class EditConfig:
     @classmethod
     def nonstyle(cls, num_steps: int = PRESET_STEPS) -> "EditConfig":
         """Non-stylisation preset: cfg 7.5 + self-attention/appearance guider for the first 60 % of steps."""
+        return cls._nonstyle_family(num_steps, cfg=7.5, app=500.0)
+
+    @classmethod
+    def shapes(cls, num_steps: int = PRESET_STEPS) -> "EditConfig":
+        """Preset for the bundled ``shapes-v1`` model (ours, not the paper's): ``nonstyle`` with cfg 4
+        and a 10× appearance scale (5000). Chosen on tuning edits disjoint from the quality
+        benchmark's (benchmarks/quality/README.md): the paper's cfg 7.5 over-saturates this small
+        model and its appearance weight lets the background colour drift."""
+        return cls._nonstyle_family(num_steps, cfg=4.0, app=5000.0)
+
+    @classmethod
+    def _nonstyle_family(cls, num_steps: int, cfg: float, app: float) -> "EditConfig":
         window = window_for(30, num_steps)
         return cls(
             guiders=(
-                CfgGuider(scale=7.5),
+                CfgGuider(scale=cfg),
                 SelfAttnMapL2Appearance(
                     scale=1.0,
                     self_attn_scale=first_steps(300000.0, window, num_steps),
-                    app_scale=first_steps(500.0, window, num_steps),
+                    app_scale=first_steps(app, window, num_steps),
                     new_features=True,
                 ),
             ),
@@ -308,11 +322,10 @@ class EditConfig:
 
     @classmethod
     def preset(cls, name: str, num_steps: int = PRESET_STEPS) -> "EditConfig":
-        """The named preset ('nonstyle' or 'style') for ``num_steps`` steps."""
-        builders = {"nonstyle": cls.nonstyle, "style": cls.style}
-        if name not in builders:
-            raise ConfigError(f"preset {name!r} is unknown; choose one of {sorted(builders)}")
-        return builders[name](num_steps)
+        """The named preset (one of :data:`PRESET_NAMES`) for ``num_steps`` steps."""
+        if name not in PRESET_NAMES:
+            raise ConfigError(f"preset {name!r} is unknown; choose one of {list(PRESET_NAMES)}")
+        return getattr(cls, name)(num_steps)
 
     def with_steps(self, num_steps: int) -> "EditConfig":
         """This config for another step count (only when no per-step lists pin the length)."""

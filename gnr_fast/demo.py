@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .config import PRESET_NAMES
+
 EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
 """A shapes-world scene (a large red circle on a plain blue background, 128²) shipped with the package."""
 DEMO_SOURCE = "a red circle on a blue background"
@@ -16,6 +18,8 @@ def add_parser(sub, add_model_args) -> None:
     demo.add_argument("-o", "--out", default="gnr-fast-demo.png", help="side-by-side PNG (default gnr-fast-demo.png)")
     demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     demo.add_argument("--mode", default=None, help="execution mode (default: the library's default)")
+    demo.add_argument("--preset", default=None, choices=PRESET_NAMES,
+                      help="guidance preset (default: 'shapes' on the bundled model, else 'nonstyle')")
     add_model_args(demo)
 
 
@@ -27,12 +31,14 @@ def run(args: argparse.Namespace, editor) -> int:
     with Image.open(EXAMPLE_IMAGE) as example:
         source = example.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     kwargs = {"mode": args.mode} if args.mode else {}
-    result = editor.edit(source, DEMO_TARGET, source_prompt=DEMO_SOURCE, num_steps=args.steps, progress=not args.quiet, **kwargs)
+    preset = args.preset or ("shapes" if args.model is None else "nonstyle")
+    result = editor.edit(source, DEMO_TARGET, source_prompt=DEMO_SOURCE, num_steps=args.steps, preset=preset,
+                         progress=not args.quiet, **kwargs)
     side = Image.new("RGB", (2 * source.width, source.height))
     side.paste(source, (0, 0))
     side.paste(result.image, (source.width, 0))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     side.save(out)
-    print(f"wrote {out}: '{DEMO_SOURCE}' -> '{DEMO_TARGET}' in {result.timings.total_s:.1f}s (left: input, right: edit)")
+    print(f"wrote {out}: '{DEMO_SOURCE}' -> '{DEMO_TARGET}' ({preset} preset) in {result.timings.total_s:.1f}s (left: input, right: edit)")
     return 0

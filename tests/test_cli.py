@@ -65,3 +65,21 @@ def test_console_script_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gnr_fast.cli", "edit", "nope.png", "-s", "a", "-t", "b", "--model",
                            str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_demo_writes_input_and_edit_side_by_side(tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "-o", str(out), "--model", str(tiny_model_path), "--steps", "2", "--quiet"]) == 0
+    with Image.open(out) as side:
+        assert side.size == (128, 64)  # the tiny model works at 64x64: input | edit
+    assert "(nonstyle preset)" in capsys.readouterr().out  # 'shapes' is only the bundled model's default
+
+
+def test_demo_on_the_bundled_model_uses_its_preset(tmp_path, capsys):
+    from gnr_fast.loading import BUNDLED_MODEL
+
+    if not (BUNDLED_MODEL / "model_index.json").is_file():
+        pytest.skip(f"bundled model missing at {BUNDLED_MODEL}")
+    out = tmp_path / "demo.png"
+    assert main(["demo", "-o", str(out), "--steps", "2", "--quiet"]) == 0
+    assert "(shapes preset)" in capsys.readouterr().out and out.is_file()

@@ -150,3 +150,18 @@ def test_identity_rescaler_allows_latents_diff():
 def test_layer_ranges_from_yaml():
     cfg = EditConfig.from_yaml("guiders: [{name: cfg}]\nself_attn_layers_num: [[1, 3], 1, [2, 9]]\n")
     assert cfg.self_attn_layers == ((1, 3), (0, 1), (2, 9))
+
+
+def test_shapes_preset_is_nonstyle_with_its_own_cfg_and_appearance_scale():
+    shapes, paper = EditConfig.preset("shapes"), EditConfig.nonstyle()
+    assert shapes.guiders[0].scale == 4.0 and paper.guiders[0].scale == 7.5
+    assert shapes.guiders[1].app_scale == tuple(5000.0 if a else 0.0 for a in paper.guiders[1].app_scale)
+    assert shapes.guiders[1].self_attn_scale == paper.guiders[1].self_attn_scale
+    assert shapes.rescale == paper.rescale
+    assert EditConfig.preset("shapes", 20).guiders[1].app_scale.count(5000.0) == 12
+
+
+def test_every_preset_name_builds():
+    from gnr_fast.config import PRESET_NAMES
+
+    assert all(EditConfig.preset(name).num_steps == 50 for name in PRESET_NAMES)

@@ -31,15 +31,18 @@ from .metrics import feature_distance, masked_psnr, masked_ssim
 MethodFactory = Callable[[int], EditConfig]
 
 
-def baseline_config(num_steps: int) -> EditConfig:
+def baseline_config(num_steps: int, cfg: float = 7.5) -> EditConfig:
     """DDIM inversion + CFG toward the target prompt, no guiders (the paper's "DDIM + CFG" baseline)."""
-    return EditConfig(guiders=(CfgGuider(7.5),), rescale=RescaleConfig("identity_rescaler"), num_steps=num_steps)
+    return EditConfig(guiders=(CfgGuider(cfg),), rescale=RescaleConfig("identity_rescaler"), num_steps=num_steps)
 
 
 METHODS: dict[str, MethodFactory] = {
     "baseline": baseline_config,
+    # The baseline at the CFG scale of the `shapes` preset, to compare preservation at comparable guidance.
+    "baseline-cfg4": lambda num_steps: baseline_config(num_steps, cfg=4.0),
     "gar-nonstyle": EditConfig.nonstyle,
     "gar-style": EditConfig.style,
+    "gar-shapes": EditConfig.shapes,
 }
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..batch import BatchRequest, edit_batch
-from ..config import EditConfig
+from ..config import PRESET_NAMES, EditConfig
 from ..editor import EditResult, Editor
 from ..errors import ConfigError, GnrError, InputError, ServiceBusyError
 from ..images import PreparedImage, prepare_image
@@ -46,7 +46,6 @@ MAX_PROMPT_CHARS = 2000
 MAX_IMAGE_BYTES = 32 * 1024**2
 """Largest encoded image accepted (a 1024² PNG is a few MB)."""
 
-PRESETS = ("nonstyle", "style")
 
 
 @dataclass(frozen=True)
@@ -155,8 +154,8 @@ class EditService:
         target = _text(target_prompt, "target_prompt")
         steps = self._steps(steps)
         preset_name = "nonstyle" if preset is None else _text(preset, "preset", allow_empty=True) or "nonstyle"
-        if preset_name not in PRESETS:
-            raise ConfigError(f"preset {preset_name!r} is unknown; choose one of {list(PRESETS)}")
+        if preset_name not in PRESET_NAMES:
+            raise ConfigError(f"preset {preset_name!r} is unknown; choose one of {list(PRESET_NAMES)}")
         config = self._config(preset_name, config_json, steps)
         prepared = self._image(image)
         return Job(prepared, self._key(prepared, source, config.num_steps), config=config, target_prompt=target)

@@ -141,7 +141,8 @@ class JudgeNet(nn.Module):
 
 def prepare_images(images: np.ndarray | torch.Tensor, input_size: int) -> torch.Tensor:
     """uint8 [B, H, W, 3] (numpy or torch) -> float [B, 3, S, S] in [-1, 1], area-resized."""
-    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    # A copy: images from PIL arrays are read-only, which torch warns about when sharing memory.
+    x = torch.tensor(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     if x.shape[-1] != input_size or x.shape[-2] != input_size:
         x = F.interpolate(x, size=(input_size, input_size), mode="area")
     return x
