@@ -260,7 +260,7 @@ def run(args: argparse.Namespace, command: str) -> Report:
         "# Server load benchmark (issue 5)",
         "",
         f"Measured {date} with `{command}` on {platform.machine()} / {os.cpu_count()} CPU cores "
-        f"(load average at the end {os.getloadavg()[0]:.1f}: the machine was shared), "
+        f"(1-minute load average at the end {os.getloadavg()[0]:.1f}), "
         f"torch {torch.__version__}, {args.threads} torch thread(s) in the server, no GPU; model: {description}, "
         f"{size}×{size} images, {args.steps} DDIM steps, nonstyle preset, HTTP on 127.0.0.1. Each client edits the "
         f"{args.clients} images of a pool in turn (different targets), so the first edit of each image inverts it "

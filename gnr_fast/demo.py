@@ -9,8 +9,8 @@ from .config import PRESET_NAMES
 
 EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
 """A shapes-world scene (a large red circle on a plain blue background, 128²) shipped with the package."""
-DEMO_SOURCE = "a red circle on a blue background"
-DEMO_TARGET = "a yellow circle on a blue background"
+DEMO_SOURCE = "a large red circle on a blue background"  # the world's caption grammar
+DEMO_TARGET = "a large yellow circle on a blue background"
 
 
 def add_parser(sub, add_model_args) -> None:
