@@ -38,7 +38,7 @@ from .fast.plan import Latent, Row, StepPlan, plan_step
 from .fast.step import prompt_embedding, row_capture, step_terms
 from .guiders import guider_energy
 from .images import ImageInput, PreparedImage, decode_latent, prepare_image, to_output_image
-from .inversion import Inversion, invert_many
+from .inversion import Inversion
 from .prompts import check_prompt
 from .schedules import ddim_step_down
 
@@ -171,8 +171,7 @@ def _invert_images(editor: "Editor", pending: list[_Pending], progress: bool) ->
         prompts = [p.request.source_prompt for p in group]
         start = time.perf_counter()
         try:
-            inversions = invert_many(editor.components, editor.runner, [p.image for p in group], prompts,
-                                     [editor.embed(q) for q in prompts], num_steps=num_steps, progress=progress)
+            inversions = editor.invert_prepared([p.image for p in group], prompts, num_steps, progress)
         except GnrError as exc:
             failures.extend(_Failure(p.index, exc) for p in group)
             continue

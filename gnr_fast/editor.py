@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from PIL import Image
@@ -17,8 +17,8 @@ from .editing import EditContext, StepCallback, run_edit_loop
 from .fast.source_cache import CacheKey, SourceCache
 from .fast.step import fast_step, source_sites
 from .errors import ConfigError, InputError
-from .images import DEFAULT_MAX_PIXELS, ImageInput, decode_latent, prepare_image, to_output_image
-from .inversion import Inversion, invert
+from .images import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, decode_latent, prepare_image, to_output_image
+from .inversion import Inversion, invert_many
 from .loading import Components, load_components
 from .prompts import check_prompt, encode_prompt
 from .runtime.eager import EagerUNetRunner
@@ -111,15 +111,15 @@ class Editor:
         check_prompt(source_prompt, "source_prompt")
         _check_steps(num_steps)
         prepared = prepare_image(image, max_pixels=self.max_pixels)
-        return invert(
-            self.components,
-            self.runner,
-            prepared,
-            source_prompt,
-            self.embed(source_prompt),
-            num_steps=num_steps,
-            progress=progress,
-        )
+        return self.invert_prepared([prepared], [source_prompt], num_steps, progress)[0]
+
+    def invert_prepared(
+        self, images: Sequence[PreparedImage], source_prompts: Sequence[str], num_steps: int, progress: bool = False
+    ) -> list[Inversion]:
+        """DDIM-invert already prepared and validated images, in order; images of one working size
+        share every UNet call (``inversion.invert_many``)."""
+        embeddings = [self.embed(prompt) for prompt in source_prompts]
+        return invert_many(self.components, self.runner, images, source_prompts, embeddings, num_steps, progress)
 
     def resolve_config(self, preset: str = "nonstyle", config: EditConfig | str | Path | None = None, num_steps: int | None = None) -> EditConfig:
         """The config an edit runs: ``config`` (object or YAML path) if given, else the named preset."""

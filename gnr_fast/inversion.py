@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -101,24 +101,6 @@ class Inversion:
         )
 
 
-def invert(
-    components: Components,
-    runner: UNetRunner,
-    image: PreparedImage,
-    source_prompt: str,
-    c_src: torch.Tensor,
-    num_steps: int = 50,
-    progress: bool = True,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
-) -> Inversion:
-    """DDIM-invert ``image`` with the source prompt embedding ``c_src`` (no guidance).
-
-    For i = 0 … N−1 with t = timesteps[N−1−i]: ε = ε(z*_i, t, c_src), then the upward DDIM
-    step from level t to t + stride.
-    """
-    return invert_many(components, runner, [image], [source_prompt], [c_src], num_steps, progress, callback)[0]
-
-
 def invert_many(
     components: Components,
     runner: UNetRunner,
@@ -127,11 +109,13 @@ def invert_many(
     c_srcs: Sequence[torch.Tensor],
     num_steps: int = 50,
     progress: bool = True,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> list[Inversion]:
-    """:func:`invert` for several images at once, in order. Images of one working size share
-    every UNet call (one row each); each result equals its single inversion up to float rounding.
-    ``callback(i, z)`` gets the batch of one working size at a time."""
+    """DDIM-invert each image with its source prompt embedding (no guidance), in order.
+
+    For i = 0 … N−1 with t = timesteps[N−1−i]: ε = ε(z*_i, t, c_src), then the upward DDIM
+    step from level t to t + stride. Images of one working size share every UNet call (one row
+    each); each result equals the image's inversion on its own up to float rounding.
+    """
     if not (len(images) == len(source_prompts) == len(c_srcs)):
         raise ValueError("invert_many needs one source prompt and one embedding per image")
     by_size: dict[tuple[int, int], list[int]] = {}
@@ -141,7 +125,7 @@ def invert_many(
     for rows in by_size.values():
         trajectory = _invert_rows(
             components, runner, torch.cat([images[i].pixels for i in rows]), torch.cat([c_srcs[i] for i in rows]),
-            num_steps, progress, callback,
+            num_steps, progress,
         )  # [N+1, B, 4, h, w]
         for row, index in enumerate(rows):
             image = images[index]
@@ -164,7 +148,6 @@ def _invert_rows(
     c: torch.Tensor,
     num_steps: int,
     progress: bool,
-    callback: Callable[[int, torch.Tensor], None] | None,
 ) -> torch.Tensor:
     """The DDIM inversion trajectory [N+1, B, 4, h, w] of ``pixels`` [B, 3, H, W] under ``c`` [B, 77, D]."""
     schedule = components.schedule
@@ -177,6 +160,4 @@ def _invert_rows(
             eps = runner(z, t, c)
             z = ddim_step_up(schedule, eps, t, z, num_steps)
             trajectory.append(z)
-            if callback is not None:
-                callback(i, z)
     return torch.stack(trajectory)

@@ -34,7 +34,7 @@ from ..config import PRESET_NAMES, EditConfig
 from ..editor import EditResult, Editor
 from ..errors import ConfigError, GnrError, InputError, ServiceBusyError
 from ..images import PreparedImage, prepare_image
-from ..inversion import Inversion, invert_many
+from ..inversion import Inversion
 from ..prompts import check_prompt
 from .cache import InversionCache, InversionKey
 
@@ -252,14 +252,8 @@ class EditService:
             firsts = [jobs[missing[key][0]] for key in keys]
             start = time.perf_counter()
             try:
-                inversions = invert_many(
-                    self.editor.components,
-                    self.editor.runner,
-                    [job.image for job in firsts],
-                    [key.source_prompt for key in keys],
-                    [self.editor.embed(key.source_prompt) for key in keys],
-                    num_steps=num_steps,
-                    progress=False,
+                inversions = self.editor.invert_prepared(
+                    [job.image for job in firsts], [key.source_prompt for key in keys], num_steps
                 )
             except GnrError as exc:
                 for key in keys:
