@@ -13,6 +13,8 @@ class EagerUNetRunner:
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self.unet = unet
+        # diffusers' ``unet.dtype`` walks every module on each access; the weights' dtype is fixed.
+        self.dtype = next(unet.parameters()).dtype
         self.calls = 0
         self.rows = 0
 
@@ -26,7 +28,7 @@ class EagerUNetRunner:
             context = context.expand(latents.shape[0], -1, -1)
         with capture_features(self.unet, captures):
             return self.unet(
-                latents.to(self.unet.dtype),
+                latents.to(self.dtype),
                 t,
                 encoder_hidden_states=context,
                 cross_attention_kwargs={"captures": captures},

@@ -73,6 +73,16 @@ def test_judge_smoke_writes_loadable_weights(tmp_path: Path) -> None:
     assert len(loaded.predict(images)) == 2
 
 
+def test_offset_noise_adds_one_constant_per_sample_and_channel() -> None:
+    plain = unet.training_noise(torch.Size([64, 4, 8, 8]), 0.0, torch.Generator().manual_seed(0))
+    offset = unet.training_noise(torch.Size([64, 4, 8, 8]), 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, unet.training_noise(torch.Size([64, 4, 8, 8]), 0.0, torch.Generator().manual_seed(0)))
+    shift = offset - plain  # the same base draw comes first, so the difference is the offset alone
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)
+    # 256 draws of 0.5 * N(0, 1): their std is 0.5 within sampling error (~0.02).
+    assert 0.4 < float(shift[:, :, 0, 0].std()) < 0.6
+
+
 @pytest.mark.slow
 def test_vae_unet_export_chain(tmp_path: Path, tokenizer_dir: Path) -> None:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
@@ -99,7 +109,7 @@ def test_vae_unet_export_chain(tmp_path: Path, tokenizer_dir: Path) -> None:
     unet.main(unet_args)
     state = torch.load(tmp_path / "unet" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 3 and any(k.startswith("text_encoder.") for k in state["ema"])
-    unet.main(unet_args + ["--resume"])
+    unet.main(unet_args + ["--resume", "--offset-noise", "0.1"])
     assert "start step=3" in (tmp_path / "unet" / "train.log").read_text()
 
     export.main(["--vae", str(tmp_path / "vae" / "final"), "--unet-run", str(tmp_path / "unet"),
