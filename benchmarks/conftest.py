@@ -27,6 +27,10 @@ def mean_seconds(benchmark) -> float:
     return float(benchmark.stats.stats.mean)
 
 
+def _seconds(value: object) -> str:
+    return f"{value:.3f}s" if isinstance(value, (int, float)) else "-"
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not RESULTS:
         return
@@ -38,8 +42,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         rs, fs = ref.get("seconds"), fast.get("seconds")
         ratio = f"{rs / fs:.2f}x" if rs and fs else "-"
         extra = {k: v for m in (ref, fast) for k, v in m.items() if k != "seconds"}
-        fmt = lambda s: f"{s:.3f}s" if isinstance(s, (int, float)) else "-"
-        lines.append(f"{case:<38} {fmt(rs):>12} {fmt(fs):>12} {ratio:>8}  {extra if extra else ''}")
+        lines.append(f"{case:<38} {_seconds(rs):>12} {_seconds(fs):>12} {ratio:>8}  {extra if extra else ''}")
     for line in lines:
         terminalreporter.write_line(line)
     OUT.mkdir(exist_ok=True)

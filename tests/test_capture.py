@@ -18,9 +18,9 @@ def setup(tiny_editor):
 
 def test_layers_in_forward_order(tiny_editor):
     layers = tiny_editor.self_attn_layers
-    assert [l.group for l in layers] == ["down"] * 6 + ["mid"] + ["up"] * 9
-    assert [l.group_index for l in layers[:7]] == [0, 1, 2, 3, 4, 5, 0]
-    assert all(l.name.endswith("attn1") for l in layers)
+    assert [layer.group for layer in layers] == ["down"] * 6 + ["mid"] + ["up"] * 9
+    assert [layer.group_index for layer in layers[:7]] == [0, 1, 2, 3, 4, 5, 0]
+    assert all(layer.name.endswith("attn1") for layer in layers)
     assert select_layers(layers, ((1, 3), (0, 0), (8, 9))) == frozenset({1, 2, 15})
     with pytest.raises(ConfigError, match="exceeds"):
         select_layers(layers, ((0, 7), (0, 1), (0, 9)))

@@ -33,7 +33,10 @@ def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     y = torch.from_numpy(b.astype(np.float64)).permute(2, 0, 1)[:, None]
     w = _gaussian_window()
     pad = w.shape[-1] // 2
-    blur = lambda t: F.conv2d(F.pad(t, (pad,) * 4, mode="reflect"), w)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(t, (pad,) * 4, mode="reflect"), w)
+
     mu_x, mu_y = blur(x), blur(y)
     var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
     cov = blur(x * y) - mu_x * mu_y
