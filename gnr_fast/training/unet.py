@@ -9,8 +9,9 @@ captions (so classifier-free guidance works). Latents come from a pre-encoded po
 mean and std of the trained VAE; toy-model-training.md: encoding on the fly costs more than the
 UNet step). By default the UNet learns the posterior *means*, which is also what inversion encodes
 (``images.encode``); ``--latents sample`` draws a posterior sample each step instead (with a small
-KL weight the posterior noise is a large, unpredictable part of every target). An exponential moving average (EMA) of both models is kept and is
-what ``export`` uses.
+KL weight the posterior noise is a large, unpredictable part of every target). ``--offset-noise``
+adds a per-(sample, channel) constant to the training noise (see :func:`training_noise`). An
+exponential moving average (EMA) of both models is kept and is what ``export`` uses.
 
 ``--deadline HH:MM`` (UTC) makes the run stop cleanly at that time and fits the cosine learning
 rate decay to the time left: every 50 steps the total step count is re-estimated from the measured
@@ -192,7 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latents", choices=("mean", "sample"), default="mean",
                    help="train on VAE posterior means (default) or posterior samples")
     p.add_argument("--offset-noise", type=float, default=0.0,
-                   help="std of a per-(sample, channel) constant added to the noise (0: off)")
+                   help="std of a per-(sample, channel) constant added to the noise (0: off, plain DDPM; "
+                        "the bundled model was fine-tuned with 0.3, see training_noise)")
     p.add_argument("--empty-prob", type=float, default=0.1, help="fraction of empty captions")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR gamma (paper default)")
     p.add_argument("--ema", type=float, default=0.999)

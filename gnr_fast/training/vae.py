@@ -4,7 +4,10 @@
 
 Training uses random square crops of pre-rendered 128 px scenes (the model is convolutional and
 crops train ~6x faster than full images, /work/shared/notes/toy-model-training.md); evaluation is
-PSNR on full held-out images. Loss: MSE on [-1, 1] pixels + ``kl_weight`` x KL. At the end the
+PSNR on full held-out images. Finish with a ``--decoder-only --crop 128`` run: GroupNorm
+normalises over the whole image, so a decoder trained only on 64 px crops leaves large blotches on
+full images (the bundled model's decoder went from 25.2 to 31.5 dB held-out PSNR within 250
+full-image steps). Loss: MSE on [-1, 1] pixels + ``kl_weight`` x KL. At the end the
 latent std of posterior samples is measured and ``scaling_factor = 1 / std`` is written into the
 saved model's config (``<out>/final``).
 """
