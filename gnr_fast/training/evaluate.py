@@ -64,13 +64,13 @@ def text_to_image_fidelity(pipe: StableDiffusionPipeline, judge_dir: Path, count
     agree = [agrees_with_caption(p, parse_caption(s.caption)) for p, s in zip(predicted, scenes)]
     truth = [attributes_of(s.spec) for s in scenes]
     per_attribute = attribute_matches(predicted, truth)
-    by_kind: dict[str, list[bool]] = {}
-    for p, t in zip(predicted, truth):
-        by_kind.setdefault(t.background_kind, []).append(p.background_colours == t.background_colours)
-    return {"fidelity_all_stated": float(np.mean(agree))} | {
-        f"fidelity_{k}": v for k, v in per_attribute.items()} | {
-        f"fidelity_background_colours_{kind}": float(np.mean(hits)) for kind, hits in sorted(by_kind.items())} | {
-        f"captions_background_{kind}": len(hits) for kind, hits in sorted(by_kind.items())}
+    metrics = {"fidelity_all_stated": float(np.mean(agree))} | {f"fidelity_{k}": v for k, v in per_attribute.items()}
+    for kind in sorted({t.background_kind for t in truth}):
+        rows = [i for i, t in enumerate(truth) if t.background_kind == kind]
+        of_kind = attribute_matches([predicted[i] for i in rows], [truth[i] for i in rows])
+        metrics[f"fidelity_background_colours_{kind}"] = of_kind["background_colours"]
+        metrics[f"captions_background_{kind}"] = len(rows)
+    return metrics
 
 
 @torch.no_grad()

@@ -22,6 +22,9 @@ def test_evaluate_writes_every_metric(tmp_path: Path, caption_set: str) -> None:
     assert metrics["caption_set"] == caption_set
     for key in ("fidelity_all", "fidelity_background_colours", "fidelity_main_shape"):
         assert 0.0 <= metrics[key] <= 1.0
+    per_kind = {k.removeprefix("captions_background_"): n for k, n in metrics.items() if k.startswith("captions_background_")}
+    assert sum(per_kind.values()) == 2
+    assert all(0.0 <= metrics[f"fidelity_background_colours_{kind}"] <= 1.0 for kind in per_kind)
     assert 5.0 < metrics["vae_only_psnr_db"] < 60.0 and 0.0 < metrics["inversion_psnr_db"] < 60.0
 
 
