@@ -201,7 +201,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .editor import Editor
     from .images import DEFAULT_MAX_PIXELS
     from .serving.launcher import require_pytriton
-    from .serving.server import ServerConfig, serve
+    from .serving.server import ServerConfig, check_addresses, serve
     from .serving.service import ServiceConfig
 
     require_pytriton()
@@ -219,6 +219,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         exit_timeout_s=args.exit_timeout,
     )
+    check_addresses(server_config)  # before loading the model: a taken port fails at once
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     editor = Editor.from_pretrained(

@@ -12,7 +12,8 @@ request to the queue, and the engine thread runs up to ``max_batch`` compatible 
 :func:`~gnr_fast.batch.edit_batch`. Unlike Triton's dynamic batcher (which fails every request of a
 batch when one fails), a bad request is answered with its own error. Health, readiness and metrics
 are Triton's endpoints. SIGTERM/SIGINT stop the server gracefully: Triton stops taking requests and
-waits up to ``exit_timeout_s`` for the ones in flight, which the engine thread finishes.
+waits up to ``exit_timeout_s`` for the ones in flight, which the engine thread finishes. A start
+whose model load hits pytriton's race between a model's instances is retried (:func:`start_triton`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -43,6 +45,8 @@ from .protocol import (
 from .service import EditService, ServiceConfig, encode_png
 
 logger = logging.getLogger(__name__)
+
+START_ATTEMPTS = 3  # Triton starts tried when a model instance misses pytriton's handshake
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,27 @@ class InvertModel:
         return {"info": bytes_tensor(json.dumps(info).encode())}
 
 
+def check_addresses(config: ServerConfig) -> None:
+    """Raise :class:`ConfigError` naming the endpoint when Triton could not listen on one of
+    ``config``'s ports: another process listens there, or ``host`` is no address of this machine.
+
+    Without this check Triton's start fails only after pytriton's start-up timeout, with a traceback.
+    """
+    for name, port in (("http", config.http_port), ("grpc", config.grpc_port), ("metrics", config.metrics_port)):
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                config.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like the servers: TIME_WAIT is no conflict
+                probe.bind(address)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise ConfigError(
+                f"cannot serve {name} on {config.host}:{port}: {reason.lower()}; choose another {name} port or host"
+            ) from None
+
+
 def _cache_info(service: EditService) -> dict:
     stats = service.cache.stats()
     return {"hits": stats.hits, "misses": stats.misses, "entries": stats.entries, "bytes": stats.nbytes}
@@ -138,16 +163,18 @@ def serve(
 ) -> bool:
     """Serve ``editor`` until ``stop`` is set, SIGTERM/SIGINT arrive, or Triton exits.
 
-    Returns True after a requested stop, False when Triton stopped on its own. Signal handlers are
-    installed only when called from the main thread (and restored after).
+    Returns True after a requested stop, False when Triton stopped on its own. Raises
+    :class:`ConfigError` before starting anything when a port is taken (:func:`check_addresses`).
+    Signal handlers are installed only when called from the main thread (and restored after).
     """
     require_pytriton()
+    service_config = service_config or ServiceConfig()
+    server_config = server_config or ServerConfig()
+    check_addresses(server_config)
     prepare_environment()
     from pytriton.model_config import ModelConfig
     from pytriton.triton import Triton, TritonConfig
 
-    service_config = service_config or ServiceConfig()
-    server_config = server_config or ServerConfig()
     stop = stop or threading.Event()
     service = EditService(editor, service_config)
     triton_config = TritonConfig(
@@ -165,10 +192,9 @@ def serve(
         log_verbose=server_config.log_verbose,
     )
     edit_instances = server_config.edit_instances or service_config.max_batch
-    previous = _install_signal_handlers(stop)
-    triton = Triton(config=triton_config)
-    service.start()
-    try:
+
+    def bound_triton() -> Triton:
+        triton = Triton(config=triton_config)
         triton.bind(
             model_name=EDIT_MODEL,
             infer_func=[EditModel(service) for _ in range(edit_instances)],
@@ -185,7 +211,13 @@ def serve(
             config=ModelConfig(batching=False),
             strict=True,
         )
-        triton.run()
+        return triton
+
+    previous = _install_signal_handlers(stop)
+    service.start()
+    triton = None
+    try:
+        triton = start_triton(bound_triton)
         logger.info("serving %s and %s on %s", EDIT_MODEL, INVERT_MODEL, server_config.host)
         if on_ready is not None:
             on_ready(server_config)
@@ -195,9 +227,47 @@ def serve(
                 return False
         return True
     finally:
-        triton.stop()  # SIGINT to tritonserver: it finishes the requests in flight, then exits
+        if triton is not None:
+            triton.stop()  # SIGINT to tritonserver: it finishes the requests in flight, then exits
         service.close()
         _restore_signal_handlers(previous)
+
+
+def is_instance_handshake_failure(error: BaseException) -> bool:
+    """Whether Triton failed to load a model because a pytriton proxy instance missed its handshake.
+
+    Triton initialises the instances of a Python-backend model in parallel. In pytriton 0.7.0 the
+    first instance serves the model's configuration on a Unix socket and the others poll for that
+    socket file for one second, then connect: they fail with ``TimeoutError`` when the first
+    instance is slower than that, and with ``ConnectionRefusedError`` when they connect between its
+    ``bind`` and ``listen``. Either way the load error names ``get_config_from_handshake_server``,
+    and a fresh start loads the model.
+    """
+    return "get_config_from_handshake_server" in str(error)
+
+
+def start_triton(make: Callable[[], Any], attempts: int = START_ATTEMPTS) -> Any:
+    """Run the Triton that ``make`` returns (models bound, not yet run) and return it.
+
+    A start that fails on the instance handshake race (:func:`is_instance_handshake_failure`) is
+    stopped and retried with a fresh Triton from ``make``, up to ``attempts`` starts in all; any
+    other error, or the race's error on the last attempt, is raised after stopping that Triton.
+    """
+    attempt = 1
+    while True:
+        triton = make()
+        try:
+            triton.run()
+            return triton
+        except Exception as error:
+            triton.stop()
+            if attempt >= attempts or not is_instance_handshake_failure(error):
+                raise
+        attempt += 1
+        logger.warning(
+            "Triton failed to load a model instance (pytriton's handshake race between instances); "
+            "restarting it (attempt %d of %d)", attempt, attempts,
+        )
 
 
 def _install_signal_handlers(stop: threading.Event) -> dict:
