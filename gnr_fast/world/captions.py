@@ -9,7 +9,9 @@ Grammar (every caption is exactly one of these)::
                 | colour " and " colour " striped background"
                 | colour " and " colour " checkered background"
 
-The size word is always present, so a caption fixes every attribute except the layout.
+The size word is always present, so a caption fixes every attribute except the layout: where
+the objects are, and which colour of a striped or checkered background comes first (a
+gradient's "red to blue" does fix its direction: red at the top).
 """
 
 from __future__ import annotations

@@ -197,12 +197,32 @@ def load_judge(path: Path = DEFAULT_JUDGE_DIR) -> Judge:
     return Judge(net)
 
 
-def agrees_with_caption(predicted: SceneAttributes, caption: ParsedCaption) -> bool:
-    """True when every attribute the caption states matches the prediction
-    (background kind and colours; each stated object's size (main only), colour and shape)."""
+# Two-colour backgrounds whose caption does not say which colour comes first in the picture:
+# "a red and blue striped background" describes stripes of either phase, and a checkerboard with
+# either colour in the top-left square. The renderer still puts the first colour first, so the
+# judge reads the colours in that order; the order is compared only where the caption states it,
+# as a gradient's "red to blue" does (first colour at the top).
+UNORDERED_BACKGROUNDS = frozenset({"stripes", "checks"})
+
+
+def background_colours_agree(predicted: tuple[str, ...], kind: str, stated: tuple[str, ...],
+                             strict_order: bool = False) -> bool:
+    """Whether the predicted background colours are the stated ones: as a pair in either order
+    for :data:`UNORDERED_BACKGROUNDS` (unless ``strict_order``), else in the stated order."""
+    if kind in UNORDERED_BACKGROUNDS and not strict_order:
+        return sorted(predicted) == sorted(stated)
+    return tuple(predicted) == tuple(stated)
+
+
+def agrees_with_caption(predicted: SceneAttributes, caption: ParsedCaption, strict_order: bool = False) -> bool:
+    """True when every attribute the caption states matches the prediction: background kind and
+    colours (:func:`background_colours_agree`), each stated object's colour and shape, and the
+    main object's size. ``strict_order`` also requires the renderer's colour order for stripes and
+    checks, which the caption does not state."""
     if predicted.background_kind != caption.background_kind:
         return False
-    if predicted.background_colours != caption.background_colours:
+    if not background_colours_agree(predicted.background_colours, caption.background_kind,
+                                    caption.background_colours, strict_order):
         return False
     main = caption.objects[0]
     if (predicted.main_shape, predicted.main_colour, predicted.main_size) != (

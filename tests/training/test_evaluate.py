@@ -20,11 +20,15 @@ def test_evaluate_writes_every_metric(tmp_path: Path, caption_set: str) -> None:
                    "--batch", "2", "--threads", "1", "--caption-set", caption_set, "--out", str(out)])
     metrics = json.loads(out.read_text())
     assert metrics["caption_set"] == caption_set
-    for key in ("fidelity_all", "fidelity_background_colours", "fidelity_main_shape"):
+    for key in ("fidelity_all_stated", "fidelity_all_stated_strict_order", "fidelity_all",
+                "fidelity_background_colours", "fidelity_main_shape"):
         assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["fidelity_all_stated_strict_order"] <= metrics["fidelity_all_stated"]
     per_kind = {k.removeprefix("captions_background_"): n for k, n in metrics.items() if k.startswith("captions_background_")}
     assert sum(per_kind.values()) == 2
-    assert all(0.0 <= metrics[f"fidelity_background_colours_{kind}"] <= 1.0 for kind in per_kind)
+    for kind in per_kind:  # colours as the caption states them (any order for stripes/checks) >= in rendered order
+        assert 0.0 <= metrics[f"fidelity_background_colours_{kind}"] <= metrics[
+            f"fidelity_background_colours_as_stated_{kind}"] <= 1.0
     assert 5.0 < metrics["vae_only_psnr_db"] < 60.0 and 0.0 < metrics["inversion_psnr_db"] < 60.0
 
 

@@ -58,3 +58,18 @@ def test_agreement_checks_every_stated_attribute() -> None:
                          ("second_shape", "circle")]:
         changed = SceneAttributes(**{**truth.__dict__, field: value})
         assert not agrees_with_caption(changed, caption), field
+
+
+@pytest.mark.parametrize("kind", ["gradient", "stripes", "checks"])
+def test_colour_order_counts_only_where_the_caption_states_it(kind) -> None:
+    scene = next(s for s in map(generate_scene, range(2000)) if s.spec.background.kind == kind)
+    caption = parse_caption(scene.caption)
+    truth = attributes_of(scene.spec)
+    first, second = truth.background_colours
+    swapped = SceneAttributes(**{**truth.__dict__, "background_colours": (second, first)})
+    doubled = SceneAttributes(**{**truth.__dict__, "background_colours": (first, first)})
+    assert agrees_with_caption(truth, caption) and agrees_with_caption(truth, caption, strict_order=True)
+    # "a red and blue striped/checkered background" fits either phase; "red to blue gradient" has red on top.
+    assert agrees_with_caption(swapped, caption) == (kind != "gradient")
+    assert not agrees_with_caption(swapped, caption, strict_order=True)
+    assert not agrees_with_caption(doubled, caption)
