@@ -101,15 +101,17 @@ def _images(count: int, size: int, seed: int) -> list[bytes]:
 class Server:
     """``gnr-fast serve`` in a subprocess of its own session, on fresh loopback ports; stopped by PID."""
 
-    def __init__(self, model: Path, log: Path, max_batch: int, steps: int, threads: int) -> None:
+    def __init__(self, model: Path, log: Path, max_batch: int, steps: int, threads: int | None) -> None:
         self.http, self.grpc, self.metrics = _free_ports(3)
         argv = [
             sys.executable, "-m", "gnr_fast.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
             "--max-batch", str(max_batch), "--steps", str(steps), "--exit-timeout", "10",
-            "--torch-threads", str(threads),
         ]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ)
+        if threads is not None:  # else the server's default
+            argv += ["--torch-threads", str(threads)]
+            env["OMP_NUM_THREADS"] = str(threads)
         with open(log, "wb") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.log = log
@@ -252,6 +254,7 @@ def run(args: argparse.Namespace, command: str) -> Report:
     import torch
 
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    threads = args.threads if args.threads is not None else f"the default ({torch.get_num_threads()})"
     header = (
         "| setting | clients×edits | answered | errors | requests/s | p50 s | p95 s | p99 s | cache hit rate | mean batch |\n"
         "|---|---|---|---|---|---|---|---|---|---|"
@@ -261,7 +264,7 @@ def run(args: argparse.Namespace, command: str) -> Report:
         "",
         f"Measured {date} with `{command}` on {platform.machine()} / {os.cpu_count()} CPU cores "
         f"(1-minute load average at the end {os.getloadavg()[0]:.1f}), "
-        f"torch {torch.__version__}, {args.threads} torch thread(s) in the server, no GPU; model: {description}, "
+        f"torch {torch.__version__}, {threads} torch thread(s) in the server, no GPU; model: {description}, "
         f"{size}×{size} images, {args.steps} DDIM steps, nonstyle preset, HTTP on 127.0.0.1. Each client edits the "
         f"{args.clients} images of a pool in turn (different targets), so the first edit of each image inverts it "
         "and later ones hit the inversion cache. Latency is client-side, per request.",
@@ -283,7 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--size", type=int, default=None, help="image side (default: 256 for real models, 64 tiny)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh images for first-vs-repeat (default 3)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in the server (default: the server's default, torch's thread count)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s (default 300)")
     parser.add_argument("--time-budget", type=float, default=900.0, help="no request is sent after this, s (default 900)")
     parser.add_argument("--write", action="store_true", help=f"write the report to {README.name}")

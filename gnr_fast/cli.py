@@ -72,7 +72,7 @@ def _add_serving_parsers(sub) -> None:
     serve.add_argument("--max-steps", type=int, default=200, help="refuse requests with more steps (default 200)")
     serve.add_argument("--exit-timeout", type=int, default=30,
                        help="seconds SIGTERM waits for requests in flight (default 30)")
-    serve.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    serve.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads of the edits (default: torch's)")
     _add_model_args(serve)
 
     client = sub.add_parser("client", help="call a gnr-fast Triton server")
@@ -211,6 +211,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cache_mb=args.cache_mb,
         default_steps=args.steps,
         max_steps=args.max_steps,
+        torch_threads=args.torch_threads or torch.get_num_threads(),
     )
     server_config = ServerConfig(
         host=args.host,
@@ -220,8 +221,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         exit_timeout_s=args.exit_timeout,
     )
     check_addresses(server_config)  # before loading the model: a taken port fails at once
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
+    # Every edit runs on the service's engine thread, with service_config.torch_threads. This thread
+    # only loads the model and must not own an OpenMP team of its own: with two teams libgomp
+    # counts more threads than cores and stops spinning between parallel regions, which made edits
+    # 2.2x slower on 2 cores (benchmarks/README_server.md, "Torch threads in the server").
+    torch.set_num_threads(1)
     editor = Editor.from_pretrained(
         args.model,
         device=args.device,

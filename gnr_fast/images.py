@@ -124,8 +124,10 @@ def prepare_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pr
     size = working_size(width, height)
     if size != (width, height):
         rgb = np.asarray(pil.resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
-    # Same normalisation as the reference: uint8 / 127.5 − 1.
-    pixels = torch.from_numpy(rgb.copy()).float() / 127.5 - 1
+    # The reference's uint8 / 127.5 − 1 (same float32 bits), in numpy: servers call this on request
+    # threads, where a parallel torch op would start an OpenMP team beside the engine thread's and
+    # slow every edit (gnr_fast.serving.service.EditService).
+    pixels = torch.from_numpy(rgb.astype(np.float32) / np.float32(127.5) - np.float32(1.0))
     pixels = pixels.permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
     return PreparedImage(pixels=pixels, original_size=(width, height), working_size=size, content_hash=content_hash)
 

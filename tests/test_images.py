@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gnr_fast.errors import InputError
@@ -15,6 +16,14 @@ def test_multiple_of_64_used_as_is(sample_image):
     assert prepared.working_size == (64, 64) and not prepared.resized
     expected = np.asarray(sample_image, np.float32) / 127.5 - 1
     np.testing.assert_allclose(prepared.pixels[0].permute(1, 2, 0).numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_normalisation_has_the_reference_torch_bits():
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    reference = torch.from_numpy(rgb.copy()).float() / 127.5 - 1  # the reference's formula
+    prepared = prepare_image(Image.fromarray(rgb))
+    assert prepared.pixels.dtype == torch.float32
+    assert torch.equal(prepared.pixels[0].permute(1, 2, 0), reference)
 
 
 def test_other_sizes_snap_to_nearest_multiple_and_come_back():

@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from ..batch import BatchRequest, edit_batch
 from ..config import PRESET_NAMES, EditConfig
 from ..editor import EditResult, Editor
@@ -59,6 +60,7 @@ class ServiceConfig:
     max_steps: int = 200  # more steps are refused as absurd (the paper uses 50)
     max_queue: int = 64  # queued jobs beyond which requests are refused as busy
     request_timeout_s: float = 600.0  # a request waiting longer is answered with an error
+    torch_threads: int | None = None  # intra-op threads of the engine thread; None: torch's setting
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "default_steps", "max_steps", "max_queue"):
@@ -69,6 +71,10 @@ class ServiceConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if self.torch_threads is not None and (
+            isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int) or self.torch_threads < 1
+        ):
+            raise ConfigError(f"torch_threads must be a positive integer, got {self.torch_threads!r}")
         if self.default_steps > self.max_steps:
             raise ConfigError(f"default_steps ({self.default_steps}) exceeds max_steps ({self.max_steps})")
 
@@ -314,6 +320,8 @@ class EditService:
             self._thread = None
 
     def _serve_queue(self) -> None:
+        if self.config.torch_threads is not None:
+            torch.set_num_threads(self.config.torch_threads)  # per thread under OpenMP: set where the work runs
         while True:
             job = self._held.popleft() if self._held else self._queue.get()
             if job is None:

@@ -143,3 +143,26 @@ def test_cli_serve_on_a_taken_port_fails_with_a_message(taken_port, capsys):
     code = main(["serve", "--http-port", str(taken_port), "--grpc-port", str(grpc), "--metrics-port", str(metrics)])
     assert code == 2
     assert f"cannot serve http on 127.0.0.1:{taken_port}: address already in use" in capsys.readouterr().err
+
+
+def test_cli_serve_loads_the_model_on_one_thread_and_edits_on_the_requested_ones(monkeypatch, tiny_model_path):
+    pytest.importorskip("pytriton", reason='gnr-fast serve needs pip install "gnr-fast[serve]"')
+    import torch
+
+    import gnr_fast.serving.server as server_module
+
+    seen = {}
+
+    def fake_serve(editor, service_config, server_config, on_ready=None):
+        seen["threads here"], seen["service threads"] = torch.get_num_threads(), service_config.torch_threads
+        return True
+
+    monkeypatch.setattr(server_module, "serve", fake_serve)
+    previous = torch.get_num_threads()
+    http, grpc, metrics = free_ports(3)
+    try:
+        code = main(["serve", "--model", str(tiny_model_path), "--torch-threads", "2", "--http-port", str(http),
+                     "--grpc-port", str(grpc), "--metrics-port", str(metrics)])
+    finally:
+        torch.set_num_threads(previous)
+    assert code == 0 and seen == {"threads here": 1, "service threads": 2}

@@ -168,3 +168,17 @@ def test_new_images_in_one_batch_share_their_inversion_calls(service, tiny_edito
     assert rel_err(outcomes[1].inversion.latents, single.latents) < 1e-4
     assert outcomes[1].info(jobs[1])["inversion_batch"] == 2
     assert service.run([service.edit_job(_png(21), "a blue square", "a cat")])[0].cache_hit
+
+
+def test_the_engine_thread_runs_with_the_configured_torch_threads(tiny_editor, monkeypatch):
+    import gnr_fast.serving.service as service_module
+
+    calls = []
+    monkeypatch.setattr(service_module.torch, "set_num_threads",
+                        lambda n: calls.append((threading.current_thread().name, n)))
+    svc = EditService(tiny_editor, ServiceConfig(torch_threads=3))
+    svc.start()
+    svc.close(timeout_s=30)
+    assert calls == [("gnr-engine", 3)]
+    with pytest.raises(ConfigError, match="torch_threads must be a positive integer"):
+        ServiceConfig(torch_threads=0)
