@@ -211,7 +211,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cache_mb=args.cache_mb,
         default_steps=args.steps,
         max_steps=args.max_steps,
-        torch_threads=args.torch_threads or torch.get_num_threads(),
+        torch_threads=args.torch_threads if args.torch_threads is not None else torch.get_num_threads(),
     )
     server_config = ServerConfig(
         host=args.host,
@@ -224,7 +224,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Every edit runs on the service's engine thread, with service_config.torch_threads. This thread
     # only loads the model and must not own an OpenMP team of its own: with two teams libgomp
     # counts more threads than cores and stops spinning between parallel regions, which made edits
-    # 2.2x slower on 2 cores (benchmarks/README_server.md, "Torch threads in the server").
+    # about 2.5x slower on 2 cores (benchmarks/README_server.md, "Torch threads in the server").
     torch.set_num_threads(1)
     editor = Editor.from_pretrained(
         args.model,

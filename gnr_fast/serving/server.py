@@ -168,7 +168,7 @@ def serve(
     Signal handlers are installed only when called from the main thread (and restored after).
     Edits run on the service's engine thread with ``service_config.torch_threads``; load ``editor``
     with ``torch.set_num_threads(1)`` in effect, as ``gnr-fast serve`` does, so that the calling
-    thread owns no OpenMP team of its own (two teams made edits 2.2× slower on 2 cores).
+    thread owns no OpenMP team of its own (two teams made edits about 2.5× slower on 2 cores).
     """
     require_pytriton()
     service_config = service_config or ServiceConfig()

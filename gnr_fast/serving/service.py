@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from ..batch import BatchRequest, edit_batch
 from ..config import PRESET_NAMES, EditConfig
 from ..editor import EditResult, Editor

@@ -166,3 +166,9 @@ def test_cli_serve_loads_the_model_on_one_thread_and_edits_on_the_requested_ones
     finally:
         torch.set_num_threads(previous)
     assert code == 0 and seen == {"threads here": 1, "service threads": 2}
+
+
+def test_cli_serve_refuses_zero_torch_threads(capsys):
+    pytest.importorskip("pytriton", reason='gnr-fast serve needs pip install "gnr-fast[serve]"')
+    assert main(["serve", "--torch-threads", "0"]) == 2
+    assert "torch_threads must be a positive integer, got 0" in capsys.readouterr().err
