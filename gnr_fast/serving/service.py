@@ -64,7 +64,8 @@ class ServiceConfig:
     torch_threads: int | None = None  # intra-op threads of the engine thread; None: torch's setting
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "default_steps", "max_steps", "max_queue"):
+        optional = ("torch_threads",) if self.torch_threads is not None else ()
+        for name in ("max_batch", "default_steps", "max_steps", "max_queue", *optional):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -72,10 +73,6 @@ class ServiceConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
-        if self.torch_threads is not None and (
-            isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int) or self.torch_threads < 1
-        ):
-            raise ConfigError(f"torch_threads must be a positive integer, got {self.torch_threads!r}")
         if self.default_steps > self.max_steps:
             raise ConfigError(f"default_steps ({self.default_steps}) exceeds max_steps ({self.max_steps})")
 
