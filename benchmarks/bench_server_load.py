@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gnr_fast.config import PRESET_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 README = Path(__file__).with_name("README_server.md")
 BUNDLED = ROOT / "gnr_fast" / "models" / "shapes-v1"
@@ -140,7 +142,7 @@ class Server:
 
 
 def run_load(server: Server, setting: str, clients: int, edits: int, images: list[bytes], deadline: float,
-             timeout_s: float) -> LoadResult:
+             timeout_s: float, preset: str) -> LoadResult:
     """K client threads × M edits each; client k edits image (k + j) mod K with its own targets."""
     from gnr_fast.client import GnrClient
 
@@ -156,7 +158,7 @@ def run_load(server: Server, setting: str, clients: int, edits: int, images: lis
                     continue
                 start = time.perf_counter()
                 try:
-                    _, info = client.edit(images[(k + j) % len(images)], SOURCE, f"shapes, edit {k}-{j}")
+                    _, info = client.edit(images[(k + j) % len(images)], SOURCE, f"shapes, edit {k}-{j}", preset=preset)
                 except Exception as exc:  # counted and reported: the benchmark requires 0
                     with lock:
                         result.errors.append(f"{type(exc).__name__}: {exc}")
@@ -178,7 +180,7 @@ def run_load(server: Server, setting: str, clients: int, edits: int, images: lis
     return result
 
 
-def first_vs_repeat(server: Server, images: list[bytes], timeout_s: float) -> tuple[list[float], list[float]]:
+def first_vs_repeat(server: Server, images: list[bytes], timeout_s: float, preset: str) -> tuple[list[float], list[float]]:
     """Sequential first edits (cache miss) and repeat edits (hit, other target) of fresh images."""
     from gnr_fast.client import GnrClient
 
@@ -187,7 +189,7 @@ def first_vs_repeat(server: Server, images: list[bytes], timeout_s: float) -> tu
         for i, image in enumerate(images):
             for target, out in ((f"first {i}", firsts), (f"repeat {i}", repeats)):
                 start = time.perf_counter()
-                _, info = client.edit(image, SOURCE, target)
+                _, info = client.edit(image, SOURCE, target, preset=preset)
                 out.append(time.perf_counter() - start)
                 assert info["cache_hit"] == (out is repeats), info
     return firsts, repeats
@@ -233,15 +235,15 @@ def run(args: argparse.Namespace, command: str) -> Report:
                 from gnr_fast.client import GnrClient
 
                 with GnrClient(f"127.0.0.1:{server.http}", timeout_s=args.timeout) as client:
-                    client.edit(warm, SOURCE, "warm-up")  # first-call overheads out of the measurement
+                    client.edit(warm, SOURCE, "warm-up", preset=args.preset)  # first-call overheads out of the measurement
                 images = _images(args.clients, size, seed=max_batch)
-                result = run_load(server, setting, args.clients, args.edits, images, budget_end, args.timeout)
+                result = run_load(server, setting, args.clients, args.edits, images, budget_end, args.timeout, args.preset)
                 rows.append(result)
                 print(result.row(), flush=True)
                 for error in result.errors[:5]:
                     print("  error:", error, flush=True)
                 if max_batch == args.max_batch:
-                    firsts, repeats = first_vs_repeat(server, _images(args.repeats, size, seed=1234), args.timeout)
+                    firsts, repeats = first_vs_repeat(server, _images(args.repeats, size, seed=1234), args.timeout, args.preset)
                     ratio = statistics.median(firsts) / statistics.median(repeats)
                     ratio_line = (
                         f"First edit vs repeat edit of the same image (sequential, {args.repeats} fresh images, "
@@ -265,7 +267,7 @@ def run(args: argparse.Namespace, command: str) -> Report:
         f"Measured {date} with `{command}` on {platform.machine()} / {os.cpu_count()} CPU cores "
         f"(1-minute load average at the end {os.getloadavg()[0]:.1f}), "
         f"torch {torch.__version__}, {threads} torch thread(s) in the server, no GPU; model: {description}, "
-        f"{size}×{size} images, {args.steps} DDIM steps, nonstyle preset, HTTP on 127.0.0.1. Each client edits the "
+        f"{size}×{size} images, {args.steps} DDIM steps, {args.preset} preset, HTTP on 127.0.0.1. Each client edits the "
         f"{args.clients} images of a pool in turn (different targets), so the first edit of each image inverts it "
         "and later ones hit the inversion cache. Latency is client-side, per request.",
         "",
@@ -284,6 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--edits", type=int, default=5, help="edits per client M (default 5)")
     parser.add_argument("--max-batch", type=int, default=4, help="max batch of the batching server (default 4)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--preset", default="nonstyle", choices=PRESET_NAMES, help="edit preset (default nonstyle)")
     parser.add_argument("--size", type=int, default=None, help="image side (default: 256 for real models, 64 tiny)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh images for first-vs-repeat (default 3)")
     parser.add_argument("--threads", type=int, default=None,

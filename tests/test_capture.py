@@ -68,5 +68,50 @@ def test_qk_capture_and_features(setup):
     unet = editor.components.unet
     assert capture.features[FeatureSite.UP_LAST].shape[1] == unet.config.block_out_channels[0]
     assert capture.features[FeatureSite.UP].shape[1] == unet.config.block_out_channels[-1]
-    # hooks are removed after the call
-    assert not unet.up_blocks[-1]._forward_hooks
+    # after the call, a call without this capture records nothing into it
+    recorded = capture.features[FeatureSite.UP_LAST]
+    with torch.no_grad():
+        editor.runner(z + 1, 300, ctx)
+    assert capture.features[FeatureSite.UP_LAST] is recorded
+
+
+def test_a_call_on_another_thread_records_nothing_into_this_threads_captures(setup):
+    """A step's no-grad and grad calls may run on two threads at once: each records only its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gnr_fast.attention.capture import capture_features
+
+    editor, z, ctx = setup
+    capture = PassCapture(layers=frozenset(), mode=CaptureMode.QK, feature_sites=frozenset({FeatureSite.UP_LAST}))
+
+    def other_call() -> None:
+        with torch.no_grad():
+            editor.runner(z, 300, ctx)
+
+    with capture_features(editor.components.unet, (capture,)):  # this thread's call is under way
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(other_call).result()
+    assert not capture.features
+
+
+def test_unet_without_a_feature_site_is_refused_clearly():
+    from gnr_fast.attention.capture import capture_features
+    from gnr_fast.errors import UnsupportedArchitectureError
+
+    class Bare(torch.nn.Module):
+        pass
+
+    capture = PassCapture(layers=frozenset(), feature_sites=frozenset({FeatureSite.UP_LAST}))
+    with pytest.raises(UnsupportedArchitectureError, match="feature site"):
+        with capture_features(Bare(), (capture,)):
+            pass
+
+
+def test_unet_with_feature_hooks_still_pickles(tiny_editor):
+    import copy
+    import io
+
+    unet = tiny_editor.components.unet
+    buffer = io.BytesIO()
+    torch.save(unet, buffer)  # whole-module pickling, as some users save models
+    assert copy.deepcopy(unet) is not unet

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterator, Literal, Sequence
@@ -10,7 +11,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from ..config import FeatureSite, LayerRange
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedArchitectureError
 
 Group = Literal["down", "mid", "up"]
 
@@ -101,19 +102,59 @@ def feature_module(unet: torch.nn.Module, site: FeatureSite) -> torch.nn.Module:
     return unet.down_blocks[1].resnets[1]
 
 
+_ACTIVE = threading.local()  # .captures: those of the UNet call now running on this thread
+_HOOKED_SITES = "_gnr_feature_sites"  # UNet attribute: the sites that carry a recording hook
+
+
+class _FeatureRecorder:
+    """Forward hook of one feature site: hands the module's output to this thread's active captures.
+
+    A module-level class, not a closure, so that a UNet carrying it can still be pickled or copied.
+    """
+
+    def __init__(self, site: FeatureSite) -> None:
+        self.site = site
+
+    def __call__(self, _module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        for capture in getattr(_ACTIVE, "captures", ()):
+            if self.site in capture.feature_sites:
+                capture.features[self.site] = output[capture.rows]
+
+
+def install_feature_hooks(unet: torch.nn.Module) -> None:
+    """Put one permanent forward hook on the module of each :class:`FeatureSite` of ``unet``.
+
+    A hook records into the captures of the call running on its own thread (see
+    :func:`capture_features`), so calls on two threads at once never see each other's outputs,
+    and no hook is added or removed while another thread may be running the UNet.
+    """
+    if hasattr(unet, _HOOKED_SITES):
+        return
+    hooked = set()
+    for site in FeatureSite:
+        try:
+            module = feature_module(unet, site)
+        except (AttributeError, IndexError):  # not an SD-shaped UNet at this site: no guider can read it
+            continue
+
+        module.register_forward_hook(_FeatureRecorder(site))
+        hooked.add(site)
+    setattr(unet, _HOOKED_SITES, frozenset(hooked))
+
+
 @contextlib.contextmanager
 def capture_features(unet: torch.nn.Module, captures: tuple[PassCapture, ...]) -> Iterator[None]:
-    """Record the outputs of each capture's ``feature_sites`` with forward hooks for one call."""
-    handles = []
-    for capture in captures:
-        for site in capture.feature_sites:
-
-            def hook(_m: torch.nn.Module, _i: object, output: torch.Tensor, site=site, capture=capture) -> None:
-                capture.features[site] = output[capture.rows]
-
-            handles.append(feature_module(unet, site).register_forward_hook(hook))
+    """Record the outputs of each capture's ``feature_sites`` during one call of ``unet`` on this thread."""
+    install_feature_hooks(unet)
+    missing = {site for c in captures for site in c.feature_sites} - getattr(unet, _HOOKED_SITES)
+    if missing:
+        raise UnsupportedArchitectureError(
+            f"this UNet has no module at feature site(s) {sorted(s.value for s in missing)}; "
+            "gnr-fast supports SD 1.x/2.x UNets only"
+        )
+    previous = getattr(_ACTIVE, "captures", ())
+    _ACTIVE.captures = captures
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        _ACTIVE.captures = previous

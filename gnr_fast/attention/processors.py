@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedArchitectureError
-from .capture import CaptureMode, PassCapture, SelfAttnLayer
+from .capture import CaptureMode, PassCapture, SelfAttnLayer, install_feature_hooks
 
 
 class CaptureAttnProcessor:
@@ -102,7 +102,8 @@ def _check_supported(name: str, attn) -> None:
 
 
 def install_capture_processors(unet: torch.nn.Module) -> list[SelfAttnLayer]:
-    """Give every attention module of ``unet`` a :class:`CaptureAttnProcessor`; return the self-attention layers.
+    """Give every attention module of ``unet`` a :class:`CaptureAttnProcessor` and its feature sites
+    their recording hooks; return the self-attention layers.
 
     Self-attention layers are the ``attn1`` modules of the transformer blocks, listed in forward
     order (down blocks, mid block, up blocks), matching the reference's per-group counting.
@@ -127,4 +128,5 @@ def install_capture_processors(unet: torch.nn.Module) -> list[SelfAttnLayer]:
         else:
             processors[key] = CaptureAttnProcessor(None)
     unet.set_attn_processor(processors)
+    install_feature_hooks(unet)
     return layers

@@ -116,3 +116,17 @@ def plan_step(config: EditConfig, step: int, source_cached: bool = False, energi
     if grad_rows:
         calls.append(UNetCall(tuple(grad_rows), grad=True))
     return StepPlan(step=step, calls=tuple(calls), energies=energies)
+
+
+def plan_edit(config: EditConfig, source_cached: bool = False) -> tuple[StepPlan, ...]:
+    """The plan of every step of an edit: an image's first edit (``source_cached=False``) or a
+    later one whose source pass the inversion cache serves at every step.
+
+    Under the reference pairing, step 0 starts at z = z*, so its same-prompt energies vanish
+    (:func:`plan_step`); under ``"exact"`` pairing they do not.
+    """
+    return tuple(
+        plan_step(config, step, source_cached=source_cached,
+                  energies_vanish=step == 0 and config.align_inversion == "reference")
+        for step in range(config.num_steps)
+    )

@@ -1,7 +1,11 @@
 """The per-step pass plans (DESIGN.md §3, §8): what each step of each preset runs."""
 
+import dataclasses
+
+import pytest
+
 from gnr_fast.config import CfgGuider, EditConfig, LatentsDiff, RescaleConfig, Role, SelfAttnMapL2
-from gnr_fast.fast.plan import Latent, Prompt, plan_step
+from gnr_fast.fast.plan import Latent, Prompt, plan_edit, plan_step
 
 
 def test_nonstyle_guided_step_batches_no_grad_passes():
@@ -64,3 +68,32 @@ def test_plain_attention_guider_reads_current_and_source():
     cfg = EditConfig(guiders=(CfgGuider(), SelfAttnMapL2(scale=1.0)), num_steps=4)
     plan = plan_step(cfg, 2)
     assert plan.rows == 4 and plan.energies == (cfg.guiders[1],)
+
+
+def _rows(plans) -> tuple[int, int]:
+    """(UNet rows, rows the backward runs through) of a sequence of step plans."""
+    return (sum(p.rows for p in plans), sum(len(c.rows) for p in plans for c in p.calls if c.grad))
+
+
+def test_nonstyle_edit_row_counts():
+    first, repeat = plan_edit(EditConfig.nonstyle()), plan_edit(EditConfig.nonstyle(), source_cached=True)
+    # 50 steps × (ε_u, ε_trg); guided steps 1–29 add the grad row and, uncached, the source row.
+    assert _rows(first) == (100 + 29 + 29, 29)
+    assert _rows(repeat) == (100 + 29, 29)
+
+
+def test_exact_pairing_keeps_step_zero_energies():
+    config = dataclasses.replace(EditConfig.nonstyle(), align_inversion="exact")
+    assert plan_edit(config)[0].backward and not plan_edit(EditConfig.nonstyle())[0].backward
+
+
+@pytest.mark.parametrize("preset", ["nonstyle", "style"])
+def test_plan_edit_counts_the_rows_an_edit_runs(tiny_editor, sample_image, preset):
+    steps = 6
+    config = EditConfig.preset(preset, steps)
+    inversion = tiny_editor.invert(sample_image, "a red circle", num_steps=steps, progress=False)
+    runner = tiny_editor.runner
+    for source_cached in (False, True):  # the first edit fills the source cache, the second reads it
+        before = runner.rows
+        tiny_editor.edit(inversion, f"a green square {source_cached}", config=config, progress=False)
+        assert runner.rows - before == _rows(plan_edit(config, source_cached))[0]
