@@ -34,9 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from gnr_fast import EditConfig, Editor  # noqa: E402
 from gnr_fast.editing import EditContext  # noqa: E402
-from gnr_fast.fast import SourceCache, StepPlan, fast_step, plan_edit  # noqa: E402
-from gnr_fast.fast.source_cache import CacheKey  # noqa: E402
-from gnr_fast.fast.step import source_sites  # noqa: E402
+from gnr_fast.fast import StepPlan, fast_step, plan_edit  # noqa: E402
 from gnr_fast.images import encode_latent  # noqa: E402
 from gnr_fast.loading import BUNDLED_MODEL  # noqa: E402
 
@@ -97,7 +95,6 @@ def estimate(editor: Editor, config: EditConfig, latent: int, repeats: int = 3) 
     generator = torch.Generator().manual_seed(0)
     z_star = torch.randn(1, 4, latent, latent, generator=generator, dtype=components.dtype)
     z_moved = z_star + 0.1 * torch.randn(z_star.shape, generator=generator, dtype=components.dtype)
-    key = CacheKey(config.align_inversion, ctx.layers, source_sites(ctx), config.num_steps)
     first, repeat = plan_edit(config), plan_edit(config, source_cached=True)
 
     kind_s: dict[str, float] = {}
@@ -107,16 +104,15 @@ def estimate(editor: Editor, config: EditConfig, latent: int, repeats: int = 3) 
             if kind in kind_s:
                 continue
             z = z_star if step == 0 and config.align_inversion == "reference" else z_moved
-            cache = SourceCache(key, max_bytes=editor.source_cache_bytes, storage_dtype=editor.source_cache_dtype)
             if source_cached:
-                ctx.source_cache = cache
+                ctx.source_cache = editor.new_source_cache(ctx)
                 fast_step(ctx, z, z_star, step)  # fills the step's source entry
 
                 def run(step=step, z=z) -> None:
                     fast_step(ctx, z, z_star, step)
             else:
                 def run(step=step, z=z) -> None:
-                    ctx.source_cache = SourceCache(key, max_bytes=cache.max_bytes, storage_dtype=cache.storage_dtype)
+                    ctx.source_cache = editor.new_source_cache(ctx)  # empty: the step runs and stores its source row
                     fast_step(ctx, z, z_star, step)
             rows_before = editor.runner.rows
             run()  # also the warm-up

@@ -213,12 +213,16 @@ class Editor:
         """The inversion's source cache for this edit's pairing/layers (a fresh one if they changed)."""
         if self.source_cache_bytes <= 0:
             return None
+        fresh = self.new_source_cache(ctx)
+        if inversion.source_cache is None or inversion.source_cache.key != fresh.key:
+            inversion.source_cache = fresh
+        return inversion.source_cache
+
+    def new_source_cache(self, ctx: EditContext) -> SourceCache:
+        """An empty source cache for edits with ``ctx``'s pairing, layers, feature sites and steps,
+        bounded by this editor's ``source_cache_mb`` and stored in its ``source_cache_dtype``."""
         key = CacheKey(ctx.config.align_inversion, ctx.layers, source_sites(ctx), ctx.config.num_steps)
-        cache = inversion.source_cache
-        if cache is None or cache.key != key:
-            cache = SourceCache(key, max_bytes=self.source_cache_bytes, storage_dtype=self.source_cache_dtype)
-            inversion.source_cache = cache
-        return cache
+        return SourceCache(key, max_bytes=self.source_cache_bytes, storage_dtype=self.source_cache_dtype)
 
     def edit_batch(self, requests: list, progress: bool = False) -> list[EditResult]:
         """Run several edits at once; compatible ones share UNet calls (see :mod:`gnr_fast.batch`)."""

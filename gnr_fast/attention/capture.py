@@ -136,7 +136,6 @@ def install_feature_hooks(unet: torch.nn.Module) -> None:
             module = feature_module(unet, site)
         except (AttributeError, IndexError):  # not an SD-shaped UNet at this site: no guider can read it
             continue
-
         module.register_forward_hook(_FeatureRecorder(site))
         hooked.add(site)
     setattr(unet, _HOOKED_SITES, frozenset(hooked))
