@@ -55,6 +55,14 @@ class GuidanceError(GnrError, RuntimeError):
     """Guidance produced non-finite values during an edit (reported, never retried silently)."""
 
 
+class NonFiniteError(GnrError, RuntimeError):
+    """A model component produced NaN or infinite values even in float32 (never written out as an image)."""
+
+
+class DeviceOutOfMemoryError(GnrError, RuntimeError):
+    """A job does not fit in the device's memory even when run on its own."""
+
+
 class ServiceBusyError(GnrError, RuntimeError):
     """The edit service's queue is full or it is shutting down; the client may try again later."""
 

@@ -9,8 +9,11 @@ EXIF orientation is applied first.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -19,7 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError
+from .precision import dtype_name, to_compute
+
+logger = logging.getLogger(__name__)
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, bytes]
 
@@ -134,17 +140,57 @@ def prepare_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pr
 
 @torch.no_grad()
 def encode_latent(vae, pixels: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """z = scaling_factor · VAE.encode(pixels).mean (DESIGN.md §1): [B, 4, H/8, W/8]."""
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    return vae.encode(pixels).latent_dist.mean * scaling_factor
+    """z = scaling_factor · VAE.encode(pixels).mean (DESIGN.md §1): [B, 4, H/8, W/8] in float32.
+
+    Runs in the VAE's dtype; a non-finite result of a low-precision VAE is retried in float32,
+    and one that is still not finite raises :class:`NonFiniteError` (docs/precision.md §4).
+    """
+    pixels = pixels.to(device=vae.device)
+    mean = _finite_vae_output(vae, lambda m: m.encode(pixels.to(m.dtype)).latent_dist.mean, "encoding the image")
+    return to_compute(mean) * scaling_factor
 
 
 @torch.no_grad()
 def decode_latent(vae, latent: torch.Tensor, scaling_factor: float) -> np.ndarray:
-    """Decode latents to uint8 RGB arrays [B, H, W, 3] exactly as the reference does (truncating ×255)."""
-    image = vae.decode(latent.detach().to(vae.dtype) / scaling_factor).sample
+    """Decode latents to uint8 RGB arrays [B, H, W, 3] exactly as the reference does (truncating ×255).
+
+    Runs in the VAE's dtype (float32 when its config says ``force_upcast``, see
+    :meth:`~gnr_fast.precision.PrecisionPolicy.vae_dtype`); a non-finite decode of a low-precision
+    VAE is retried in float32, and a latent or image that is still not finite raises
+    :class:`NonFiniteError` — never a black image (docs/precision.md §4).
+    """
+    latent = to_compute(latent.detach())
+    if not bool(torch.isfinite(latent).all()):
+        raise NonFiniteError(
+            "the latent to decode contains NaN or infinite values (the edit diverged); lower the guider scales, "
+            "or run with dtype=torch.float32"
+        )
+    latent = latent / scaling_factor
+    image = _finite_vae_output(vae, lambda m: m.decode(latent.to(m.dtype)).sample, "decoding the latent")
     image = (image.float() / 2 + 0.5).clamp(0, 1)
     return (image.cpu().permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+
+
+def _finite_vae_output(vae, run: Callable[[torch.nn.Module], torch.Tensor], what: str) -> torch.Tensor:
+    """``run(vae)``, retried on a float32 copy of a low-precision ``vae`` when its output is not finite."""
+    out = run(vae)
+    if bool(torch.isfinite(out).all()):
+        return out
+    if vae.dtype in (torch.float32, torch.float64):
+        raise NonFiniteError(
+            f"the VAE produced NaN or infinite values {what} in {dtype_name(vae.dtype)}; check the checkpoint's VAE weights"
+        )
+    logger.warning(
+        "the %s VAE produced non-finite values %s; retrying in float32 (load with vae_upcast='always' to skip the "
+        "low-precision attempt)", dtype_name(vae.dtype), what,
+    )
+    out = run(copy.deepcopy(vae).to(torch.float32))
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(
+            f"the VAE produced NaN or infinite values {what}, in {dtype_name(vae.dtype)} and again in float32; check the "
+            "checkpoint's VAE weights and the input"
+        )
+    return out
 
 
 def to_output_image(array: np.ndarray, original_size: tuple[int, int]) -> Image.Image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,8 +16,11 @@ from tqdm.auto import tqdm
 from .errors import InputError, InversionMismatchError
 from .images import PreparedImage, encode_latent
 from .loading import Components
+from .precision import dtype_name
 from .runtime.base import UNetRunner
 from .schedules import ddim_step_up, ddim_timesteps
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "gnr-fast-inversion"
 FORMAT_VERSION = "1"
@@ -36,11 +40,25 @@ class Inversion:
     original_size: tuple[int, int]  # (width, height) of the input image
     working_size: tuple[int, int]  # (width, height) the model ran at
     content_hash: str  # sha256 of the input's RGB pixels
+    model_dtype: str | None = None
+    """Dtype the model ran in while inverting ("float32", "float16", "bfloat16"); None if not recorded."""
     source_cache: Any = field(default=None, repr=False, compare=False)
     """In-memory :class:`~gnr_fast.fast.SourceCache` filled by fast edits (not saved to disk)."""
 
-    def check_compatible(self, model_id: str, num_steps: int | None = None) -> None:
-        """Raise :class:`InversionMismatchError` unless this inversion fits ``model_id`` and ``num_steps``."""
+    def check_compatible(
+        self,
+        model_id: str,
+        num_steps: int | None = None,
+        dtype: torch.dtype | None = None,
+        allow_dtype_mismatch: bool = True,
+    ) -> None:
+        """Raise :class:`InversionMismatchError` unless this inversion fits ``model_id`` and ``num_steps``.
+
+        The model id does not depend on the dtype the model runs in (docs/precision.md §5). An
+        inversion computed in another ``dtype`` is accepted with a warning naming both dtypes when
+        ``allow_dtype_mismatch`` (the policy's default; the trajectory is stored in float32), and
+        refused naming both otherwise.
+        """
         if self.model_id != model_id:
             raise InversionMismatchError(
                 f"this inversion was computed with model {self.model_id}, but the editor runs model {model_id}; "
@@ -51,6 +69,18 @@ class Inversion:
                 f"this inversion has {self.num_steps} steps but the edit asks for {num_steps}; invert again with "
                 f"num_steps={num_steps} or edit with {self.num_steps} steps"
             )
+        wanted = None if dtype is None else dtype_name(dtype)
+        if wanted is None or self.model_dtype is None or self.model_dtype == wanted:
+            return
+        if not allow_dtype_mismatch:
+            raise InversionMismatchError(
+                f"this inversion was computed in {self.model_dtype} but the editor runs in {wanted}; invert again in "
+                f"{wanted}, or allow the mismatch (PrecisionPolicy(allow_dtype_mismatch=True))"
+            )
+        logger.warning(
+            "editing an inversion computed in %s with the model in %s (same weights; the trajectories differ by "
+            "rounding)", self.model_dtype, wanted,
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the trajectory (safetensors) with its metadata (JSON strings in the header)."""
@@ -65,6 +95,8 @@ class Inversion:
             "working_size": json.dumps(list(self.working_size)),
             "content_hash": self.content_hash,
         }
+        if self.model_dtype is not None:
+            metadata["model_dtype"] = self.model_dtype
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"latents": self.latents.detach().to("cpu", torch.float32).contiguous()}, str(path), metadata=metadata)
         return path
@@ -98,6 +130,7 @@ class Inversion:
             original_size=tuple(json.loads(metadata["original_size"])),
             working_size=tuple(json.loads(metadata["working_size"])),
             content_hash=metadata["content_hash"],
+            model_dtype=metadata.get("model_dtype"),
         )
 
 
@@ -137,6 +170,7 @@ def invert_many(
                 original_size=image.original_size,
                 working_size=image.working_size,
                 content_hash=image.content_hash,
+                model_dtype=dtype_name(components.dtype),
             )
     return results
 

@@ -12,12 +12,14 @@ from typing import Any
 import torch
 
 from .errors import (
+    ConfigError,
     MissingComponentError,
     ModelLoadError,
     ModelNotFoundError,
     NotAPipelineError,
     UnsupportedArchitectureError,
 )
+from .precision import MODEL_DTYPES, PrecisionPolicy
 from .schedules import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,12 @@ class Components:
     path: Path
     model_id: str
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the UNet and text encoder (the VAE's is ``vae.dtype``, see ``precision``)
+    precision: PrecisionPolicy | None = None  # None: PrecisionPolicy(model_dtype=dtype)
+
+    def __post_init__(self) -> None:
+        if self.precision is None:
+            self.precision = PrecisionPolicy(model_dtype=self.dtype)
 
     @property
     def scaling_factor(self) -> float:
@@ -137,28 +144,87 @@ def check_pipeline_folder(path: Path) -> dict:
     return index
 
 
-def _fingerprint(unet: Any, vae: Any, text_encoder: Any, schedule: NoiseSchedule) -> str:
-    """A short id that changes when the weights or the configs change (saved with inversions)."""
+PROBES: dict[str, tuple[str, ...]] = {
+    "unet": ("conv_in.weight", "conv_out.weight"),
+    "vae": ("encoder.conv_in.weight", "decoder.conv_out.weight"),
+    "text_encoder": ("embeddings.token_embedding.weight",),
+}
+"""Weights hashed into the model id, by component (matched as key suffixes in the weight files)."""
+PROBE_EMBEDDING_ROWS = 64
+"""Rows of the token-embedding table hashed (the whole table is 49408 × 768 in SD 1.x)."""
+
+
+_LOAD_ONLY_CONFIG_KEYS = frozenset({"_name_or_path", "dtype", "torch_dtype"})
+"""Config entries set by the loader (path, load dtype), not by the checkpoint: left out of the model id."""
+
+
+def module_probes(unet: Any, vae: Any, text_encoder: Any) -> list[torch.Tensor]:
+    """The :data:`PROBES` tensors of loaded modules, as float32 on the CPU (in that order)."""
+    tensors = [unet.conv_in.weight, unet.conv_out.weight, vae.encoder.conv_in.weight, vae.decoder.conv_out.weight]
+    tensors.append(text_encoder.get_input_embeddings().weight[:PROBE_EMBEDDING_ROWS])
+    return [t.detach().to("cpu", torch.float32) for t in tensors]
+
+
+def stored_probes(path: Path) -> list[torch.Tensor] | None:
+    """The :data:`PROBES` tensors as the pipeline folder's weight files store them, upcast to float32.
+
+    Independent of the dtype the model is loaded in (a float16 load rounds the weights; the files do
+    not change), so the model id of one checkpoint is the same in every dtype. ``None`` when a
+    component's weights are not a safetensors file holding every probe (then the caller hashes the
+    loaded modules' weights).
+    """
+    probes = []
+    for component, names in PROBES.items():
+        weights = path / component / _WEIGHT_FILES[component][0]
+        if not weights.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as handle:
+            keys = list(handle.keys())
+            for name in names:
+                matches = [k for k in keys if k == name or k.endswith("." + name)]
+                if len(matches) != 1:
+                    return None
+                tensor = handle.get_slice(matches[0])
+                tensor = tensor[:PROBE_EMBEDDING_ROWS] if name.startswith("embeddings.") else tensor[:]
+                probes.append(tensor.to(torch.float32))
+    return probes
+
+
+def model_fingerprint(unet: Any, vae: Any, text_encoder: Any, schedule: NoiseSchedule, probes: list[torch.Tensor]) -> str:
+    """A short id that changes when the weights or the configs change (saved with inversions).
+
+    ``probes`` are the :data:`PROBES` weights as float32 (:func:`stored_probes`, else
+    :func:`module_probes`). The dtype the model runs in is not part of the id: it is recorded beside
+    it (``Inversion.dtype``). Nor is the folder's path: the config entries the loaders add
+    (:data:`_LOAD_ONLY_CONFIG_KEYS`) are left out, so a copied checkpoint keeps its id.
+    """
     digest = hashlib.sha256()
-    for module in (unet, vae):
-        digest.update(json.dumps(dict(module.config), sort_keys=True, default=str).encode())
-    digest.update(json.dumps(text_encoder.config.to_dict(), sort_keys=True, default=str).encode())
+    configs = [dict(unet.config), dict(vae.config), text_encoder.config.to_dict()]
+    for config in configs:
+        kept = {k: v for k, v in config.items() if k not in _LOAD_ONLY_CONFIG_KEYS}
+        digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
     digest.update(schedule.alphas_cumprod.numpy().tobytes())
     digest.update(schedule.prediction_type.encode())
-    probes = (unet.conv_in.weight, unet.conv_out.weight, vae.encoder.conv_in.weight, vae.decoder.conv_out.weight)
     for tensor in probes:
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    embeddings = text_encoder.get_input_embeddings().weight
-    digest.update(embeddings[:64].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 def load_components(
-    path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    precision: PrecisionPolicy | None = None,
 ) -> Components:
     """Load UNet, VAE, text encoder, tokenizer and noise schedule from a local pipeline folder.
 
     Never contacts a hub (``local_files_only=True`` everywhere). ``path=None`` loads the bundled model.
+    UNet and text encoder are loaded in ``dtype``; the VAE in ``precision.vae_dtype(force_upcast)``
+    (float32 for a low-precision ``dtype`` when the VAE config says ``force_upcast``, the default).
+    ``precision`` defaults to ``PrecisionPolicy(model_dtype=dtype)``; if given, its model dtype
+    must be ``dtype``.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -171,8 +237,16 @@ def load_components(
         raise ModelLoadError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device={str(device)!r} requested but CUDA is not available here; use device='cpu'.")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    if dtype not in MODEL_DTYPES:
         raise ModelLoadError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16.")
+    if precision is None:
+        precision = PrecisionPolicy(model_dtype=dtype)
+    elif precision.model_dtype != dtype:
+        raise ConfigError(
+            f"precision.model_dtype={precision.model_dtype} differs from dtype={dtype}; pass one dtype for both"
+        )
+    vae_config = _read_json(path / "vae" / "config.json")
+    vae_dtype = precision.vae_dtype(bool(vae_config.get("force_upcast", True)))
 
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
     schedule = NoiseSchedule.from_betas(
@@ -185,7 +259,7 @@ def load_components(
     try:
         quiet = {"local_files_only": True, "low_cpu_mem_usage": False}
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, **quiet)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, **quiet)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype, **quiet)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -199,8 +273,13 @@ def load_components(
         module.requires_grad_(False)
         module.eval()
         module.to(device)
-    model_id = _fingerprint(unet, vae, text_encoder, schedule)
-    logger.info("loaded %s (model id %s) on %s/%s", path, model_id, device, dtype)
+    probes = stored_probes(path)
+    if probes is None:
+        logger.warning("%s: weights are not safetensors files holding %s; the model id hashes the loaded weights, so "
+                       "it depends on dtype=%s", path, PROBES, dtype)
+        probes = module_probes(unet, vae, text_encoder)
+    model_id = model_fingerprint(unet, vae, text_encoder, schedule, probes)
+    logger.info("loaded %s (model id %s) on %s/%s, VAE in %s", path, model_id, device, dtype, vae_dtype)
     return Components(
         unet=unet,
         vae=vae,
@@ -211,4 +290,5 @@ def load_components(
         model_id=model_id,
         device=device,
         dtype=dtype,
+        precision=precision,
     )

@@ -24,7 +24,12 @@ __all__ = ["appearance_l1", "features_map_l2", "guider_energy", "latents_diff", 
 def guider_energy(
     guider: GuiderConfig, step: int, captures: dict[Role, PassCapture], layers: frozenset[int]
 ) -> torch.Tensor:
-    """v_g(i) · energy_g for an energy guider at ``step`` from the captures of the passes it reads."""
+    """v_g(i) · energy_g for an energy guider at ``step`` from the captures of the passes it reads.
+
+    A 0-dim float32 tensor (float64 for float64 captures) whatever the capture dtype: the scales
+    (e.g. 300000) multiply float32 energies, so neither the energy nor its backward's upstream
+    gradient overflows float16 (docs/precision.md).
+    """
     scale = scale_at(guider.scale, step)
     inv = captures[Role.INV_INV]
     if isinstance(guider, SelfAttnMapL2Appearance):

@@ -6,8 +6,13 @@ import torch
 
 from ..attention.capture import PassCapture
 from ..config import FeatureSite
+from ..precision import to_compute
 
 
 def appearance_l1(cur: PassCapture, inv: PassCapture, site: FeatureSite) -> torch.Tensor:
-    """Mean absolute difference of the features recorded at ``site`` in the two passes."""
-    return torch.mean(torch.abs(cur.features[site] - inv.features[site]))
+    """Mean absolute difference of the features recorded at ``site`` in the two passes.
+
+    Computed in float32 whatever the capture dtype (docs/precision.md): a float16 sum of |Δ| over a
+    feature map overflows past 65504. Returns a 0-dim float32 tensor (float64 for float64 inputs).
+    """
+    return torch.mean(torch.abs(to_compute(cur.features[site]) - to_compute(inv.features[site])))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.capture import CaptureMode, PassCapture
+from ..precision import to_compute
 
 
 def self_attn_map_l2(cur: PassCapture, inv: PassCapture, layers: frozenset[int]) -> torch.Tensor:
@@ -13,11 +14,13 @@ def self_attn_map_l2(cur: PassCapture, inv: PassCapture, layers: frozenset[int])
     With :attr:`CaptureMode.MAPS` captures the maps are compared directly (the reference
     formula); with :attr:`CaptureMode.QK` captures the chunked op recomputes them tile by tile
     from (Q, K) and the source pass's log-sum-exp without materialising any N×N map.
+    Either way the energy is a 0-dim float32 tensor (float64 for float64 inputs) whatever the
+    capture dtype (docs/precision.md).
     """
     total: torch.Tensor | None = None
     for index in sorted(layers):
         if cur.mode is CaptureMode.MAPS:
-            term = torch.mean((cur.maps[index] - inv.maps[index]) ** 2)
+            term = torch.mean((to_compute(cur.maps[index]) - to_compute(inv.maps[index])) ** 2)
         else:
             from ..ops.attn_map_energy import attn_map_energy
 
