@@ -26,7 +26,6 @@ from gnr_fast.precision import FP16_LOSS_SCALE, PrecisionPolicy, energy_grad_to_
 from gnr_fast.rescaling import rescale_factor, rescale_gamma
 
 
-
 def _capture(maps=None, features=None):
     cap = PassCapture(layers=frozenset(maps or {}), mode=CaptureMode.MAPS)
     cap.maps.update(maps or {})
