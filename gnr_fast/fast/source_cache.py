@@ -27,15 +27,22 @@ class CacheKey:
 
 @dataclass
 class SourceCache:
-    """Per-step detached Q*, K*, lse* and features of the source pass, stored in ``storage_dtype``."""
+    """Per-step detached Q*, K*, lse* and features of the source pass, stored in ``storage_dtype``.
+
+    ``host_storage``: keep the tensors in host memory (pinned for CUDA captures, copied back to the
+    capture's device on :meth:`get`); ``None`` does so for CUDA captures, so that the cache of
+    every inversion a server keeps does not hold device memory (docs/precision.md §6).
+    """
 
     key: CacheKey
     max_bytes: int = 2 * 1024**3
     storage_dtype: torch.dtype = torch.float32
+    host_storage: bool | None = None
     steps: dict[int, PassCapture] = field(default_factory=dict)
     nbytes: int = 0
     hits: int = 0
     misses: int = 0
+    device: torch.device | None = None  # where the captures came from (and :meth:`get` returns them)
 
     def get(self, step: int, compute_dtype: torch.dtype) -> PassCapture | None:
         """The cached capture of ``step`` in ``compute_dtype`` (lse stays float32), or None."""
@@ -44,26 +51,29 @@ class SourceCache:
             self.misses += 1
             return None
         self.hits += 1
-        if self.storage_dtype == compute_dtype:
+        if self.storage_dtype == compute_dtype and not self.stores_on_host:
             return stored
         out = PassCapture(layers=stored.layers, mode=CaptureMode.QK, feature_sites=stored.feature_sites, with_lse=True)
-        out.queries = {i: t.to(compute_dtype) for i, t in stored.queries.items()}
-        out.keys = {i: t.to(compute_dtype) for i, t in stored.keys.items()}
-        out.lse = dict(stored.lse)
+        out.queries = {i: self._fetch(t, compute_dtype) for i, t in stored.queries.items()}
+        out.keys = {i: self._fetch(t, compute_dtype) for i, t in stored.keys.items()}
+        out.lse = {i: self._fetch(t, t.dtype) for i, t in stored.lse.items()}
         out.scales = dict(stored.scales)
-        out.features = {s: t.to(compute_dtype) for s, t in stored.features.items()}
+        out.features = {s: self._fetch(t, compute_dtype) for s, t in stored.features.items()}
         return out
 
     def put(self, step: int, capture: PassCapture) -> bool:
         """Store a detached copy of ``capture`` if it fits in the budget; return whether it was stored."""
         dtype = self.storage_dtype
+        tensors = [*capture.queries.values(), *capture.lse.values(), *capture.features.values()]
+        if self.device is None and tensors:
+            self.device = tensors[0].device
         stored = PassCapture(layers=capture.layers, mode=CaptureMode.QK, feature_sites=capture.feature_sites, with_lse=True)
-        # copy=True: captured rows are views into the whole batched call's tensors.
-        stored.queries = {i: t.detach().to(dtype, copy=True) for i, t in capture.queries.items()}
-        stored.keys = {i: t.detach().to(dtype, copy=True) for i, t in capture.keys.items()}
-        stored.lse = {i: t.detach().clone() for i, t in capture.lse.items()}
+        # Copies: captured rows are views into the whole batched call's tensors.
+        stored.queries = {i: self._store(t, dtype) for i, t in capture.queries.items()}
+        stored.keys = {i: self._store(t, dtype) for i, t in capture.keys.items()}
+        stored.lse = {i: self._store(t, t.dtype) for i, t in capture.lse.items()}
         stored.scales = dict(capture.scales)
-        stored.features = {s: t.detach().to(dtype, copy=True) for s, t in capture.features.items()}
+        stored.features = {s: self._store(t, dtype) for s, t in capture.features.items()}
         size = sum(
             t.numel() * t.element_size()
             for group in (stored.queries, stored.keys, stored.lse, stored.features)
@@ -74,3 +84,22 @@ class SourceCache:
         self.steps[step] = stored
         self.nbytes += size
         return True
+
+    @property
+    def stores_on_host(self) -> bool:
+        """Whether the cache keeps its tensors in host memory though they come from another device."""
+        if self.device is None or self.device.type == "cpu":
+            return False
+        return self.host_storage is not False and (self.host_storage or self.device.type == "cuda")
+
+    def _store(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A detached copy of ``tensor`` in ``dtype`` where the cache keeps it (pinned host memory or the device)."""
+        tensor = tensor.detach()
+        if not self.stores_on_host:
+            return tensor.to(dtype, copy=True)
+        host = torch.empty(tensor.shape, dtype=dtype, pin_memory=tensor.is_cuda)
+        return host.copy_(tensor, non_blocking=tensor.is_cuda)  # ordered on the stream before any fetch
+
+    def _fetch(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``tensor`` on the captures' device in ``dtype`` (an asynchronous copy from pinned memory)."""
+        return tensor.to(self.device, dtype, non_blocking=True)

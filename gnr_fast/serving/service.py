@@ -33,6 +33,7 @@ import torch
 
 from ..batch import BatchRequest, edit_batch
 from ..config import PRESET_NAMES, EditConfig
+from ..devices import on_device
 from ..editor import EditResult, Editor
 from ..errors import ConfigError, GnrError, InputError, ServiceBusyError
 from ..images import PreparedImage, prepare_image
@@ -210,7 +211,8 @@ class EditService:
 
     def run(self, jobs: list[Job]) -> list[Outcome | GnrError]:
         """Run ``jobs`` now: inversions from the cache or computed, then all edits in one batch."""
-        with self._engine_lock:
+        # The current CUDA device is per thread: make the editor's the current one wherever this runs.
+        with self._engine_lock, on_device(self.editor.components.device):
             return self._run(jobs)
 
     def _run(self, jobs: list[Job]) -> list[Outcome | GnrError]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from .protocol import EDIT_INPUTS, EDIT_MODEL, EDIT_OUTPUTS, Field, bytes_tensor
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 MODEL_PY = '''"""gnr-fast edit model for Triton's Python backend (written by `gnr-fast export triton-repo`)."""
 
@@ -57,6 +59,8 @@ class RepoConfig:
     torch_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("max_batch", "instances", "default_steps", "max_steps"):
@@ -130,13 +134,31 @@ def model_config(config: RepoConfig) -> str:
         "dynamic_batching {",
         f"  max_queue_delay_microseconds: {int(round(config.max_queue_delay_ms * 1000))}",
         "}",
-        f"instance_group [ {{ count: {config.instances} kind: KIND_CPU }} ]",
+        f"instance_group [ {instance_group(config)} ]",
         "parameters [",
         ",\n".join(f"  {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}" for k, v in parameters.items()),
         "]",
         "",
     ]
     return "\n".join(lines)
+
+
+def instance_group(config: RepoConfig) -> str:
+    """The ``instance_group`` entry: ``KIND_GPU`` on the configured GPU (all GPUs for plain ``cuda``,
+    ``count`` instances on each) when the device is CUDA, else ``KIND_CPU``."""
+    if config.device.startswith("cuda"):
+        index = config.device.partition(":")[2]
+        gpus = f" gpus: [ {int(index)} ]" if index else ""
+        return f"{{ count: {config.instances} kind: KIND_GPU{gpus} }}"
+    return f"{{ count: {config.instances} kind: KIND_CPU }}"
+
+
+def instance_device(device: str, args: dict) -> str:
+    """The device one model instance loads onto: ``cuda:<id>`` of the GPU Triton placed a
+    ``KIND_GPU`` instance on (``args["model_instance_device_id"]``), else the configured ``device``."""
+    if args.get("model_instance_kind") == "GPU" and device.startswith("cuda"):
+        return f"cuda:{int(args['model_instance_device_id'])}"
+    return device
 
 
 class TritonPythonModel:
@@ -156,7 +178,7 @@ class TritonPythonModel:
         cache_mb = float(params.get("cache_mb") or 1024)
         editor = Editor.from_pretrained(
             params.get("model_path") or None,
-            device=params.get("device") or "cpu",
+            device=instance_device(params.get("device") or "cpu", args),
             dtype=getattr(torch, params.get("dtype") or "float32"),
             max_pixels=int(params["max_pixels"]) if params.get("max_pixels") else DEFAULT_MAX_PIXELS,
             source_cache_mb=cache_mb,
