@@ -12,6 +12,10 @@ Grammar (every caption is exactly one of these)::
 The size word is always present, so a caption fixes every attribute except the layout: where
 the objects are, and which colour of a striped or checkered background comes first (a
 gradient's "red to blue" does fix its direction: red at the top).
+
+Since the relaxed-caption fine-tune the bundled model also reads the relaxed forms of
+:data:`CAPTION_FORMS` ("a red circle on blue", "red disc, blue background", ...):
+:func:`relaxed_caption` writes them and :func:`parse_prompt` reads them.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ _BACKGROUND_TEMPLATES = {
 class CaptionObject:
     """The attributes a caption states about one object."""
 
-    size: str
+    size: str | None  # None only from parse_prompt, for a prompt without a size word
     colour: str
     shape: str
 
@@ -211,3 +215,45 @@ def relaxed_caption(spec: SceneSpec, rng: np.random.Generator) -> str:
         background = "full"
     return compose_caption(spec, size=size, shape_words=tuple(shapes), size_words=tuple(sizes),
                            background=background, articles=articles, comma=comma)
+
+
+def _alternation(words: tuple[str, ...] | list[str]) -> str:
+    return "(" + "|".join(sorted(words, key=len, reverse=True)) + ")"
+
+
+_CANONICAL_SHAPE = {s: s for s in SHAPES} | {syn: s for s, syns in SHAPE_SYNONYMS.items() for syn in syns}
+_CANONICAL_SIZE = {s: s for s in SIZES} | {syn: s for s, syns in SIZE_SYNONYMS.items() for syn in syns}
+_LOOSE_OBJECT = (rf"(?:(?:an?|the) )?(?:{_alternation(list(_CANONICAL_SIZE))} )?{_COLOUR} "
+                 rf"{_alternation(list(_CANONICAL_SHAPE))}")
+_LOOSE_CAPTION = re.compile(rf"^{_LOOSE_OBJECT}(?: and {_LOOSE_OBJECT})?(?: on |, ?)(?:(?:an?|the) )?(.+)$")
+_LOOSE_BACKGROUNDS = [
+    ("plain", re.compile(rf"^(?:plain )?{_COLOUR}(?: background)?$")),
+    ("gradient", re.compile(rf"^{_COLOUR} to {_COLOUR} gradient(?: background)?$")),
+    ("stripes", re.compile(rf"^{_COLOUR} and {_COLOUR} (?:striped background|stripes)$")),
+    ("checks", re.compile(rf"^{_COLOUR} and {_COLOUR} (?:checkered background|checks)$")),
+]
+
+
+def parse_prompt(prompt: str) -> ParsedCaption | None:
+    """Read a prompt in the grammar or one of its relaxed forms (:data:`CAPTION_FORMS`, and their
+    combinations); None when it is neither.
+
+    Case, surrounding spaces, repeated spaces and a final full stop are ignored; synonyms are
+    mapped to the grammar's words (disc/disk/ball -> circle, box/block -> square, big -> large,
+    little -> small); an object without a size word gets ``size=None``. Unlike
+    :func:`parse_caption` this never raises: it answers whether the bundled model was trained on
+    prompts like this one.
+    """
+    text = " ".join(prompt.lower().split()).rstrip(".").strip()
+    match = _LOOSE_CAPTION.match(text)
+    if match is None:
+        return None
+    groups = match.groups()
+    objects = [CaptionObject(_CANONICAL_SIZE.get(groups[0]), groups[1], _CANONICAL_SHAPE[groups[2]])]  # type: ignore[arg-type]
+    if groups[4] is not None:
+        objects.append(CaptionObject(_CANONICAL_SIZE.get(groups[3]), groups[4], _CANONICAL_SHAPE[groups[5]]))  # type: ignore[arg-type]
+    for kind, pattern in _LOOSE_BACKGROUNDS:
+        bg = pattern.match(groups[6])
+        if bg is not None:
+            return ParsedCaption(kind, tuple(bg.groups()), tuple(objects))
+    return None
