@@ -53,7 +53,7 @@ class BatchRequest:
     source: ImageInput | Inversion  # an image (inverted first) or an inversion of one
     target_prompt: str
     source_prompt: str | None = None  # required with an image; must match an inversion's
-    preset: str = "nonstyle"
+    preset: str | None = None  # None: the editor's default_preset (the model's gnr_fast.json)
     config: EditConfig | str | Path | None = None  # overrides preset
     num_steps: int | None = None
 

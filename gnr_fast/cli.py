@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("-s", "--source", help="prompt describing the input image")
     edit.add_argument("-t", "--target", required=True, help="prompt describing the edited image")
     edit.add_argument("-o", "--out", default=None, help="output image path (default: <image>_edited.png)")
-    edit.add_argument("--preset", default="nonstyle", choices=PRESET_NAMES, help="guidance preset")
+    edit.add_argument("--preset", default=None, choices=PRESET_NAMES,
+                      help="guidance preset (default: the model's, from its gnr_fast.json: 'shapes' for the "
+                           "bundled model, else 'nonstyle')")
     edit.add_argument("--config", default=None, help="edit config in the authors' YAML format (overrides --preset)")
     edit.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, or the inversion's)")
     edit.add_argument("--inversion", default=None, help="reuse an inversion file written by `gnr-fast invert`")

@@ -19,7 +19,7 @@ def add_parser(sub, add_model_args) -> None:
     demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     demo.add_argument("--mode", default=None, help="execution mode (default: the library's default)")
     demo.add_argument("--preset", default=None, choices=PRESET_NAMES,
-                      help="guidance preset (default: 'shapes' on the bundled model, else 'nonstyle')")
+                      help="guidance preset (default: the model's, 'shapes' for the bundled model)")
     add_model_args(demo)
 
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, editor) -> int:
     with Image.open(EXAMPLE_IMAGE) as example:
         source = example.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     kwargs = {"mode": args.mode} if args.mode else {}
-    preset = args.preset or ("shapes" if args.model is None else "nonstyle")
+    preset = args.preset or editor.default_preset  # the model's gnr_fast.json ('shapes' when bundled)
     result = editor.edit(source, DEMO_TARGET, source_prompt=DEMO_SOURCE, num_steps=args.steps, preset=preset,
                          progress=not args.quiet, **kwargs)
     side = Image.new("RGB", (2 * source.width, source.height))

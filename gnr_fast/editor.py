@@ -20,7 +20,8 @@ from .errors import ConfigError, InputError
 from .images import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, decode_latent, prepare_image, to_output_image
 from .inversion import Inversion, invert_many
 from .loading import Components, load_components
-from .prompts import check_prompt, encode_prompt
+from .model_defaults import ModelDefaults, load_model_defaults
+from .prompts import check_prompt, encode_prompt, warn_if_outside_grammar
 from .runtime.eager import EagerUNetRunner
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,13 @@ class Editor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         source_cache_mb: float = 2048,
         source_cache_dtype: torch.dtype | None = None,
+        defaults: ModelDefaults | None = None,
     ) -> None:
         self.components = components
+        # What the model folder declares (gnr_fast.json): the preset used when a call names none,
+        # and the caption grammar prompts are checked against.
+        self.defaults = defaults if defaults is not None else ModelDefaults()
+        self.default_preset = self.defaults.preset
         self.max_pixels = max_pixels
         self.source_cache_bytes = int(source_cache_mb * 1024**2)
         self.source_cache_dtype = source_cache_dtype or components.dtype
@@ -86,12 +92,17 @@ class Editor:
 
         ``source_cache_mb`` bounds the source-pass internals a fast edit keeps with an inversion
         (0 disables the cache); ``source_cache_dtype`` stores them in another dtype (e.g. float16).
+        The folder's ``gnr_fast.json`` (optional, :mod:`gnr_fast.model_defaults`) sets
+        :attr:`default_preset` (``shapes`` for the bundled model, else ``nonstyle``); a malformed
+        one raises :class:`ModelLoadError`/:class:`ConfigError`.
         """
+        components = load_components(path, device=device, dtype=dtype)
         return cls(
-            load_components(path, device=device, dtype=dtype),
+            components,
             max_pixels=max_pixels,
             source_cache_mb=source_cache_mb,
             source_cache_dtype=source_cache_dtype,
+            defaults=load_model_defaults(components.path),
         )
 
     @property
@@ -101,6 +112,7 @@ class Editor:
     def embed(self, prompt: str) -> torch.Tensor:
         """CLIP embedding of ``prompt`` ([1, 77, C]); repeated prompts are served from a small cache."""
         if prompt not in self._embeddings:
+            warn_if_outside_grammar(self.defaults.caption_grammar, prompt)
             if len(self._embeddings) > 64:
                 self._embeddings.clear()
             self._embeddings[prompt] = encode_prompt(self.components, prompt)
@@ -121,10 +133,11 @@ class Editor:
         embeddings = [self.embed(prompt) for prompt in source_prompts]
         return invert_many(self.components, self.runner, images, source_prompts, embeddings, num_steps, progress)
 
-    def resolve_config(self, preset: str = "nonstyle", config: EditConfig | str | Path | None = None, num_steps: int | None = None) -> EditConfig:
-        """The config an edit runs: ``config`` (object or YAML path) if given, else the named preset."""
+    def resolve_config(self, preset: str | None = None, config: EditConfig | str | Path | None = None, num_steps: int | None = None) -> EditConfig:
+        """The config an edit runs: ``config`` (object or YAML path) if given, else the named preset
+        (``None``: the model's :attr:`default_preset`)."""
         if config is None:
-            return EditConfig.preset(preset, 50 if num_steps is None else num_steps)
+            return EditConfig.preset(self.default_preset if preset is None else preset, 50 if num_steps is None else num_steps)
         if isinstance(config, (str, Path)):
             config = EditConfig.from_yaml(config)
         if not isinstance(config, EditConfig):
@@ -138,7 +151,7 @@ class Editor:
         image_or_inversion: ImageInput | Inversion,
         target_prompt: str,
         source_prompt: str | None = None,
-        preset: str = "nonstyle",
+        preset: str | None = None,
         config: EditConfig | str | Path | None = None,
         mode: Mode = "fast",
         progress: bool = True,
@@ -234,7 +247,7 @@ class Editor:
         self,
         inversion: Inversion,
         target_prompts: list[str],
-        preset: str = "nonstyle",
+        preset: str | None = None,
         config: EditConfig | str | Path | None = None,
         mode: Mode = "fast",
         progress: bool = True,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 
 from .errors import InputError
 from .loading import Components
+from .model_defaults import CaptionGrammar
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -43,3 +45,38 @@ def encode_prompt(components: Components, prompt: str) -> torch.Tensor:
         [prompt], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(components.device)
     return components.text_encoder(ids)[0]
+
+
+class PromptGrammarWarning(UserWarning):
+    """A prompt is outside the caption language the model declares (``gnr_fast.json``)."""
+
+
+def _reads_shapes_world(prompt: str) -> bool:
+    from .world.captions import parse_prompt
+
+    return parse_prompt(prompt) is not None
+
+
+# Grammar name (``caption_grammar.name`` in gnr_fast.json) -> "can this model read the prompt".
+GRAMMAR_READERS: dict[str, Callable[[str], bool]] = {"shapes-world": _reads_shapes_world}
+
+
+def warn_if_outside_grammar(grammar: CaptionGrammar | None, prompt: str, name: str = "prompt") -> bool:
+    """Warn (one line, :class:`PromptGrammarWarning`) when the model declares a caption grammar
+    and ``prompt`` is not in it; returns whether it warned.
+
+    Nothing is checked for a model without a grammar, a grammar this version has no reader for
+    (see :data:`GRAMMAR_READERS`), or an empty prompt (the unconditional embedding).
+    """
+    if grammar is None or not prompt.strip():
+        return False
+    reader = GRAMMAR_READERS.get(grammar.name)
+    if reader is None or reader(prompt):
+        return False
+    warnings.warn(
+        f"{name} {prompt!r} is outside what this model was trained on ({grammar.summary}), so the edit may "
+        f"ignore or misread it; write prompts like {grammar.examples[0]!r}",
+        PromptGrammarWarning,
+        stacklevel=3,
+    )
+    return True

@@ -15,9 +15,9 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -59,6 +59,7 @@ class CaseResult:
     perceptual: float
     seconds: float
     image: np.ndarray = field(repr=False)
+    form: str = "full"  # caption form of the prompts (world.captions.CAPTION_FORMS)
 
 
 def judge_success(judge, edited: np.ndarray, case: EditCase) -> bool:
@@ -69,13 +70,19 @@ def judge_success(judge, edited: np.ndarray, case: EditCase) -> bool:
     return all(getattr(predicted, f) == getattr(truth, f) for f in fields)
 
 
-def run_case(editor, judge, case: EditCase, num_steps: int, methods: dict[str, MethodFactory]) -> list[CaseResult]:
-    """Invert ``case``'s source once, edit it with every method, and score each edit."""
-    inversion = editor.invert(case.source.image, case.source.caption, num_steps=num_steps, progress=False)
+def run_case(editor, judge, case: EditCase, num_steps: int, methods: dict[str, MethodFactory],
+             prompts: tuple[str, str] | None = None, form: str = "full") -> list[CaseResult]:
+    """Invert ``case``'s source once, edit it with every method, and score each edit.
+
+    ``prompts`` (source, target) replaces the scenes' grammar captions (the prompt-robustness
+    benchmark writes them in other forms); ``form`` labels the results.
+    """
+    source_prompt, target_prompt = prompts or (case.source.caption, case.target.caption)
+    inversion = editor.invert(case.source.image, source_prompt, num_steps=num_steps, progress=False)
     results = []
     for name, factory in methods.items():
         start = time.perf_counter()
-        edited = editor.edit(inversion, case.target.caption, config=factory(num_steps), progress=False)
+        edited = editor.edit(inversion, target_prompt, config=factory(num_steps), progress=False)
         seconds = time.perf_counter() - start
         image = np.asarray(edited.image)
         results.append(
@@ -89,6 +96,7 @@ def run_case(editor, judge, case: EditCase, num_steps: int, methods: dict[str, M
                 perceptual=feature_distance(judge, image, case.source.image),
                 seconds=seconds,
                 image=image,
+                form=form,
             )
         )
     return results
@@ -105,14 +113,15 @@ def evaluate(
 ) -> tuple[list[EditCase], list[CaseResult]]:
     """Run every method on ``per_kind`` held-out cases of each kind; return the cases and results."""
     methods = methods or METHODS
-    cases = [case for kind in kinds for case in make_cases(kind, per_kind, size=_model_size(editor))]
+    cases = [case for kind in kinds for case in make_cases(kind, per_kind, size=model_size(editor))]
     results: list[CaseResult] = []
     for case in tqdm(cases, desc="quality", disable=not progress):
         results.extend(run_case(editor, judge, case, num_steps, methods))
     return cases, results
 
 
-def _model_size(editor) -> int:
+def model_size(editor) -> int:
+    """The image side the editor's model was trained at (UNet sample size x latent factor)."""
     return editor.components.unet.config.sample_size * editor.components.latent_factor
 
 
@@ -155,7 +164,7 @@ def evaluate_parallel(
     unknown = [m for m in method_names if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    size = _model_size(Editor.from_pretrained(model))
+    size = model_size(Editor.from_pretrained(model))
     cases = [case for kind in kinds for case in make_cases(kind, per_kind, size=size)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(model, threads_per_job)) as pool:
@@ -166,7 +175,8 @@ def evaluate_parallel(
     return cases, results
 
 
-def _mean(values: list[float]) -> float:
+def finite_mean(values: list[float]) -> float:
+    """Mean of the finite values (PSNR is inf for identical images); NaN when there are none."""
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
 
@@ -185,10 +195,10 @@ def summary_rows(results: list[CaseResult]) -> list[dict]:
                     "method": method,
                     "n": len(group),
                     "success": float(np.mean([r.success for r in group])),
-                    "psnr_keep_db": _mean([r.psnr_keep for r in group]),
-                    "ssim_keep": _mean([r.ssim_keep for r in group]),
-                    "perceptual": _mean([r.perceptual for r in group]),
-                    "seconds": _mean([r.seconds for r in group]),
+                    "psnr_keep_db": finite_mean([r.psnr_keep for r in group]),
+                    "ssim_keep": finite_mean([r.ssim_keep for r in group]),
+                    "perceptual": finite_mean([r.perceptual for r in group]),
+                    "seconds": finite_mean([r.seconds for r in group]),
                 }
             )
     return rows

@@ -8,7 +8,7 @@ gnr_edit in    type   meaning
 image          BYTES  the encoded input image (PNG or JPEG file bytes)
 source_prompt  BYTES  UTF-8 prompt describing the input image
 target_prompt  BYTES  UTF-8 prompt describing the edit
-preset         BYTES  optional: ``nonstyle`` (default), ``style`` or ``shapes`` (config.PRESET_NAMES)
+preset         BYTES  optional: ``nonstyle``, ``style`` or ``shapes``; default: the model's (gnr_fast.json)
 config         BYTES  optional: an edit config in the authors' format, as a JSON object
 steps          INT32  optional: DDIM steps (default: the server's)
 =============  =====  ==========================================================================

@@ -158,7 +158,7 @@ class EditService:
         source = _text(source_prompt, "source_prompt")
         target = _text(target_prompt, "target_prompt")
         steps = self._steps(steps)
-        preset_name = "nonstyle" if preset is None else _text(preset, "preset", allow_empty=True) or "nonstyle"
+        preset_name = (None if preset is None else _text(preset, "preset", allow_empty=True)) or getattr(self.editor, "default_preset", "nonstyle")
         if preset_name not in PRESET_NAMES:
             raise ConfigError(f"preset {preset_name!r} is unknown; choose one of {list(PRESET_NAMES)}")
         config = self._config(preset_name, config_json, steps)

@@ -46,9 +46,17 @@ class TimeBudget:
 
 
 def parse_deadline(text: str | None) -> float | None:
-    """``HH:MM`` (UTC, today) -> epoch seconds; None stays None."""
+    """``HH:MM`` (UTC) -> epoch seconds; None stays None.
+
+    The time is today's, or tomorrow's when today's was more than 12 hours ago (a run started at
+    22:50 with ``--deadline 00:15`` ends after midnight; a deadline a few minutes past still
+    stops a resumed run at once).
+    """
     if text is None:
         return None
     hours, minutes = (int(part) for part in text.split(":"))
     now = dt.datetime.now(dt.timezone.utc)
-    return now.replace(hour=hours, minute=minutes, second=0, microsecond=0).timestamp()
+    target = now.replace(hour=hours, minute=minutes, second=0, microsecond=0)
+    if target < now - dt.timedelta(hours=12):
+        target += dt.timedelta(days=1)
+    return target.timestamp()

@@ -36,6 +36,7 @@ from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine
 from gnr_fast.training.seeds import TRAIN_SEED_START
 from gnr_fast.training.vae import to_model_range
 from gnr_fast.world import generate_scene
+from gnr_fast.world.captions import relaxed_caption
 
 # SD 1.x training noise schedule (DESIGN.md section 1).
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -109,7 +110,7 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def encode_pool(vae: AutoencoderKL, count: int, size: int, batch: int = 64) -> dict[str, object]:
     """Render ``count`` training scenes and store their VAE posterior mean/std and captions."""
-    means, stds, captions = [], [], []
+    means, stds, captions, specs = [], [], [], []
     for start in tqdm(range(0, count, batch), desc="encode pool", dynamic_ncols=True):
         scenes = [generate_scene(TRAIN_SEED_START + s, size)
                   for s in range(start, min(count, start + batch))]
@@ -117,7 +118,24 @@ def encode_pool(vae: AutoencoderKL, count: int, size: int, batch: int = 64) -> d
         means.append(dist.mean)
         stds.append(dist.std)
         captions.extend(s.caption for s in scenes)
-    return {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions}
+        specs.extend(s.spec for s in scenes)
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions, "specs": specs}
+
+
+def batch_captions(pool: dict[str, object], idx: torch.Tensor, relaxed_prob: float,
+                   rng: np.random.Generator) -> list[str]:
+    """The captions of pool entries ``idx``: each the grammar's caption, or with probability
+    ``relaxed_prob`` a random relaxed form of it (:func:`gnr_fast.world.captions.relaxed_caption`:
+    no size word, synonyms, "on blue", "red circle, blue background", "plain")."""
+    captions = pool["captions"]
+    if relaxed_prob <= 0:
+        return [captions[i] for i in idx.tolist()]
+    if "specs" not in pool:
+        raise ValueError("--relaxed-prob needs a latent pool with scene specs; delete "
+                         "latent_pool.pt in --out (it predates relaxed captions) to re-encode it")
+    specs = pool["specs"]
+    return [relaxed_caption(specs[i], rng) if rng.uniform() < relaxed_prob else captions[i]
+            for i in idx.tolist()]
 
 
 def pool_latents(pool: dict[str, object], idx: torch.Tensor, scaling: float, mode: str,
@@ -196,6 +214,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="std of a per-(sample, channel) constant added to the noise (0: off, plain DDPM; "
                         "the bundled model was fine-tuned with 0.3, see training_noise)")
     p.add_argument("--empty-prob", type=float, default=0.1, help="fraction of empty captions")
+    p.add_argument("--relaxed-prob", type=float, default=0.0,
+                   help="fraction of captions replaced by a random relaxed form (no size word, "
+                        "synonyms, 'on blue', comma form; world.captions.relaxed_caption)")
+    p.add_argument("--init-model", type=Path, default=None,
+                   help="pipeline folder (unet/, text_encoder/) to start from instead of random "
+                        "weights, e.g. gnr_fast/models/shapes-v1 (fine-tuning); ignored on --resume "
+                        "with a checkpoint")
+    p.add_argument("--text-lr-mult", type=float, default=1.0,
+                   help="text-encoder learning rate as a multiple of --lr")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR gamma (paper default)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--ckpt-every", type=int, default=250)
@@ -243,9 +270,20 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     empty = tokenize(tokenizer, [""])[0]  # [77]
 
     unet, text_encoder = build_unet(shape, latent_size), build_text_encoder(shape)
+    if args.init_model is not None:
+        # load_state_dict (strict) into the built shapes, so an --init-model of another
+        # architecture fails here rather than at export.
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
+        text_encoder.load_state_dict(
+            CLIPTextModel.from_pretrained(args.init_model / "text_encoder").state_dict())
     models = {"unet": unet, "text_encoder": text_encoder}
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # One parameter group unless the text encoder gets its own rate (checkpoints of earlier runs
+    # hold a one-group optimizer state).
+    groups = ([{"params": list(unet.parameters()), "lr_mult": 1.0},
+               {"params": list(text_encoder.parameters()), "lr_mult": args.text_lr_mult}]
+              if args.text_lr_mult != 1.0 else [{"params": params, "lr_mult": 1.0}])
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     ema = {f"{p}.{k}": v.detach().clone() for p, m in models.items() for k, v in m.state_dict().items()}
     step, elapsed = 0, 0.0
     state = load_checkpoint(args.out) if args.resume else None
@@ -285,10 +323,12 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         noise = training_noise(z0.shape, args.offset_noise, gen)
         t = torch.randint(0, SD_SCHEDULE["num_train_timesteps"], (args.batch,), generator=gen)
         zt = noise_scheduler.add_noise(z0, noise, t)
-        ids = tokens[idx].clone()
+        ids = (tokenize(tokenizer, batch_captions(pool, idx, args.relaxed_prob, rng))
+               if args.relaxed_prob > 0 else tokens[idx].clone())
         ids[torch.from_numpy(rng.uniform(size=args.batch) < args.empty_prob)] = empty
         for group in opt.param_groups:
-            group["lr"] = warmup_cosine_lr(step, args.lr, args.warmup, total, args.lr_floor)
+            group["lr"] = group.get("lr_mult", 1.0) * warmup_cosine_lr(
+                step, args.lr, args.warmup, total, args.lr_floor)
 
         context = text_encoder(ids).last_hidden_state  # [B, 77, D]
         eps = unet(zt, t, encoder_hidden_states=context).sample

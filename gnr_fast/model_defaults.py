@@ -1,0 +1,128 @@
+"""Defaults a model folder declares about itself: ``<model>/gnr_fast.json`` (ours, optional).
+
+A diffusers pipeline folder says nothing about how to edit with it. A model may add a small JSON
+file beside ``model_index.json``::
+
+    {
+      "format": 1,
+      "preset": "shapes",
+      "caption_grammar": {
+        "name": "shapes-world",
+        "summary": "one or two objects (size, colour, shape) on a background",
+        "grammar": "a <size> <colour> <shape> [and a ...] on a <background>",
+        "examples": ["a large red circle on a blue background", ...]
+      }
+    }
+
+``preset`` is the edit preset used when a call names neither a preset nor a config (the
+explicit argument always wins); ``caption_grammar`` (optional) names the caption language the
+model was trained on, and its examples, so unreadable prompts can be flagged
+(:func:`gnr_fast.prompts.warn_if_outside_grammar`). A folder without the file gets
+:data:`FALLBACK_PRESET` and no grammar; a file that exists but is malformed is an error naming
+the file, the field and the fix — never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import PRESET_NAMES
+from .errors import ConfigError, ModelLoadError
+
+METADATA_NAME = "gnr_fast.json"
+"""File name of the metadata inside a model folder."""
+METADATA_FORMAT = 1
+"""The ``format`` value this version reads."""
+FALLBACK_PRESET = "nonstyle"
+"""The preset of a model that declares none (the paper's preset for real images)."""
+_KNOWN_KEYS = frozenset({"format", "preset", "caption_grammar"})
+_GRAMMAR_KEYS = frozenset({"name", "summary", "grammar", "examples"})
+
+
+@dataclass(frozen=True)
+class CaptionGrammar:
+    """The caption language a model was trained on: ``name`` picks the parser
+    (``"shapes-world"``: :func:`gnr_fast.world.captions.parse_prompt`), ``examples`` are prompts
+    that work (at least one)."""
+
+    name: str
+    summary: str
+    grammar: str
+    examples: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model folder declares; ``source`` is the file read, or None when there is none."""
+
+    preset: str = FALLBACK_PRESET
+    caption_grammar: CaptionGrammar | None = None
+    source: Path | None = None
+
+
+def _string(value: object, path: Path, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ModelLoadError(f"{path}: field {field!r} must be a non-empty string, got {value!r}; fix or delete "
+                             f"the file ({METADATA_NAME} is optional)")
+    return value
+
+
+def _grammar(value: object, path: Path) -> CaptionGrammar:
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: 'caption_grammar' must be an object with keys {sorted(_GRAMMAR_KEYS)}, "
+                             f"got {type(value).__name__}")
+    unknown = set(value) - _GRAMMAR_KEYS
+    if unknown:
+        raise ModelLoadError(f"{path}: unknown key(s) {sorted(unknown)} in 'caption_grammar'; "
+                             f"allowed: {sorted(_GRAMMAR_KEYS)}")
+    examples = value.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise ModelLoadError(f"{path}: 'caption_grammar.examples' must be a non-empty list of prompts, "
+                             f"got {examples!r}")
+    return CaptionGrammar(
+        name=_string(value.get("name"), path, "caption_grammar.name"),
+        summary=_string(value.get("summary"), path, "caption_grammar.summary"),
+        grammar=_string(value.get("grammar"), path, "caption_grammar.grammar"),
+        examples=tuple(_string(e, path, "caption_grammar.examples[]") for e in examples),
+    )
+
+
+def parse_model_defaults(data: object, path: Path) -> ModelDefaults:
+    """Validate the decoded JSON ``data`` of ``path``.
+
+    Raises :class:`ModelLoadError` for a wrong structure (not an object, unknown keys, wrong
+    types, an unsupported ``format``) and :class:`ConfigError` for a ``preset`` that is not one
+    of :data:`gnr_fast.config.PRESET_NAMES`.
+    """
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    unknown = set(data) - _KNOWN_KEYS
+    if unknown:
+        raise ModelLoadError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_KNOWN_KEYS)}")
+    if data.get("format") != METADATA_FORMAT:
+        raise ModelLoadError(f"{path}: 'format' must be {METADATA_FORMAT}, got {data.get('format')!r}; "
+                             "this gnr-fast reads only that version")
+    preset = data.get("preset", FALLBACK_PRESET)
+    if preset not in PRESET_NAMES:
+        raise ConfigError(f"{path}: preset {preset!r} is unknown; choose one of {list(PRESET_NAMES)} "
+                          "or delete the 'preset' key")
+    grammar = data.get("caption_grammar")
+    return ModelDefaults(preset=preset, caption_grammar=None if grammar is None else _grammar(grammar, path),
+                         source=path)
+
+
+def load_model_defaults(folder: str | Path) -> ModelDefaults:
+    """The defaults ``folder`` declares in ``gnr_fast.json``; :class:`ModelDefaults()` (preset
+    ``nonstyle``, no grammar) when the file does not exist. Malformed files raise (see
+    :func:`parse_model_defaults`); unreadable or non-JSON files raise :class:`ModelLoadError`."""
+    path = Path(folder) / METADATA_NAME
+    if not path.exists():
+        return ModelDefaults()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read model metadata {path}: {exc}; fix the JSON or delete the file "
+                             f"({METADATA_NAME} is optional)") from exc
+    return parse_model_defaults(data, path)
