@@ -1,7 +1,13 @@
-"""Reference vs fast mode, side by side in one run (issue 3): steps, whole edits, repeat edits, passes, memory.
+"""Reference vs fast mode, side by side in one run (issue 3): steps, inversion, whole and repeat edits, memory.
 
-Run: ``python -m pytest benchmarks/bench_edit.py --benchmark-only -s`` (add ``-k golden`` or ``-k sd15``).
-The ratio table is printed at the end and written to ``benchmarks/results/latest.json``.
+Every timed case runs both modes in one test: ``--warmup`` untimed calls of each, then ``--rounds``
+rounds alternating the modes (A B, B A, …; :mod:`benchmarks.alternating`). The table printed at
+the end (and written to ``benchmarks/results/latest.json``) gives each mode's median with the
+min–max of its rounds and the ratio of the two medians; its rows are the README's tables.
+
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_edit.py -k golden -s --rounds 3 --warmup 1
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_edit.py -k sd15 -s --rounds 2 --warmup 1
+    python -m pytest benchmarks/bench_edit.py -k tiny -s --rounds 1 --warmup 0    # smoke run, seconds
 """
 
 from __future__ import annotations
@@ -10,36 +16,40 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.conftest import mean_seconds
+from benchmarks.alternating import alternate
 from benchmarks.memory import LargestTensor, peak_rss_mb
-from benchmarks.models import golden_editor, sd15_editor
+from benchmarks.models import golden_editor, sd15_editor, tiny_editor
 from gnr_fast.config import EditConfig
 from gnr_fast.editing import EditContext
 from gnr_fast.fast.step import fast_step
 from gnr_fast.reference.step import reference_step
 
 SETUPS = {
-    # name: (editor factory, image size, steps, guided step, unguided step, rounds for steps)
-    "golden": (golden_editor, 256, 50, 5, 40, 3),
-    "sd15": (sd15_editor, 256, 6, 2, 5, 1),
+    # name: (editor factory, image size, steps, guided step, unguided step)
+    "golden": (golden_editor, 256, 50, 5, 40),
+    "sd15": (sd15_editor, 256, 6, 2, 5),
+    "tiny": (tiny_editor, 64, 4, 1, 3),  # smoke runs of the benchmark code, not for numbers
 }
 STEP_FNS = {"reference": reference_step, "fast": fast_step}
+MODES = ("reference", "fast")
+SOURCE = "a red square on a blue background"
+TARGET = "a green square on a blue background"
 
 
 @pytest.fixture(scope="module", params=list(SETUPS))
 def setup(request):
-    factory, size, steps, guided, unguided, rounds = SETUPS[request.param]
+    factory, size, steps, guided, unguided = SETUPS[request.param]
     editor = factory()
     if editor is None:
         pytest.skip("golden model not found (shared/golden is absent)")
     image = Image.new("RGB", (size, size), (40, 60, 200))
     image.paste((220, 30, 30), (size // 4, size // 4, size // 2, size // 2))
-    inversion = editor.invert(image, "a red square on a blue background", num_steps=steps, progress=False)
+    inversion = editor.invert(image, SOURCE, num_steps=steps, progress=False)
     config = EditConfig.nonstyle(steps)
     ctx = EditContext.build(editor.components, editor.runner, config, editor.self_attn_layers, editor.embed(""),
-                            editor.embed(inversion.source_prompt), editor.embed("a green square on a blue background"))
-    return dict(name=request.param, editor=editor, image=image, inversion=inversion, ctx=ctx, steps=steps,
-                guided=guided, unguided=unguided, rounds=rounds, size=size)
+                            editor.embed(inversion.source_prompt), editor.embed(TARGET))
+    return {"name": request.param, "editor": editor, "image": image, "inversion": inversion, "ctx": ctx,
+            "steps": steps, "guided": guided, "unguided": unguided, "size": size}
 
 
 def _pair(s, step):
@@ -48,65 +58,83 @@ def _pair(s, step):
     return z, z_star
 
 
-@pytest.mark.parametrize("mode", ["reference", "fast"])
-def test_guided_step(benchmark, setup, record, mode):
-    z, z_star = _pair(setup, setup["guided"])
-    step_fn = STEP_FNS[mode]
-    benchmark.pedantic(step_fn, args=(setup["ctx"], z, z_star, setup["guided"]), rounds=setup["rounds"], iterations=1, warmup_rounds=1)
-    with LargestTensor() as largest:
-        step_fn(setup["ctx"], z, z_star, setup["guided"])
-    record(f"{setup['name']}: one guided step", mode, seconds=mean_seconds(benchmark),
-           **{f"largest_tensor_MiB_{mode}": round(largest.bytes / 2**20, 1)})
+def _record_pair(record, case: str, samples: dict, **extra_by_mode) -> None:
+    for mode in MODES:
+        record(case, mode, samples=samples[mode], **extra_by_mode.get(mode, {}))
 
 
-@pytest.mark.parametrize("mode", ["reference", "fast"])
-def test_unguided_step(benchmark, setup, record, mode):
-    z, z_star = _pair(setup, setup["unguided"])
-    benchmark.pedantic(STEP_FNS[mode], args=(setup["ctx"], z, z_star, setup["unguided"]), rounds=setup["rounds"], iterations=1, warmup_rounds=1)
-    record(f"{setup['name']}: one unguided step", mode, seconds=mean_seconds(benchmark))
+def _step_case(setup, record, rounds, warmup, which: str) -> None:
+    step = setup[which]
+    z, z_star = _pair(setup, step)
+    ctx = setup["ctx"]
+    samples = alternate({m: (lambda fn=STEP_FNS[m]: fn(ctx, z, z_star, step)) for m in MODES}, rounds, warmup)
+    extra = {}
+    if which == "guided":
+        for mode in MODES:
+            with LargestTensor() as largest:
+                STEP_FNS[mode](ctx, z, z_star, step)
+            extra[mode] = {f"largest_tensor_MiB_{mode}": round(largest.bytes / 2**20, 1)}
+    _record_pair(record, f"{setup['name']}: one {which} step", samples, **extra)
 
 
-def test_inversion(benchmark, setup, record):
+def test_guided_step(setup, record, rounds, warmup):
+    _step_case(setup, record, rounds, warmup, "guided")
+
+
+def test_unguided_step(setup, record, rounds, warmup):
+    _step_case(setup, record, rounds, warmup, "unguided")
+
+
+def test_inversion(setup, record, rounds, warmup):
+    """Both modes invert with the same code; timing it for each side, alternated, shows the noise level."""
     editor = setup["editor"]
-    benchmark.pedantic(editor.invert, args=(setup["image"], "a red square on a blue background"),
-                       kwargs=dict(num_steps=setup["steps"], progress=False), rounds=1, iterations=1)
-    record(f"{setup['name']}: inversion ({setup['steps']} steps)", "fast", seconds=mean_seconds(benchmark))
+
+    def invert():
+        editor.invert(setup["image"], SOURCE, num_steps=setup["steps"], progress=False)
+
+    samples = alternate({"reference": invert, "fast": invert}, rounds, warmup)
+    _record_pair(record, f"{setup['name']}: inversion ({setup['steps']} steps, same code in both modes)", samples)
 
 
-@pytest.mark.parametrize("mode", ["reference", "fast"])
-def test_whole_edit(benchmark, setup, record, mode):
-    editor = setup["editor"]
-    rows = {}
-
-    def run():
+def _counting(editor, rows: dict, mode: str, run):
+    def counted():
         before = editor.runner.rows
-        editor.edit(setup["image"], "a green square on a blue background", source_prompt="a red square on a blue background",
-                    num_steps=setup["steps"], mode=mode, progress=False)
-        rows["n"] = editor.runner.rows - before
+        run()
+        rows[mode] = editor.runner.rows - before
 
-    benchmark.pedantic(run, rounds=1, iterations=1)
-    record(f"{setup['name']}: whole edit (incl. inversion)", mode, seconds=mean_seconds(benchmark),
-           **{f"unet_rows_{mode}": rows["n"]})
+    return counted
 
 
-@pytest.mark.parametrize("mode", ["reference", "fast"])
-def test_repeat_edit(benchmark, setup, record, mode):
-    editor, inversion = setup["editor"], setup["inversion"]
+def test_whole_edit(setup, record, rounds, warmup):
+    editor, rows = setup["editor"], {}
+    variants = {
+        mode: _counting(editor, rows, mode, lambda mode=mode: editor.edit(
+            setup["image"], TARGET, source_prompt=SOURCE, num_steps=setup["steps"], mode=mode, progress=False))
+        for mode in MODES
+    }
+    samples = alternate(variants, rounds, warmup)
+    _record_pair(record, f"{setup['name']}: whole edit (incl. inversion)", samples,
+                 **{m: {f"unet_rows_{m}": rows[m]} for m in MODES})
+
+
+def test_repeat_edit(setup, record, rounds, warmup):
+    """Edits of one inversion; the fast mode's source cache is filled before the first timed round."""
+    editor, inversion, rows = setup["editor"], setup["inversion"], {}
     target = "a yellow square on a blue background"
-    editor.edit(inversion, target, mode=mode, progress=False)  # fills the fast mode's source cache
-    rows = {}
+    inversion.source_cache = None
+    editor.edit(inversion, target, mode="fast", progress=False)  # fills the cache (warm-up or not)
+    variants = {
+        mode: _counting(editor, rows, mode, lambda mode=mode: editor.edit(inversion, target, mode=mode, progress=False))
+        for mode in MODES
+    }
+    samples = alternate(variants, rounds, warmup)
+    assert inversion.source_cache is not None and inversion.source_cache.hits > 0
+    _record_pair(record, f"{setup['name']}: repeat edit (cached inversion)", samples,
+                 **{m: {f"unet_rows_{m}": rows[m]} for m in MODES})
 
-    def run():
-        before = editor.runner.rows
-        editor.edit(inversion, target, mode=mode, progress=False)
-        rows["n"] = editor.runner.rows - before
 
-    benchmark.pedantic(run, rounds=1, iterations=1)
-    record(f"{setup['name']}: repeat edit (cached inversion)", mode, seconds=mean_seconds(benchmark),
-           **{f"unet_rows_{mode}": rows["n"]})
-
-
-@pytest.mark.parametrize("mode", ["reference", "fast"])
-def test_peak_rss(setup, record, mode):
-    rss = peak_rss_mb(setup["name"], mode, setup["steps"], setup["size"])
-    record(f"{setup['name']}: edit peak RSS (MiB)", mode, seconds=None, **{f"{k}_{mode}": v for k, v in rss.items()})
+def test_peak_rss(setup, record):
+    """Memory, not time: one fresh process per mode (benchmarks/memory.py), reported beside the timings."""
+    for mode in MODES:
+        rss = peak_rss_mb(setup["name"], mode, setup["steps"], setup["size"])
+        record(f"{setup['name']}: edit peak RSS (MiB)", mode, seconds=None, **{f"{k}_{mode}": v for k, v in rss.items()})

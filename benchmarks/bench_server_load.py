@@ -8,8 +8,13 @@ cache hit rate. It then measures first-edit vs repeat-edit latency on an idle se
 one request at a time). The request count and the wall time are bounded; servers are stopped by
 PID. Runs on the bundled model when present, else on the tiny random pipeline of the tests.
 
-    python benchmarks/bench_server_load.py --clients 4 --edits 5 --write     # table -> README_server.md
-    python -m pytest benchmarks/bench_server_load.py -s -m server            # same, as a pytest run
+    python benchmarks/bench_server_load.py --clients 4 --edits 3 --rounds 3 --write   # -> benchmarks/results/server_load.md
+    python -m pytest benchmarks/bench_server_load.py -s -m server --rounds 3          # same, as a pytest run
+    python benchmarks/bench_server_load.py --clients 2 --edits 1 --rounds 2 --steps 2 --repeats 1 --size 64  # smoke
+
+Both settings' servers run side by side; after a warm-up edit on each, the load rounds alternate
+the settings (A B, B A, …) with fresh images each round, and the table gives requests/s and
+latencies as the median (min–max) of the rounds.
 
 Needs ``pip install "gnr-fast[serve]"``.
 """
@@ -38,6 +43,7 @@ from gnr_fast.config import PRESET_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = Path(__file__).with_name("README_server.md")
+RESULT = Path(__file__).parent / "results" / "server_load.md"  # the generated section; README_server.md is curated
 BUNDLED = ROOT / "gnr_fast" / "models" / "shapes-v1"
 SOURCE = "a photo of shapes"
 
@@ -60,8 +66,12 @@ class LoadResult:
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
 
+    @property
+    def requests_per_s(self) -> float:
+        return self.answered / self.wall_s if self.wall_s else 0.0
+
     def row(self) -> str:
-        rps = self.answered / self.wall_s if self.wall_s else 0.0
+        rps = self.requests_per_s
         hit_rate = self.hits / self.answered if self.answered else 0.0
         mean_batch = statistics.fmean(self.batch_sizes) if self.batch_sizes else 0.0
         return (
@@ -207,9 +217,29 @@ def model_folder(explicit: str | None, workdir: Path) -> tuple[Path, str, int]:
     return build_tiny_pipeline(workdir / "tiny-sd"), "tiny random pipeline (tests/tiny_pipeline.py; bundled model absent)", 64
 
 
+def summary_row(setting: str, results: list[LoadResult]) -> str:
+    """One table row for a setting over its rounds: requests/s and latency as median (min–max) of the rounds."""
+
+    def spread(values: list[float], fmt: str = ".2f") -> str:
+        if len(values) == 1:
+            return format(values[0], fmt)
+        return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+    answered = sum(r.answered for r in results)
+    hits = sum(r.hits for r in results)
+    batches = [b for r in results for b in r.batch_sizes]
+    return (
+        f"| {setting} | {len(results)} × {results[0].clients}×{results[0].edits} | {answered} | "
+        f"{sum(len(r.errors) for r in results)} | {spread([r.requests_per_s for r in results])} | "
+        f"{spread([r.percentile(50) for r in results])} | {spread([r.percentile(95) for r in results])} | "
+        f"{spread([r.percentile(99) for r in results])} | {hits / answered if answered else 0.0:.0%} | "
+        f"{statistics.fmean(batches) if batches else 0.0:.2f} |"
+    )
+
+
 @dataclass
 class Report:
-    rows: list[LoadResult]
+    rows: dict[str, list[LoadResult]]  # setting -> one LoadResult per round
     firsts: list[float]
     repeats: list[float]
     markdown: str
@@ -219,60 +249,77 @@ class Report:
         return statistics.median(self.firsts) / statistics.median(self.repeats)
 
 
+def _spread_s(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} s ({min(values):.2f}–{max(values):.2f})"
+
+
 def run(args: argparse.Namespace, command: str) -> Report:
-    """Run every setting; return the measurements and the markdown report (``command`` is quoted in it)."""
+    """Both settings' servers up at once, each warmed up, then ``args.rounds`` load rounds alternating
+    the settings (A B, B A, …) with fresh images each round; then first vs repeat edits (alternated
+    per image) on the batching server. Returns the measurements and the markdown report."""
+    from gnr_fast.client import GnrClient
+
     budget_end = time.monotonic() + args.time_budget
+    settings = [(f"batching (max batch {args.max_batch})", args.max_batch), ("no batching", 1)]
     with tempfile.TemporaryDirectory(prefix="gnr-load-") as tmp:
         workdir = Path(tmp)
         model, description, size = model_folder(args.model, workdir)
         size = args.size or size
-        rows, ratio_line, firsts, repeats = [], "", [], []
-        for setting, max_batch in ((f"batching (max batch {args.max_batch})", args.max_batch), ("no batching", 1)):
-            server = Server(model, workdir / f"serve-{max_batch}.log", max_batch, args.steps, args.threads)
-            try:
+        rows: dict[str, list[LoadResult]] = {setting: [] for setting, _ in settings}
+        servers = {}
+        try:
+            for index, (setting, max_batch) in enumerate(settings):
+                servers[setting] = Server(model, workdir / f"serve-{index}.log", max_batch, args.steps, args.threads)
+            for setting, server in servers.items():
                 server.wait_ready(timeout_s=180)
-                warm = _images(1, size, seed=999)[0]
-                from gnr_fast.client import GnrClient
-
                 with GnrClient(f"127.0.0.1:{server.http}", timeout_s=args.timeout) as client:
-                    client.edit(warm, SOURCE, "warm-up", preset=args.preset)  # first-call overheads out of the measurement
-                images = _images(args.clients, size, seed=max_batch)
-                result = run_load(server, setting, args.clients, args.edits, images, budget_end, args.timeout, args.preset)
-                rows.append(result)
-                print(result.row(), flush=True)
-                for error in result.errors[:5]:
-                    print("  error:", error, flush=True)
-                if max_batch == args.max_batch:
-                    firsts, repeats = first_vs_repeat(server, _images(args.repeats, size, seed=1234), args.timeout, args.preset)
-                    ratio = statistics.median(firsts) / statistics.median(repeats)
-                    ratio_line = (
-                        f"First edit vs repeat edit of the same image (sequential, {args.repeats} fresh images, "
-                        f"batching server): median first {statistics.median(firsts):.2f} s, median repeat "
-                        f"{statistics.median(repeats):.2f} s — **repeat is {ratio:.2f}× faster** (target ≥ 1.5×)."
-                    )
-                    print(ratio_line, flush=True)
-            finally:
+                    for w in range(args.warmup):  # first-call overheads out of the measurement
+                        client.edit(_images(1, size, seed=900 + w)[0], SOURCE, "warm-up", preset=args.preset)
+            for r in range(args.rounds):
+                images = _images(args.clients, size, seed=100 + r)  # fresh each round, the same for both settings
+                for setting, _ in settings if r % 2 == 0 else reversed(settings):
+                    result = run_load(servers[setting], setting, args.clients, args.edits, images, budget_end,
+                                      args.timeout, args.preset)
+                    rows[setting].append(result)
+                    print(f"round {r + 1}: " + result.row(), flush=True)
+                    for error in result.errors[:5]:
+                        print("  error:", error, flush=True)
+            firsts, repeats = first_vs_repeat(servers[settings[0][0]], _images(args.repeats, size, seed=1234),
+                                              args.timeout, args.preset)
+        finally:
+            for server in servers.values():
                 server.stop()
     import torch
 
+    ratio = statistics.median(firsts) / statistics.median(repeats)
+    ratio_line = (
+        f"First edit vs repeat edit of the same image (sequential, {args.repeats} fresh images, each first edit "
+        f"followed by its repeat, batching server): first {_spread_s(firsts)}, repeat {_spread_s(repeats)} "
+        f"(median (min–max)) — **repeat is {ratio:.2f}× faster** (ratio of medians; target ≥ 1.5×)."
+    )
+    print(ratio_line, flush=True)
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     threads = args.threads if args.threads is not None else f"the default ({torch.get_num_threads()})"
     header = (
-        "| setting | clients×edits | answered | errors | requests/s | p50 s | p95 s | p99 s | cache hit rate | mean batch |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        "| setting | rounds × clients×edits | answered | errors | requests/s | p50 s | p95 s | p99 s | cache hit rate "
+        "| mean batch |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     return Report(rows, firsts, repeats, "\n".join([
         "# Server load benchmark (issue 5)",
         "",
-        f"Measured {date} with `{command}` on {platform.machine()} / {os.cpu_count()} CPU cores "
-        f"(1-minute load average at the end {os.getloadavg()[0]:.1f}), "
-        f"torch {torch.__version__}, {threads} torch thread(s) in the server, no GPU; model: {description}, "
-        f"{size}×{size} images, {args.steps} DDIM steps, {args.preset} preset, HTTP on 127.0.0.1. Each client edits the "
-        f"{args.clients} images of a pool in turn (different targets), so the first edit of each image inverts it "
-        "and later ones hit the inversion cache. Latency is client-side, per request.",
+        (
+            f"Measured {date} with `{command}` on {platform.machine()} / {os.cpu_count()} CPU cores "
+            f"(1-minute load average at the end {os.getloadavg()[0]:.1f}), "
+            f"torch {torch.__version__}, {threads} torch thread(s) in the server, no GPU; model: {description}, "
+            f"{size}×{size} images, {args.steps} DDIM steps, {args.preset} preset, HTTP on 127.0.0.1. Both servers run "
+            f"side by side, each warmed up with {args.warmup} edit(s); the {args.rounds} load rounds alternate the settings "
+            "(A B, B A, …), each round with fresh images. Each client edits the images of the round's pool in turn "
+            "(different targets), so the first edit of each image inverts it and later ones hit the inversion cache. "
+            "Latency is client-side, per request; requests/s and latencies are the median (min–max) of the rounds."
+        ),
         "",
         header,
-        *[r.row() for r in rows],
+        *[summary_row(setting, results) for setting, results in rows.items()],
         "",
         ratio_line,
         "",
@@ -289,30 +336,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="nonstyle", choices=PRESET_NAMES, help="edit preset (default nonstyle)")
     parser.add_argument("--size", type=int, default=None, help="image side (default: 256 for real models, 64 tiny)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh images for first-vs-repeat (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="load rounds per setting, alternated (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up edits per server (default 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in the server (default: the server's default, torch's thread count)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s (default 300)")
     parser.add_argument("--time-budget", type=float, default=900.0, help="no request is sent after this, s (default 900)")
-    parser.add_argument("--write", action="store_true", help=f"write the report to {README.name}")
+    parser.add_argument("--write", action="store_true", help=f"also write the report to {RESULT}")
     args = parser.parse_args(argv)
-    if not 1 <= args.clients * args.edits <= 1000:
-        parser.error("clients × edits must be in [1, 1000]")
+    if not 1 <= args.rounds * args.clients * args.edits <= 1000:
+        parser.error("rounds × clients × edits must be in [1, 1000]")
+    if args.rounds < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be >= 1, --warmup >= 0")
     return args
 
 
 @pytest.mark.server
-def test_server_load(record):
-    """pytest entry (``-m server``): a small load; ratios go to the benchmark table (no batching = reference)."""
+def test_server_load(record, rounds, warmup):
+    """pytest entry (``-m server``): a small load; the table gets seconds per request (wall / answered, so
+    its ratio is the throughput gain of batching) and first vs repeat edit latency (no batching = reference)."""
     pytest.importorskip("pytriton", reason='needs pip install "gnr-fast[serve]"')
-    argv = ["--clients", "4", "--edits", "3", "--steps", "20", "--repeats", "2"]
+    from benchmarks.alternating import Samples
+
+    argv = ["--clients", "4", "--edits", "3", "--steps", "20", "--repeats", "2", "--rounds", str(rounds),
+            "--warmup", str(warmup)]
     report = run(parse_args(argv), command="python -m pytest benchmarks/bench_server_load.py -m server -s")
     print(report.markdown)
-    batched, unbatched = report.rows
-    assert not batched.errors and not unbatched.errors, (batched.errors, unbatched.errors)
-    record("server load: requests/s", "reference", seconds=unbatched.wall_s / unbatched.answered)
-    record("server load: requests/s", "fast", seconds=batched.wall_s / batched.answered)
-    record("server: first vs repeat edit", "reference", seconds=statistics.median(report.firsts))
-    record("server: first vs repeat edit", "fast", seconds=statistics.median(report.repeats))
+    batched, unbatched = report.rows.values()
+    assert not any(r.errors for r in (*batched, *unbatched)), [r.errors for r in (*batched, *unbatched)]
+    for mode, results in (("reference", unbatched), ("fast", batched)):
+        per_request = Samples([r.wall_s / r.answered for r in results])
+        record("server load: wall s per request (1 / requests/s)", mode, samples=per_request,
+               **{f"requests_per_s_{mode}": [round(r.requests_per_s, 3) for r in results]})
+    record("server: first vs repeat edit", "reference", samples=Samples(report.firsts))
+    record("server: first vs repeat edit", "fast", samples=Samples(report.repeats))
 
 
 if __name__ == "__main__":
@@ -320,5 +377,6 @@ if __name__ == "__main__":
     text = run(arguments, command=" ".join(["python benchmarks/bench_server_load.py", *sys.argv[1:]])).markdown
     print(text)
     if arguments.write:
-        README.write_text(text)
-        print(f"wrote {README}")
+        RESULT.parent.mkdir(exist_ok=True)
+        RESULT.write_text(text)
+        print(f"wrote {RESULT} (copy its table into {README.name})")

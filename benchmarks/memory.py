@@ -69,16 +69,16 @@ def peak_rss_mb(model: str, mode: str, steps: int, size: int, timeout: float = 1
 
 def _main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=("golden", "sd15"))
+    parser.add_argument("--model", choices=("golden", "sd15", "tiny"))
     parser.add_argument("--mode", choices=("reference", "fast"))
     parser.add_argument("--steps", type=int)
     parser.add_argument("--size", type=int)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    from benchmarks.models import golden_editor, sd15_editor
+    from benchmarks.models import EDITORS
     from PIL import Image
 
-    editor = golden_editor() if args.model == "golden" else sd15_editor()
+    editor = EDITORS[args.model]()
     image = Image.new("RGB", (args.size, args.size), (200, 40, 40))
     inversion = editor.invert(image, "a red square", num_steps=args.steps, progress=False)
     before = RssSampler.current() / 2**20

@@ -20,6 +20,24 @@ def golden_editor():
     return Editor.from_pretrained(path) if path.is_dir() else None
 
 
+def tiny_editor():
+    """The tests' tiny random pipeline (64² input, tests/tiny_pipeline.py): smoke runs of benchmark code only."""
+    import tempfile
+
+    from tiny_pipeline import build_tiny_pipeline
+
+    from gnr_fast import Editor
+
+    path = Path(tempfile.gettempdir()) / "gnr-bench-tiny-sd"
+    if not (path / "model_index.json").is_file():
+        build_tiny_pipeline(path)
+    return Editor.from_pretrained(path)
+
+
+EDITORS = {"golden": golden_editor, "sd15": lambda: sd15_editor(), "tiny": tiny_editor}
+"""Benchmark model name -> editor factory (None when the model's files are absent)."""
+
+
 def sd15_editor(seed: int = 0):
     """An Editor over SD 1.5's exact UNet/VAE/CLIP-L architectures with random weights (built from config, no download)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -11,21 +11,22 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=("golden", "sd15"))
+    parser.add_argument("--model", choices=("golden", "sd15", "tiny"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
-    from benchmarks.models import golden_editor, sd15_editor
+    from benchmarks.models import EDITORS
 
-    editor = golden_editor() if args.model == "golden" else sd15_editor()
+    editor = EDITORS[args.model]()
     unet = editor.components.unet
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
-    z = torch.randn(args.batch, 4, 32, 32)
+    latent = 8 if args.model == "tiny" else 32
+    z = torch.randn(args.batch, 4, latent, latent)
     context = editor.embed("a photo").expand(args.batch, -1, -1)
     with torch.no_grad():
-        editor.runner(z, 500, context)
+        editor.runner(z, 500, context)  # warm-up, untimed
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()

@@ -12,6 +12,7 @@ from typing import Sequence
 from . import demo
 from .config import PRESET_NAMES
 from .errors import GnrError
+from .outputs import check_writable_file
 
 logger = logging.getLogger("gnr_fast.cli")
 
@@ -155,8 +156,9 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     if args.inversion is None and not args.source:
         raise InputError("-s/--source (a prompt describing the input image) is required when editing an image")
     _check_before_loading(args)
-    editor = _editor(args)
+    out = check_writable_file(_edit_output(args), "-o/--out")
     source = Inversion.load(args.inversion, device=args.device) if args.inversion else args.image
+    editor = _editor(args)
     kwargs = {"mode": args.mode} if args.mode else {}
     result = editor.edit(
         source,
@@ -168,13 +170,6 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **kwargs,
     )
-    if args.out is not None:
-        out = Path(args.out)
-    elif args.image is not None:
-        out = Path(args.image).with_name(Path(args.image).stem + "_edited.png")
-    else:
-        out = Path(args.inversion).with_suffix(".edited.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(out)
     t = result.timings
     print(
@@ -185,10 +180,20 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edit_output(args: argparse.Namespace) -> Path:
+    """-o/--out, else <image>_edited.png, else <inversion>.edited.png."""
+    if args.out is not None:
+        return Path(args.out)
+    if args.image is not None:
+        return Path(args.image).with_name(Path(args.image).stem + "_edited.png")
+    return Path(args.inversion).with_suffix(".edited.png")
+
+
 def _cmd_invert(args: argparse.Namespace) -> int:
     import time
 
     _check_before_loading(args)
+    check_writable_file(args.out, "-o/--out")
     editor = _editor(args)
     start = time.perf_counter()
     inversion = editor.invert(args.image, args.source, num_steps=args.steps, progress=not args.quiet)
@@ -268,12 +273,17 @@ def _cmd_client(args: argparse.Namespace) -> int:
         try:
             config = yaml.safe_load(Path(args.config).read_text())  # YAML is a superset of JSON
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config {args.config!r} is not valid YAML/JSON: {exc}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(
+                f"config {args.config!r} is not valid YAML/JSON: {getattr(exc, 'problem', None) or exc}{where}"
+            ) from exc
         config = json.dumps(config)
+    out = check_writable_file(
+        Path(args.out) if args.out else Path(args.image).with_name(Path(args.image).stem + "_edited.png"), "-o/--out"
+    )
     with GnrClient(args.url, timeout_s=args.timeout) as client:
         image, info = client.edit(args.image, args.source, args.target, preset=args.preset, config=config, steps=args.steps)
-    out = Path(args.out) if args.out else Path(args.image).with_name(Path(args.image).stem + "_edited.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     t = info.get("timings", {})
     print(
@@ -306,6 +316,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    check_writable_file(args.out, "-o/--out")
     return demo.run(args, _editor(args))
 
 
@@ -321,25 +332,38 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gnr-fast`` console script; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eval"]:
-        from .evaluation.quality import main as eval_main
+    from safetensors import SafetensorError
 
-        return eval_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["eval"]:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
+        if argv[:1] == ["eval"]:
+            from .evaluation.quality import main as eval_main
+
+            return eval_main(argv[1:])
         _quiet_library_progress()
         return COMMANDS[args.command](args)
     except GnrError as exc:
-        print(f"gnr-fast: error: {exc}", file=sys.stderr)
+        print(f"gnr-fast: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as exc:  # file-system failures the checks above could not foresee
+        print(f"gnr-fast: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gnr-fast: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: '<reason>: <path>' for a plain OSError, else its message with line breaks folded."""
+    if isinstance(exc, OSError) and not isinstance(exc, GnrError) and exc.strerror:
+        paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+        return f"{exc.strerror}: {' -> '.join(map(str, paths))}" if paths else exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

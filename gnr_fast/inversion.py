@@ -108,7 +108,6 @@ class Inversion:
         if not path.is_file():
             raise InputError(f"inversion file {str(path)!r} does not exist")
         try:
-
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
             tensors = load_file(str(path), device=str(device))
@@ -117,21 +116,57 @@ class Inversion:
         if metadata.get("format") != FORMAT or "latents" not in tensors:
             raise InputError(f"{str(path)!r} is not a gnr-fast inversion file (write one with `gnr-fast invert`)")
         if metadata.get("version") != FORMAT_VERSION:
-            raise InputError(f"{str(path)!r} has inversion format version {metadata.get('version')}; expected {FORMAT_VERSION}")
+            raise InputError(
+                f"{str(path)!r} has inversion format version {metadata.get('version')!r}, but this gnr-fast reads "
+                f"version {FORMAT_VERSION!r}; invert the image again with `gnr-fast invert`"
+            )
+        fields = _metadata_fields(path, metadata)
+        _check_latents(path, tensors["latents"], fields["num_steps"], fields["working_size"])
+        return cls(latents=tensors["latents"], **fields)
+
+
+def _metadata_fields(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """The Inversion fields stored in a version-1 header; InputError naming the first bad one."""
+    try:
         num_steps = int(metadata["num_steps"])
-        latents = tensors["latents"]
-        if latents.ndim != 5 or latents.shape[0] != num_steps + 1:
-            raise InputError(f"{str(path)!r} is corrupt: latents shape {tuple(latents.shape)} for {num_steps} steps")
-        return cls(
-            latents=latents,
-            source_prompt=metadata["source_prompt"],
-            num_steps=num_steps,
-            model_id=metadata["model_id"],
-            original_size=tuple(json.loads(metadata["original_size"])),
-            working_size=tuple(json.loads(metadata["working_size"])),
-            content_hash=metadata["content_hash"],
-            model_dtype=metadata.get("model_dtype"),
+        sizes = {key: tuple(json.loads(metadata[key])) for key in ("original_size", "working_size")}
+        fields = dict(
+            source_prompt=metadata["source_prompt"], num_steps=num_steps, model_id=metadata["model_id"],
+            content_hash=metadata["content_hash"], model_dtype=metadata.get("model_dtype"), **sizes,
         )
+    except KeyError as exc:
+        raise InputError(f"{str(path)!r} is corrupt: its header lacks {exc.args[0]!r}; invert the image again") from exc
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{str(path)!r} is corrupt: unreadable header value ({exc}); invert the image again") from exc
+    if num_steps < 1:
+        raise InputError(f"{str(path)!r} is corrupt: num_steps {num_steps}; invert the image again")
+    for key in ("original_size", "working_size"):
+        size = fields[key]
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+            raise InputError(f"{str(path)!r} is corrupt: {key} {list(size)} is not (width, height); invert the image again")
+    return fields
+
+
+def _check_latents(path: Path, latents: torch.Tensor, num_steps: int, working_size: tuple[int, int]) -> None:
+    """A trajectory [num_steps + 1, 1, C, h, w] of finite floats whose (w, h) divide working_size by one factor."""
+    shape = tuple(latents.shape)
+    width, height = working_size
+    ok = (
+        latents.ndim == 5
+        and shape[0] == num_steps + 1
+        and shape[1] == 1
+        and shape[3] > 0 and shape[4] > 0
+        and width % shape[4] == 0 and height % shape[3] == 0
+        and width // shape[4] == height // shape[3]
+    )
+    if not ok:
+        raise InputError(
+            f"{str(path)!r} is corrupt: latents shape {shape} does not fit {num_steps} steps of a "
+            f"{width}x{height} image (expected [{num_steps + 1}, 1, C, h, w] with the working size a multiple "
+            "of (w, h)); invert the image again"
+        )
+    if not latents.is_floating_point() or not torch.isfinite(latents).all():
+        raise InputError(f"{str(path)!r} is corrupt: its latents are not finite floats; invert the image again")
 
 
 def invert_many(

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..config import CfgGuider, EditConfig, RescaleConfig
+from ..outputs import check_writable_dir
 from ..world.judge import attributes_of
 from .cases import EDIT_KINDS, EditCase, EditKind, make_case, make_cases
 from .metrics import feature_distance, masked_psnr, masked_ssim
@@ -271,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    check_writable_dir(args.out, "--out")  # before the evaluation, not after it
     if args.jobs > 1:
         cases, results = evaluate_parallel(
             args.model, args.jobs, args.kinds, args.per_kind, args.steps, args.methods, args.threads or 1

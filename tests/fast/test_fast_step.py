@@ -39,11 +39,13 @@ def test_fast_step_terms_equal_reference(tiny_editor, inversion, preset):
         ref = reference_step(ctx, z, z_star, step)
         fast = fast_step(ctx, z, z_star, step)
         assert (ref.guider_grad is None) == (fast.guider_grad is None), step
+        # bounds ≈ 10x the worst over steps and presets, measured 2026-12-01 (torch 2.13 CPU, 2 threads):
+        # eps_u 1.2e-6, delta_cfg 6.8e-6, guider_grad 1.1e-5, gamma 4.2e-6, eps_final 8.0e-6
         assert rel_err(fast.eps_u, ref.eps_u) < 1e-5
-        assert rel_err(fast.delta_cfg, ref.delta_cfg) < 1e-4
+        assert rel_err(fast.delta_cfg, ref.delta_cfg) < 7e-5
         if ref.guider_grad is not None:
             assert rel_err(fast.guider_grad, ref.guider_grad) < 1e-4, step
-            assert fast.gamma == pytest.approx(ref.gamma, rel=1e-4)
+            assert fast.gamma == pytest.approx(ref.gamma, rel=5e-5)
         assert rel_err(fast.eps_final, ref.eps_final) < 1e-4
 
 
@@ -51,7 +53,7 @@ def test_fast_step_terms_equal_reference(tiny_editor, inversion, preset):
 def test_fast_edit_equals_reference_edit(tiny_editor, inversion, preset):
     ref = tiny_editor.edit(inversion, "a green square", preset=preset, mode="reference", progress=False)
     fast = tiny_editor.edit(inversion, "a green square", preset=preset, mode="fast", progress=False)
-    assert rel_err(fast.latents, ref.latents) < 1e-3
+    assert rel_err(fast.latents, ref.latents) < 6e-5  # measured 6.3e-6 (nonstyle) / 2.6e-6 (style): ≈ 10x
     assert fast.unet_calls < ref.unet_calls
 
 
@@ -81,7 +83,8 @@ def test_fp16_source_cache_stays_close(tiny_model_path, inversion):
     editor.edit(inv, "a green square", progress=False)
     cached = editor.edit(inv, "a green square", progress=False)
     assert inv.source_cache.storage_dtype == torch.float16 and inv.source_cache.hits > 0
-    assert rel_err(cached.latents, reference.latents) < 5e-2
+    # measured 6.8e-5 (fp16 rounding of the cached source pass); an edit toward another prompt differs by 0.61
+    assert rel_err(cached.latents, reference.latents) < 7e-4
     inv.source_cache = None
 
 
