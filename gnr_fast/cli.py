@@ -12,6 +12,7 @@ from typing import Sequence
 from . import demo
 from .config import PRESET_NAMES
 from .errors import GnrError
+from .runtime.config import RUNTIME_NAMES
 
 logger = logging.getLogger("gnr_fast.cli")
 
@@ -23,6 +24,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
     parser.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
+    parser.add_argument("--runtime", default="eager", choices=RUNTIME_NAMES,
+                        help="UNet backend: eager PyTorch, or torch.compile (inductor; compiles on first use) "
+                             "(default: eager)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -35,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("-s", "--source", help="prompt describing the input image")
     edit.add_argument("-t", "--target", required=True, help="prompt describing the edited image")
     edit.add_argument("-o", "--out", default=None, help="output image path (default: <image>_edited.png)")
-    edit.add_argument("--preset", default="nonstyle", choices=PRESET_NAMES, help="guidance preset")
+    edit.add_argument("--preset", default=None, choices=PRESET_NAMES, help="guidance preset (default: the model's)")
     edit.add_argument("--config", default=None, help="edit config in the authors' YAML format (overrides --preset)")
     edit.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, or the inversion's)")
     edit.add_argument("--inversion", default=None, help="reuse an inversion file written by `gnr-fast invert`")
@@ -126,6 +130,7 @@ def _editor(args: argparse.Namespace):
         device=args.device,
         dtype=getattr(torch, args.dtype),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        runtime=args.runtime,
     )
 
 
@@ -232,6 +237,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         source_cache_mb=args.cache_mb,
+        runtime=args.runtime,
     )
 
     def ready(config: ServerConfig) -> None:
