@@ -9,7 +9,8 @@ from .config import (
     SelfAttnMapL2,
     SelfAttnMapL2Appearance,
 )
-from .editor import EditResult, Editor, Timings
+from .editor import Editor
+from .results import EditResult, Timings
 from .errors import (
     BackendUnavailableError,
     ConfigError,

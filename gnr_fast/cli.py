@@ -13,6 +13,7 @@ from . import demo
 from .config import PRESET_NAMES
 from .errors import GnrError
 from .outputs import check_writable_file
+from .runtime.config import RUNTIME_NAMES
 
 logger = logging.getLogger("gnr_fast.cli")
 
@@ -24,6 +25,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
     parser.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
+    parser.add_argument("--runtime", default="eager", choices=RUNTIME_NAMES,
+                        help="UNet backend: eager PyTorch, or torch.compile (inductor; compiles on first use) "
+                             "(default: eager)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -129,6 +133,7 @@ def _editor(args: argparse.Namespace):
         device=args.device,
         dtype=getattr(torch, args.dtype),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        runtime=args.runtime,
     )
 
 
@@ -239,6 +244,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         source_cache_mb=args.cache_mb,
+        runtime=args.runtime,
     )
 
     def ready(config: ServerConfig) -> None:

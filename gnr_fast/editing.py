@@ -1,14 +1,16 @@
-"""The editing loop shared by every execution mode (DESIGN.md §3).
+"""The editing loop shared by every execution mode and every batch size (DESIGN.md §3, §9).
 
-A mode supplies a *step function* computing :class:`StepTerms` for the current latent; the loop
-pairs latents with the inversion trajectory, applies the DDIM step and reports progress.
+A mode supplies a *batch step function* computing one :class:`StepTerms` per image for the
+current latents; :func:`run_edit_loop` pairs each latent with its inversion trajectory, drops an
+image whose noise turns non-finite, and applies one DDIM step to the rest. A single edit is a
+batch of one. Latents, the DDIM update and the terms are float32 whatever the model dtype.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -17,36 +19,38 @@ from .attention.capture import SelfAttnLayer, select_layers
 from .config import EditConfig
 from .errors import GuidanceError
 from .loading import Components
-from .rescaling import rescale_factor
-from .runtime.base import UNetRunner
-from .schedules import ddim_step_down, ddim_timesteps
+from .rescaling import rescale_gamma
+from .runtime.executor import UNetExecutor
+from .schedules import ddim_step_down, ddim_timesteps, timestep_tensors
 
 
 @dataclass
 class EditContext:
-    """Per-edit constants: model, runner, prompt embeddings, config and the selected layers."""
+    """Per-edit constants: model, executor, prompt embeddings, config and the selected layers."""
 
     components: Components
-    runner: UNetRunner
+    runner: UNetExecutor
     config: EditConfig
     c_uncond: torch.Tensor  # [1, 77, C] embedding of ""
     c_src: torch.Tensor  # [1, 77, C] source prompt
     c_trg: torch.Tensor  # [1, 77, C] target prompt
     layers: frozenset[int]  # selected self-attention layers
     timesteps: list[int] = field(default_factory=list)
-    source_cache: Any = None  # gnr_fast.fast.SourceCache of the inversion being edited, if any
+    timestep_tensors: tuple[torch.Tensor, ...] = ()  # the same as 0-dim long tensors on the device
+    source_cache: object = None  # gnr_fast.fast.SourceCache of the inversion being edited, if any
 
     @classmethod
     def build(
         cls,
         components: Components,
-        runner: UNetRunner,
+        runner: UNetExecutor,
         config: EditConfig,
-        all_layers: list[SelfAttnLayer],
+        all_layers: Sequence[SelfAttnLayer],
         c_uncond: torch.Tensor,
         c_src: torch.Tensor,
         c_trg: torch.Tensor,
-    ) -> "EditContext":
+    ) -> EditContext:
+        timesteps = ddim_timesteps(config.num_steps, components.schedule.num_train_timesteps)
         return cls(
             components=components,
             runner=runner,
@@ -55,21 +59,25 @@ class EditContext:
             c_src=c_src,
             c_trg=c_trg,
             layers=select_layers(all_layers, config.self_attn_layers),
-            timesteps=ddim_timesteps(config.num_steps, components.schedule.num_train_timesteps),
+            timesteps=timesteps,
+            timestep_tensors=timestep_tensors(timesteps, components.device),
         )
 
 
 @dataclass
 class StepTerms:
-    """The noise terms of one editing step; ε_final = ε_u + Δcfg + γ · grad + direct terms."""
+    """The noise terms of one editing step of one image; ε_final = ε_u + Δcfg + γ · grad + direct.
+
+    Tensors are float32; ``gamma`` and ``energy`` are 0-dim tensors (no host sync to produce them).
+    """
 
     eps_u: torch.Tensor  # [1, 4, h, w]
     delta_cfg: torch.Tensor  # [1, 4, h, w]
     guider_grad: torch.Tensor | None  # ∂E/∂z before γ; None when no energy was active
-    gamma: float
+    gamma: torch.Tensor  # 0-dim
     direct: torch.Tensor | None  # guiders that add a noise term directly (latents_diff)
     eps_final: torch.Tensor  # [1, 4, h, w]
-    energy: float  # Σ_g v_g(i) · E_g (0 when no energy guider was active)
+    energy: torch.Tensor | float  # Σ_g v_g(i) · E_g (0 when no energy guider was active)
 
 
 def combine_terms(
@@ -78,10 +86,10 @@ def combine_terms(
     delta_cfg: torch.Tensor,
     guider_grad: torch.Tensor | None,
     direct: torch.Tensor | None,
-    energy: float,
+    energy: torch.Tensor | float,
 ) -> StepTerms:
     """Noise rescaling + sum (DESIGN.md §3 step 7, §5)."""
-    gamma = rescale_factor(config.rescale, delta_cfg, guider_grad)
+    gamma = rescale_gamma(config.rescale, delta_cfg, guider_grad)
     eps_final = eps_u + delta_cfg
     if direct is not None:
         eps_final = eps_final + direct
@@ -98,35 +106,86 @@ def source_latent(inversion_latents: torch.Tensor, step: int, config: EditConfig
 
 
 class StepFunction(Protocol):
+    """One image's step (the reference step's signature)."""
+
     def __call__(self, ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int) -> StepTerms: ...
 
 
+class BatchStepFunction(Protocol):
+    """The terms of ``step`` for several images; ``sources`` names each image's inversion (equal
+    names share one source pass)."""
+
+    def __call__(
+        self,
+        ctxs: Sequence[EditContext],
+        z: Sequence[torch.Tensor],
+        z_star: Sequence[torch.Tensor],
+        step: int,
+        sources: Sequence[object],
+    ) -> list[StepTerms]: ...
+
+
 StepCallback = Callable[[int, int, torch.Tensor, StepTerms], None]
-"""callback(step, timestep, new_latent, terms) after each step."""
+"""callback(step, timestep, new_latent, terms) after each step (per image of a batch)."""
+
+
+@dataclass(eq=False)
+class LoopItem:
+    """One image moving through :func:`run_edit_loop`."""
+
+    ctx: EditContext
+    trajectory: torch.Tensor  # [N + 1, 1, 4, h, w] float32, on the device
+    source: object  # names the inversion (id of it): items with the same one share its source pass
 
 
 def run_edit_loop(
-    ctx: EditContext,
-    step_fn: StepFunction,
-    inversion_latents: torch.Tensor,
+    items: Sequence[LoopItem],
+    step_fn: BatchStepFunction,
     progress: bool = True,
     callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """Denoise from inv[N] with ``step_fn``'s noise at every step; return the final latent [1, 4, h, w].
+) -> list[torch.Tensor | GuidanceError]:
+    """Denoise every item from inv[N] with ``step_fn``'s noise; the final latent ([1, 4, h, w],
+    float32) of each item, or the :class:`GuidanceError` of an item whose noise turned non-finite.
 
-    Raises :class:`GuidanceError` when a step produces non-finite noise.
+    Items must share the config, the working size and the executor. Host syncs per step: one (the
+    finite check of every item's ε_final and γ, which decides who stays in the batch).
     """
-    schedule = ctx.components.schedule
-    z = inversion_latents[-1].clone()
-    for i, t in enumerate(tqdm(ctx.timesteps, desc="Editing", disable=not progress, leave=False)):
-        terms = step_fn(ctx, z, source_latent(inversion_latents, i, ctx.config), i)
-        if not torch.isfinite(terms.eps_final).all() or not math.isfinite(terms.gamma):
-            raise GuidanceError(
-                f"step {i} (t={t}) produced non-finite noise (energy={terms.energy}, gamma={terms.gamma}); lower the "
-                "guider scales or check the model"
-            )
+    ctx0 = items[0].ctx
+    schedule, num_steps = ctx0.components.schedule, ctx0.config.num_steps
+    outcomes: list[torch.Tensor | GuidanceError | None] = [None] * len(items)
+    live = list(range(len(items)))
+    z = torch.cat([items[b].trajectory[-1] for b in live]).float()  # [B, 4, h, w]
+    desc = "Editing" if len(items) == 1 else f"Editing ×{len(items)}"
+    for i, t in enumerate(tqdm(ctx0.timesteps, desc=desc, disable=not progress, leave=False)):
+        terms = step_fn(
+            [items[b].ctx for b in live],
+            list(z.split(1)),
+            [source_latent(items[b].trajectory, i, ctx0.config) for b in live],
+            i,
+            [items[b].source for b in live],
+        )
+        finite = torch.stack(
+            [torch.isfinite(term.eps_final).all() & torch.isfinite(term.gamma) for term in terms]
+        ).tolist()  # the step's one host sync
+        kept = []
+        for j, (b, term, ok) in enumerate(zip(live, terms, finite)):
+            if ok:
+                kept.append(j)
+            else:
+                outcomes[b] = GuidanceError(
+                    f"step {i} (t={t}) produced non-finite noise (energy={float(term.energy)}, "
+                    f"gamma={float(term.gamma)}); lower the guider scales or check the model"
+                )
+        if not kept:
+            return outcomes  # type: ignore[return-value]
+        if len(kept) < len(live):
+            z, terms, live = z[kept], [terms[j] for j in kept], [live[j] for j in kept]
         with torch.no_grad():
-            z = ddim_step_down(schedule, terms.eps_final, t, z, ctx.config.num_steps)
+            eps_final = torch.cat([term.eps_final for term in terms])  # [B, 4, h, w]
+            z = ddim_step_down(schedule, eps_final, t, z, num_steps)
         if callback is not None:
-            callback(i, t, z, terms)
-    return z
+            for j, term in enumerate(terms):
+                callback(i, t, z[j : j + 1], term)
+    for j, b in enumerate(live):
+        outcomes[b] = z[j : j + 1]
+    return outcomes  # type: ignore[return-value]

@@ -3,60 +3,43 @@
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
-from PIL import Image
 
 from .attention import install_capture_processors
+from .batch import edit_batch
 from .config import EditConfig
-from .editing import EditContext, StepCallback, run_edit_loop
+from .editing import EditContext, StepCallback, StepTerms
+from .errors import GnrError, InputError
 from .fast.source_cache import CacheKey, SourceCache
-from .fast.step import fast_step, source_sites
-from .errors import ConfigError, InputError
-from .images import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, decode_latent, prepare_image, to_output_image
+from .fast.step import source_sites
+from .images import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, prepare_image
 from .inversion import Inversion, invert_many
 from .loading import Components, load_components
 from .model_defaults import ModelDefaults, load_model_defaults
 from .prompts import check_prompt, encode_prompt, warn_if_outside_grammar
-from .runtime.eager import EagerUNetRunner
+from .requests import EditRequest, check_steps, resolve_config
+from .results import EditResult, Timings
+from .runtime import RuntimeConfig, UNetExecutor
 
 logger = logging.getLogger(__name__)
 
 Mode = Literal["fast", "reference"]
 MODES = ("fast", "reference")
 
-
-@dataclass
-class Timings:
-    """Wall-clock seconds of the phases of one call (0 for phases that did not run)."""
-
-    inversion_s: float = 0.0
-    editing_s: float = 0.0
-    decoding_s: float = 0.0
-
-    @property
-    def total_s(self) -> float:
-        return self.inversion_s + self.editing_s + self.decoding_s
-
-
-@dataclass
-class EditResult:
-    """An edited image with the final latent, the inversion it came from, and timings."""
-
-    image: Image.Image
-    latents: torch.Tensor  # [1, 4, h, w] final latent
-    inversion: Inversion
-    timings: Timings
-    unet_calls: int = 0
-    config: EditConfig | None = field(default=None, repr=False)
+__all__ = ["EditResult", "Editor", "Timings"]
 
 
 class Editor:
-    """Guide-and-Rescale editing with one loaded Stable Diffusion 1.x/2.x checkpoint."""
+    """Guide-and-Rescale editing with one loaded Stable Diffusion 1.x/2.x checkpoint.
+
+    Every UNet call goes through :attr:`runner`, a :class:`~gnr_fast.runtime.UNetExecutor` over
+    the backends :attr:`runtime` names (eager PyTorch by default; ``runtime="compiled"`` for
+    ``torch.compile``), which also counts the calls.
+    """
 
     def __init__(
         self,
@@ -65,6 +48,7 @@ class Editor:
         source_cache_mb: float = 2048,
         source_cache_dtype: torch.dtype | None = None,
         defaults: ModelDefaults | None = None,
+        runtime: RuntimeConfig | str | None = None,
     ) -> None:
         self.components = components
         # What the model folder declares (gnr_fast.json): the preset used when a call names none,
@@ -74,8 +58,9 @@ class Editor:
         self.max_pixels = max_pixels
         self.source_cache_bytes = int(source_cache_mb * 1024**2)
         self.source_cache_dtype = source_cache_dtype or components.dtype
-        self.self_attn_layers = install_capture_processors(components.unet)
-        self.runner = EagerUNetRunner(components.unet)
+        self.runtime = RuntimeConfig.resolve(runtime)
+        self.self_attn_layers, feature_sites = install_capture_processors(components.unet)
+        self.runner = UNetExecutor(components.unet, self.self_attn_layers, feature_sites, self.runtime)
         self._embeddings: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -87,7 +72,8 @@ class Editor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         source_cache_mb: float = 2048,
         source_cache_dtype: torch.dtype | None = None,
-    ) -> "Editor":
+        runtime: RuntimeConfig | str | None = None,
+    ) -> Editor:
         """Load a local diffusers SD 1.x/2.x folder (``None``: the bundled model), never contacting a hub.
 
         ``source_cache_mb`` bounds the source-pass internals a fast edit keeps with an inversion
@@ -95,6 +81,9 @@ class Editor:
         The folder's ``gnr_fast.json`` (optional, :mod:`gnr_fast.model_defaults`) sets
         :attr:`default_preset` (``shapes`` for the bundled model, else ``nonstyle``); a malformed
         one raises :class:`ModelLoadError`/:class:`ConfigError`.
+        ``runtime`` is a :class:`~gnr_fast.runtime.RuntimeConfig` or a preset name (``"eager"``,
+        the default, or ``"compiled"``); an unavailable backend raises
+        :class:`~gnr_fast.errors.BackendUnavailableError` naming what is missing.
         """
         components = load_components(path, device=device, dtype=dtype)
         return cls(
@@ -103,6 +92,7 @@ class Editor:
             source_cache_mb=source_cache_mb,
             source_cache_dtype=source_cache_dtype,
             defaults=load_model_defaults(components.path),
+            runtime=runtime,
         )
 
     @property
@@ -121,7 +111,7 @@ class Editor:
     def invert(self, image: ImageInput, source_prompt: str, num_steps: int = 50, progress: bool = True) -> Inversion:
         """DDIM-invert ``image`` with ``source_prompt`` (DESIGN.md §2)."""
         check_prompt(source_prompt, "source_prompt")
-        _check_steps(num_steps)
+        check_steps(num_steps)
         prepared = prepare_image(image, max_pixels=self.max_pixels)
         return self.invert_prepared([prepared], [source_prompt], num_steps, progress)[0]
 
@@ -133,18 +123,12 @@ class Editor:
         embeddings = [self.embed(prompt) for prompt in source_prompts]
         return invert_many(self.components, self.runner, images, source_prompts, embeddings, num_steps, progress)
 
-    def resolve_config(self, preset: str | None = None, config: EditConfig | str | Path | None = None, num_steps: int | None = None) -> EditConfig:
+    def resolve_config(
+        self, preset: str | None = None, config: EditConfig | str | Path | None = None, num_steps: int | None = None
+    ) -> EditConfig:
         """The config an edit runs: ``config`` (object or YAML path) if given, else the named preset
-        (``None``: the model's :attr:`default_preset`)."""
-        if config is None:
-            return EditConfig.preset(self.default_preset if preset is None else preset, 50 if num_steps is None else num_steps)
-        if isinstance(config, (str, Path)):
-            config = EditConfig.from_yaml(config)
-        if not isinstance(config, EditConfig):
-            raise ConfigError(f"config must be an EditConfig or a YAML path, got {type(config).__name__}")
-        if num_steps is not None and num_steps != config.num_steps:
-            config = config.with_steps(num_steps)
-        return config
+        (``None``: this editor's default preset)."""
+        return resolve_config(self, preset, config, num_steps)
 
     def edit(
         self,
@@ -162,68 +146,24 @@ class Editor:
 
         With an image, ``source_prompt`` is required and the image is inverted first; with an
         :class:`Inversion`, its source prompt is used (a different ``source_prompt`` is an error).
-        ``mode="fast"`` runs the planned passes (and fills/uses the inversion's source cache);
-        ``mode="reference"`` runs the paper-literal four passes per step. Both give the same edit
-        within the golden tolerances.
+        ``preset=None`` runs the editor's default preset. ``mode="fast"`` runs the planned passes
+        (and fills/uses the inversion's source cache) — the same path as :meth:`edit_batch` with
+        one request; ``mode="reference"`` runs the paper-literal four passes per step. Both give
+        the same edit within the golden tolerances.
         """
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-        check_prompt(target_prompt, "target_prompt")
-        if num_steps is not None:
-            _check_steps(num_steps)
-        timings = Timings()
-        if isinstance(image_or_inversion, Inversion):
-            inversion = image_or_inversion
-            if source_prompt is not None and source_prompt != inversion.source_prompt:
-                raise InputError(
-                    f"source_prompt {source_prompt!r} differs from the inversion's {inversion.source_prompt!r}; "
-                    "omit source_prompt or invert again"
-                )
-            cfg = self.resolve_config(preset, config, inversion.num_steps if num_steps is None else num_steps)
-            inversion.check_compatible(self.model_id, cfg.num_steps)
-        else:
-            if source_prompt is None:
-                raise InputError("source_prompt is required when editing an image (it describes the input image)")
-            cfg = self.resolve_config(preset, config, num_steps)
-            start = time.perf_counter()
-            inversion = self.invert(image_or_inversion, source_prompt, num_steps=cfg.num_steps, progress=progress)
-            timings.inversion_s = time.perf_counter() - start
-        calls_before = self.runner.calls
-        start = time.perf_counter()
-        ctx = EditContext.build(
-            self.components,
-            self.runner,
-            cfg,
-            self.self_attn_layers,
-            c_uncond=self.embed(""),
-            c_src=self.embed(inversion.source_prompt),
-            c_trg=self.embed(target_prompt),
-        )
-        latents = inversion.latents.to(self.components.device, self.components.dtype)
+        request = EditRequest(image_or_inversion, target_prompt, source_prompt, preset, config, num_steps)
         if mode == "fast":
-            ctx.source_cache = self._source_cache(inversion, ctx)
-            step_fn = fast_step
+            (result,) = edit_batch(self, [request], progress=progress, callback=callback)
         else:
-            from .reference.step import reference_step
+            (result,) = edit_batch(self, [request], progress=progress, callback=callback, step_fn=_reference_batch_step,
+                                   max_group=1, source_cache=False)
+        return result
 
-            step_fn = reference_step
-        final = run_edit_loop(ctx, step_fn, latents, progress=progress, callback=callback)
-        timings.editing_s = time.perf_counter() - start
-        start = time.perf_counter()
-        image = to_output_image(decode_latent(self.components.vae, final, self.components.scaling_factor)[0], inversion.original_size)
-        timings.decoding_s = time.perf_counter() - start
-        return EditResult(
-            image=image,
-            latents=final.detach(),
-            inversion=inversion,
-            timings=timings,
-            unet_calls=self.runner.calls - calls_before,
-            config=cfg,
-        )
-
-
-    def _source_cache(self, inversion: Inversion, ctx: EditContext) -> SourceCache | None:
-        """The inversion's source cache for this edit's pairing/layers (a fresh one if they changed)."""
+    def source_cache_for(self, inversion: Inversion, ctx: EditContext) -> SourceCache | None:
+        """The inversion's source cache for this edit's pairing/layers (a fresh one if they changed);
+        ``None`` when this editor keeps no source cache."""
         if self.source_cache_bytes <= 0:
             return None
         fresh = self.new_source_cache(ctx)
@@ -237,11 +177,11 @@ class Editor:
         key = CacheKey(ctx.config.align_inversion, ctx.layers, source_sites(ctx), ctx.config.num_steps)
         return SourceCache(key, max_bytes=self.source_cache_bytes, storage_dtype=self.source_cache_dtype)
 
-    def edit_batch(self, requests: list, progress: bool = False) -> list[EditResult]:
-        """Run several edits at once; compatible ones share UNet calls (see :mod:`gnr_fast.batch`)."""
-        from .batch import edit_batch
-
-        return edit_batch(self, requests, progress=progress)
+    def edit_batch(
+        self, requests: Sequence[EditRequest], progress: bool = False, return_exceptions: bool = False
+    ) -> list[EditResult | GnrError]:
+        """Run several fast-mode edits at once; compatible ones share UNet calls (see :mod:`gnr_fast.batch`)."""
+        return edit_batch(self, requests, progress=progress, return_exceptions=return_exceptions)
 
     def edit_many(
         self,
@@ -261,6 +201,8 @@ class Editor:
         ]
 
 
-def _check_steps(num_steps: object) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= 1000:
-        raise InputError(f"num_steps must be an integer in [1, 1000], got {num_steps!r}")
+def _reference_batch_step(ctxs, z, z_star, step, sources) -> list[StepTerms]:
+    """The paper-literal reference step (:mod:`gnr_fast.reference.step`) in the batch-step signature."""
+    from .reference.step import reference_step
+
+    return [reference_step(ctx, zb, zs, step) for ctx, zb, zs in zip(ctxs, z, z_star)]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,8 +18,8 @@ from .errors import InputError, InversionMismatchError
 from .images import PreparedImage, encode_latent
 from .loading import Components
 from .precision import dtype_name
-from .runtime.base import UNetRunner
-from .schedules import ddim_step_up, ddim_timesteps
+from .runtime.executor import UNetExecutor
+from .schedules import ddim_step_up, ddim_timesteps, timestep_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Inversion:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Inversion":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Inversion:
         """Read an inversion written by :meth:`save`; raises :class:`InputError` for anything else."""
         path = Path(path)
         if not path.is_file():
@@ -171,7 +172,7 @@ def _check_latents(path: Path, latents: torch.Tensor, num_steps: int, working_si
 
 def invert_many(
     components: Components,
-    runner: UNetRunner,
+    runner: UNetExecutor,
     images: Sequence[PreparedImage],
     source_prompts: Sequence[str],
     c_srcs: Sequence[torch.Tensor],
@@ -212,21 +213,26 @@ def invert_many(
 
 def _invert_rows(
     components: Components,
-    runner: UNetRunner,
+    runner: UNetExecutor,
     pixels: torch.Tensor,
     c: torch.Tensor,
     num_steps: int,
     progress: bool,
 ) -> torch.Tensor:
-    """The DDIM inversion trajectory [N+1, B, 4, h, w] of ``pixels`` [B, 3, H, W] under ``c`` [B, 77, D]."""
+    """The DDIM inversion trajectory [N+1, B, 4, h, w] (float32) of ``pixels`` [B, 3, H, W] under ``c`` [B, 77, D].
+
+    Plain UNet calls (one per step, timesteps as tensors); the latents and the DDIM update stay in
+    float32 whatever the model dtype (the UNet casts at its input and output).
+    """
     schedule = components.schedule
     timesteps = ddim_timesteps(num_steps, schedule.num_train_timesteps)
-    z = encode_latent(components.vae, pixels, components.scaling_factor).to(components.dtype)
+    t_tensors = timestep_tensors(timesteps, components.device)
+    z = encode_latent(components.vae, pixels, components.scaling_factor).float()
     trajectory = [z]
     with torch.no_grad():
         for i in tqdm(range(num_steps), desc="Inversion", disable=not progress, leave=False):
-            t = timesteps[num_steps - 1 - i]
-            eps = runner(z, t, c)
-            z = ddim_step_up(schedule, eps, t, z, num_steps)
+            k = num_steps - 1 - i
+            eps = runner.plain(z, t_tensors[k], c)
+            z = ddim_step_up(schedule, eps, timesteps[k], z, num_steps)
             trajectory.append(z)
     return torch.stack(trajectory)

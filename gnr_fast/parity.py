@@ -128,7 +128,7 @@ def teacher_forced_edit(
                 eps_u=rel_err(terms.eps_u, g["eps_uncond"][i]),
                 delta_cfg=rel_err(terms.delta_cfg, g["delta_cfg"][i]),
                 guider_grad=rel_err(terms.guider_grad, g["guider_grad"][i]) if both else 0.0,
-                gamma=abs(terms.gamma - float(g["gamma"][i])) / abs(float(g["gamma"][i])),
+                gamma=abs(float(terms.gamma) - float(g["gamma"][i])) / abs(float(g["gamma"][i])),
                 eps_final=rel_err(terms.eps_final, g["eps_final"][i]),
                 grad_presence_matches=(terms.guider_grad is not None) == golden_has_grad,
                 guider_grad_value=None if terms.guider_grad is None else terms.guider_grad.detach(),

@@ -128,3 +128,9 @@ def ddim_step_up(
     """One inversion step from level t to t + stride; beyond the last train step uses ᾱ[T−1] (DESIGN.md §2)."""
     t_next = t + step_size(num_steps, schedule.num_train_timesteps)
     return ddim_move(model_output, sample, schedule.alpha_bar(t), schedule.alpha_bar(t_next), schedule.prediction_type)
+
+
+def timestep_tensors(timesteps: list[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Each timestep as a 0-dim long tensor on ``device``, made with one host-to-device copy, so
+    UNet calls take tensors (no per-call copy; a compiled graph never depends on the value)."""
+    return torch.tensor(timesteps, dtype=torch.long, device=device).unbind()

@@ -1,19 +1,20 @@
-"""Capture processors record the right internals and leave the UNet output unchanged."""
+"""Capturing calls return the right internals as outputs and leave the UNet output unchanged."""
 
 import pytest
 import torch
 
-from gnr_fast.attention import CaptureMode, PassCapture, select_layers
+from gnr_fast.attention import CaptureMode, CaptureSpec, PassCapture, select_layers
 from gnr_fast.config import FeatureSite
-from gnr_fast.errors import ConfigError
+from gnr_fast.errors import ConfigError, UnsupportedArchitectureError
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_editor):
     torch.manual_seed(0)
-    z = torch.randn(1, 4, 8, 8)
+    z = torch.randn(3, 4, 8, 8)
     ctx = tiny_editor.embed("a red circle")
-    return tiny_editor, z, ctx
+    t = torch.tensor(300)
+    return tiny_editor, z, ctx, t
 
 
 def test_layers_in_forward_order(tiny_editor):
@@ -26,16 +27,31 @@ def test_layers_in_forward_order(tiny_editor):
         select_layers(layers, ((0, 7), (0, 1), (0, 9)))
 
 
+def _module_io(editor, names):
+    """Record inputs/outputs of named modules with plain forward hooks (test-side, independent)."""
+    modules = dict(editor.components.unet.named_modules())
+    seen, handles = {}, []
+
+    def keep(key, value) -> None:
+        seen.setdefault(key, value)
+
+    for name in names:
+        handles.append(modules[name].register_forward_pre_hook(lambda m, a, n=name: keep(("in", n), a[0]) if a else None))
+        handles.append(modules[name].register_forward_hook(lambda m, a, o, n=name: keep(("out", n), o)))
+    return seen, handles
+
+
 def test_captured_maps_equal_hand_computed_softmax(setup):
-    editor, z, ctx = setup
-    attn_module = dict(editor.components.unet.named_modules())[editor.self_attn_layers[3].name]
-    inputs = {}
-    handle = attn_module.register_forward_pre_hook(lambda m, args, kw: inputs.update(h=args[0]), with_kwargs=True)
+    editor, z, ctx, t = setup
+    name = editor.self_attn_layers[3].name
+    seen, handles = _module_io(editor, [name])
     capture = PassCapture(layers=frozenset({3}), mode=CaptureMode.MAPS)
     with torch.no_grad():
-        editor.runner(z, 500, ctx, (capture,))
-    handle.remove()
-    h = inputs["h"]  # [1, N, C]
+        editor.runner(z[:1], 500, ctx, (capture,))  # the reference step's recording convention
+    for h in handles:
+        h.remove()
+    attn_module = dict(editor.components.unet.named_modules())[name]
+    h = seen[("in", name)]  # [1, N, C]
     heads = attn_module.heads
     q = attn_module.to_q(h).view(1, h.shape[1], heads, -1).transpose(1, 2)
     k = attn_module.to_k(h).view(1, h.shape[1], heads, -1).transpose(1, 2)
@@ -46,68 +62,91 @@ def test_captured_maps_equal_hand_computed_softmax(setup):
 
 
 def test_capture_does_not_change_output(setup):
-    editor, z, ctx = setup
+    editor, z, ctx, t = setup
+    run = editor.runner
     with torch.no_grad():
-        plain = editor.runner(z, 300, ctx)
-        maps = editor.runner(z, 300, ctx, (PassCapture(layers=frozenset(range(16)), mode=CaptureMode.MAPS),))
-        qk = editor.runner(z, 300, ctx, (PassCapture(layers=frozenset(range(16)), mode=CaptureMode.QK),))
+        plain = run.plain(z, t, ctx)
+        qk, _ = run.capture(z, t, ctx, CaptureSpec(frozenset(range(16)), frozenset(FeatureSite), rows=(1, 2), with_lse=True))
+        maps = run(z, 300, ctx, (PassCapture(layers=frozenset(range(16)), mode=CaptureMode.MAPS),))
+    assert plain.dtype == torch.float32
     torch.testing.assert_close(maps, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(qk, plain)
 
 
-def test_qk_capture_and_features(setup):
-    editor, z, ctx = setup
-    capture = PassCapture(
-        layers=frozenset({0, 15}), mode=CaptureMode.QK, feature_sites=frozenset({FeatureSite.UP_LAST, FeatureSite.UP})
-    )
-    with torch.no_grad():
-        editor.runner(z, 300, ctx, (capture,))
-    assert set(capture.queries) == {0, 15} and not capture.maps
-    # [B, H, N, D]: SD 1.x configs name the head *count* attention_head_dim (4), 8 channels / 4 = dim 2
-    assert capture.queries[0].shape == (1, 4, 64, 2)
+def test_capture_returns_rows_and_features(setup):
+    editor, z, ctx, t = setup
     unet = editor.components.unet
-    assert capture.features[FeatureSite.UP_LAST].shape[1] == unet.config.block_out_channels[0]
-    assert capture.features[FeatureSite.UP].shape[1] == unet.config.block_out_channels[-1]
-    # after the call, a call without this capture records nothing into it
-    recorded = capture.features[FeatureSite.UP_LAST]
+    layer = editor.self_attn_layers[15]
+    sites = {FeatureSite.UP_LAST: "up_blocks.3", FeatureSite.MID: "mid_block",
+             FeatureSite.UP: "up_blocks.1.resnets.1", FeatureSite.DOWN: "down_blocks.1.resnets.1"}
+    seen, handles = _module_io(editor, [layer.name, *sites.values()])
+    spec = CaptureSpec(frozenset({0, 15}), frozenset(FeatureSite), rows=(1, 2), with_lse=True)
     with torch.no_grad():
-        editor.runner(z + 1, 300, ctx)
-    assert capture.features[FeatureSite.UP_LAST] is recorded
+        _, rows = editor.runner.capture(z, t, ctx, spec)
+    for h in handles:
+        h.remove()
+    assert len(rows) == 2 and set(rows[0].queries) == {0, 15} and not rows[0].maps
+    # [1, H, N, D]: SD 1.x configs name the head *count* attention_head_dim (4), 8 channels / 4 = dim 2
+    assert rows[0].queries[0].shape == (1, 4, 64, 2) and rows[0].lse[0].shape == (1, 4, 64)
+    # queries, lse and features are those of batch rows 1 and 2
+    attn_module = dict(unet.named_modules())[layer.name]
+    h = seen[("in", layer.name)]
+    q = attn_module.to_q(h).view(3, h.shape[1], attn_module.heads, -1).transpose(1, 2)
+    k = attn_module.to_k(h).view(3, h.shape[1], attn_module.heads, -1).transpose(1, 2)
+    for j, b in enumerate((1, 2)):
+        torch.testing.assert_close(rows[j].queries[15], q[b : b + 1])
+        lse = torch.logsumexp(q[b : b + 1] @ k[b : b + 1].transpose(-1, -2) * layer.scale, dim=-1)
+        torch.testing.assert_close(rows[j].lse[15], lse, rtol=1e-5, atol=1e-5)
+        for site, name in sites.items():
+            torch.testing.assert_close(rows[j].features[site], seen[("out", name)][b : b + 1])
+        torch.testing.assert_close(rows[j].features[FeatureSite.CONV_NORM_OUT],
+                                   unet.conv_norm_out(seen[("out", "up_blocks.3")][b : b + 1]))
+    assert rows[0].scales[15] == layer.scale
 
 
-def test_a_call_on_another_thread_records_nothing_into_this_threads_captures(setup):
-    """A step's no-grad and grad calls may run on two threads at once: each records only its own."""
+def test_grad_call_differentiates_captures(setup):
+    editor, z, ctx, t = setup
+    spec = CaptureSpec(frozenset({4}), frozenset({FeatureSite.UP_LAST}), rows=(0, 1))
+    latents = z[:2].clone().requires_grad_(True)
+    with torch.enable_grad():
+        _, rows = editor.runner.capture(latents, t, ctx, spec)
+        energy = rows[1].queries[4].square().mean() + rows[1].features[FeatureSite.UP_LAST].abs().mean()
+        (grad,) = torch.autograd.grad(energy, latents)
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0  # rows do not interact
+
+
+def test_calls_on_two_threads_record_only_their_own(setup):
+    """Each capturing call returns its own tensors, even with another call running at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from gnr_fast.attention.capture import capture_features
-
-    editor, z, ctx = setup
-    capture = PassCapture(layers=frozenset(), mode=CaptureMode.QK, feature_sites=frozenset({FeatureSite.UP_LAST}))
-
-    def other_call() -> None:
-        with torch.no_grad():
-            editor.runner(z, 300, ctx)
-
-    with capture_features(editor.components.unet, (capture,)):  # this thread's call is under way
-        with ThreadPoolExecutor(1) as pool:
-            pool.submit(other_call).result()
-    assert not capture.features
+    editor, z, ctx, t = setup
+    spec = CaptureSpec(frozenset({2}), frozenset({FeatureSite.UP_LAST}), rows=(0,))
+    with torch.no_grad():
+        alone = [editor.runner.capture(z[i : i + 1], t, ctx, spec)[1][0] for i in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            both = list(pool.map(lambda i: editor.runner.capture(z[i : i + 1], t, ctx, spec)[1][0], range(2)))
+    for a, b in zip(alone, both):
+        torch.testing.assert_close(a.features[FeatureSite.UP_LAST], b.features[FeatureSite.UP_LAST])
+        torch.testing.assert_close(a.queries[2], b.queries[2])
 
 
-def test_unet_without_a_feature_site_is_refused_clearly():
-    from gnr_fast.attention.capture import capture_features
-    from gnr_fast.errors import UnsupportedArchitectureError
+def test_spec_is_frozen_hashable_and_validated():
+    spec = CaptureSpec(frozenset({1}), frozenset({FeatureSite.UP}), rows=(2, 3), with_lse=True)
+    assert hash(spec) == hash(CaptureSpec({1}, {FeatureSite.UP}, (2, 3), True)) and spec.row_slice == slice(2, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        CaptureSpec(rows=(0, 2))
+    with pytest.raises(AttributeError):
+        spec.rows = (0,)
 
-    class Bare(torch.nn.Module):
-        pass
 
-    capture = PassCapture(layers=frozenset(), feature_sites=frozenset({FeatureSite.UP_LAST}))
+def test_unet_without_a_feature_site_is_refused_clearly(setup):
+    from gnr_fast.attention.capture import check_sites
+
     with pytest.raises(UnsupportedArchitectureError, match="feature site"):
-        with capture_features(Bare(), (capture,)):
-            pass
+        check_sites(CaptureSpec(feature_sites={FeatureSite.UP_LAST}), frozenset())
 
 
-def test_unet_with_feature_hooks_still_pickles(tiny_editor):
+def test_unet_with_feature_taps_still_pickles(tiny_editor):
     import copy
     import io
 

@@ -149,3 +149,23 @@ def test_inversion_file_roundtrip_and_errors(inversion, tmp_path):
     save_file({"x": torch.zeros(1)}, str(other))
     with pytest.raises(InputError, match="not a gnr-fast inversion"):
         Inversion.load(other)
+
+
+def test_default_preset_is_resolved_in_one_place(tiny_editor):
+    from types import SimpleNamespace
+
+    from gnr_fast.requests import preset_name, resolve_config
+
+    assert preset_name(SimpleNamespace(), None) == "nonstyle"  # an editor without model metadata
+    model = SimpleNamespace(default_preset="style")
+    assert preset_name(model, None) == "style" and preset_name(model, "nonstyle") == "nonstyle"
+    assert resolve_config(model, None, num_steps=4) == EditConfig.style(4)
+    assert tiny_editor.resolve_config(num_steps=4) == EditConfig.preset(preset_name(tiny_editor, None), 4)
+
+
+def test_half_precision_weights_keep_the_loop_in_float32(tiny_model_path, sample_image):
+    """Latents, the inversion trajectory and the DDIM update stay float32; only the UNet runs in bf16."""
+    editor = Editor.from_pretrained(tiny_model_path, dtype=torch.bfloat16)
+    result = editor.edit(sample_image, "a green circle", source_prompt="a red circle", num_steps=3, progress=False)
+    assert result.inversion.latents.dtype == torch.float32 and result.latents.dtype == torch.float32
+    assert torch.isfinite(result.latents).all()

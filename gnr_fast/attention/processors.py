@@ -1,8 +1,9 @@
 """Attention processors that compute attention and record what the guiders need.
 
-Installed once per UNet with ``unet.set_attn_processor``; a :class:`PassCapture` is handed to
-each call through ``cross_attention_kwargs={"captures": (capture, ...)}``; each capture records
-the batch rows it names.
+Installed once per UNet with ``unet.set_attn_processor``. A capturing call hands its own fresh
+:class:`~gnr_fast.attention.capture.Recorder` to every processor through
+``cross_attention_kwargs={"recorder": recorder}``; a plain call hands none, and the processors then
+compute plain scaled-dot-product attention.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedArchitectureError
-from .capture import CaptureMode, PassCapture, SelfAttnLayer, install_feature_hooks
+from .capture import CaptureMode, Recorder, SelfAttnLayer, install_feature_taps
 
 
 class CaptureAttnProcessor:
@@ -33,7 +34,7 @@ class CaptureAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        captures: tuple[PassCapture, ...] = (),
+        recorder: Recorder | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         batch, tokens, _ = hidden_states.shape  # [B, N, C]
@@ -46,13 +47,13 @@ class CaptureAttnProcessor:
         key = attn.to_k(context)
         value = attn.to_v(context)
         head_dim = key.shape[-1] // heads
-        recording = [c for c in captures if c.wants(self.layer)]
-        if any(c.mode is CaptureMode.MAPS for c in captures):
+        records = recorder is not None and recorder.wants(self.layer)
+        if recorder is not None and recorder.spec.mode is CaptureMode.MAPS:
             # The reference's arithmetic for every attention module of a MAPS-mode call:
             # baddbmm(scale) + fp32 softmax + bmm on [B·H, N, D].
             probs = attn.get_attention_scores(attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), None)
-            for c in recording:
-                c.maps[self.layer.index] = probs.view(batch, heads, *probs.shape[1:])[c.rows]
+            if records:
+                recorder.maps[self.layer.index] = probs.view(batch, heads, *probs.shape[1:])[recorder.spec.row_slice]
             out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(value)))
             return self._finish(attn, out, residual)
         query = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, H, N, D]
@@ -60,13 +61,24 @@ class CaptureAttnProcessor:
         value = value.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, H, M, D]
         scale = None if attn.scale == head_dim**-0.5 else attn.scale
         lse = None
-        if any(c.with_lse for c in recording) and flash_cpu_lse_supported(query, attention_mask):
+        with_lse = records and recorder.spec.with_lse
+        if with_lse and flash_cpu_lse_supported(query, attention_mask):
             # The CPU flash kernel returns each query row's log-sum-exp alongside the output.
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, scale=scale)
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
-        for c in recording:
-            c.record_qk(self.layer.index, query[c.rows], key[c.rows], attn.scale, None if lse is None else lse[c.rows])
+        if records:
+            rows = recorder.spec.row_slice
+            index = self.layer.index
+            recorder.queries[index], recorder.keys[index] = query[rows], key[rows]
+            if with_lse:
+                if lse is None:
+                    from ..ops.attn_map_energy import attention_lse
+
+                    lse = attention_lse(query[rows], key[rows], scale=attn.scale)
+                else:
+                    lse = lse[rows]
+                recorder.lse[index] = lse if lse.dtype == torch.float64 else lse.float()
         out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)  # [B, N, H·D]
         return self._finish(attn, out, residual)
 
@@ -101,9 +113,10 @@ def _check_supported(name: str, attn) -> None:
         )
 
 
-def install_capture_processors(unet: torch.nn.Module) -> list[SelfAttnLayer]:
+def install_capture_processors(unet: torch.nn.Module) -> tuple[list[SelfAttnLayer], frozenset]:
     """Give every attention module of ``unet`` a :class:`CaptureAttnProcessor` and its feature sites
-    their recording hooks; return the self-attention layers.
+    their taps (:func:`~gnr_fast.attention.capture.install_feature_taps`); return the
+    self-attention layers and the feature sites the taps can record.
 
     Self-attention layers are the ``attn1`` modules of the transformer blocks, listed in forward
     order (down blocks, mid block, up blocks), matching the reference's per-group counting.
@@ -121,12 +134,12 @@ def install_capture_processors(unet: torch.nn.Module) -> list[SelfAttnLayer]:
         _check_supported(module_name, modules[module_name])
         if module_name.endswith("attn1"):
             group = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}[key.split(".")[0]]
-            layer = SelfAttnLayer(index=len(layers), group=group, group_index=per_group[group], name=module_name)
+            layer = SelfAttnLayer(index=len(layers), group=group, group_index=per_group[group], name=module_name,
+                                  scale=float(modules[module_name].scale))
             per_group[group] += 1
             layers.append(layer)
             processors[key] = CaptureAttnProcessor(layer)
         else:
             processors[key] = CaptureAttnProcessor(None)
     unet.set_attn_processor(processors)
-    install_feature_hooks(unet)
-    return layers
+    return layers, install_feature_taps(unet)

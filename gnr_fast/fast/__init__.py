@@ -1,7 +1,7 @@
-"""The fast execution path: planned passes, chunked energies, cached source internals (DESIGN.md §8)."""
+"""The fast execution path: planned calls, chunked energies, cached source internals (DESIGN.md §8, §9)."""
 
 from .plan import StepPlan, plan_edit, plan_step
 from .source_cache import SourceCache
-from .step import fast_step
+from .step import batch_step, fast_step
 
-__all__ = ["SourceCache", "StepPlan", "fast_step", "plan_edit", "plan_step"]
+__all__ = ["SourceCache", "StepPlan", "batch_step", "fast_step", "plan_edit", "plan_step"]

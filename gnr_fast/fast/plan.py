@@ -8,6 +8,12 @@ what the active guiders read at that step:
   trajectory pass ``inv_inv``) batched into one call;
 * the rows a gradient flows through (``cur_inv``, ``cur_trg``) in one grad call;
 * the source pass dropped when its internals are cached with the inversion.
+
+Each call is marked with its :class:`~gnr_fast.runtime.CallKind`: ``PLAIN`` (no grad, no
+captures; any backend), ``CAPTURING`` (no grad, returns the source pass's internals) or ``GRAD``.
+A no-grad call holding the source row is CAPTURING, with the source row last; with
+``split_source`` (the plain and capturing backends differ) the source row gets a CAPTURING call of
+its own and the other no-grad rows a PLAIN call.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..config import CfgGuider, EditConfig, GuiderConfig, Role, scale_at
+from ..runtime.executor import CallKind
 
 
 class Latent(str, Enum):
@@ -45,13 +52,17 @@ class Row:
 
 @dataclass(frozen=True)
 class UNetCall:
-    """One batched UNet call; ``grad`` calls keep an autograd graph w.r.t. z."""
+    """One batched UNet call of one :class:`CallKind`; GRAD calls keep an autograd graph w.r.t. z."""
 
     rows: tuple[Row, ...]
-    grad: bool
+    kind: CallKind
+
+    @property
+    def grad(self) -> bool:
+        return self.kind is CallKind.GRAD
 
     def __str__(self) -> str:
-        return f"{'grad' if self.grad else 'no-grad'}[{', '.join(map(str, self.rows))}]"
+        return f"{self.kind.value}[{', '.join(map(str, self.rows))}]"
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,9 @@ def cfg_guider(config: EditConfig) -> CfgGuider:
     return next(g for g in config.guiders if isinstance(g, CfgGuider))
 
 
-def plan_step(config: EditConfig, step: int, source_cached: bool = False, energies_vanish: bool = False) -> StepPlan:
+def plan_step(
+    config: EditConfig, step: int, source_cached: bool = False, energies_vanish: bool = False, split_source: bool = False
+) -> StepPlan:
     """The plan for ``step``.
 
     ``source_cached``: the ``inv_inv`` internals of this step come from the inversion cache.
@@ -87,6 +100,7 @@ def plan_step(config: EditConfig, step: int, source_cached: bool = False, energi
     comparing the current and the source pass under the same prompt is exactly 0 — the
     reference runs no backward for those, and neither does the plan. Energies reading the
     target-prompt pass (``cur_trg``) do not vanish.
+    ``split_source``: run the source row in a CAPTURING call of its own (see the module docstring).
     """
     cfg = cfg_guider(config)
     cfg_prompt = Prompt.SRC if cfg.is_source_guidance else Prompt.TRG
@@ -106,19 +120,29 @@ def plan_step(config: EditConfig, step: int, source_cached: bool = False, energi
         grad_rows.append(Row(Latent.CUR, Prompt.TRG, Role.CUR_TRG, "eps_trg"))
     supplied_by_grad = {r.supplies for r in grad_rows}
 
-    no_grad_rows = [Row(Latent.CUR, Prompt.UNCOND, None, "eps_u")]
+    plain_rows = [Row(Latent.CUR, Prompt.UNCOND, None, "eps_u")]
     if scale_at(cfg.scale, step) != 0.0 and cfg_supply not in supplied_by_grad:
-        no_grad_rows.append(Row(Latent.CUR, cfg_prompt, None, cfg_supply))
-    if Role.INV_INV in roles and not source_cached:
-        no_grad_rows.append(Row(Latent.SRC, Prompt.SRC, Role.INV_INV))
+        plain_rows.append(Row(Latent.CUR, cfg_prompt, None, cfg_supply))
+    source_rows = [Row(Latent.SRC, Prompt.SRC, Role.INV_INV)] if Role.INV_INV in roles and not source_cached else []
 
-    calls = [UNetCall(tuple(no_grad_rows), grad=False)]
+    if not source_rows:
+        calls = [UNetCall(tuple(plain_rows), CallKind.PLAIN)]
+    elif split_source:
+        calls = [UNetCall(tuple(plain_rows), CallKind.PLAIN), UNetCall(tuple(source_rows), CallKind.CAPTURING)]
+    else:  # the recorded source row last: a capture spec names trailing rows
+        calls = [UNetCall(tuple(plain_rows + source_rows), CallKind.CAPTURING)]
     if grad_rows:
-        calls.append(UNetCall(tuple(grad_rows), grad=True))
+        calls.append(UNetCall(tuple(grad_rows), CallKind.GRAD))
     return StepPlan(step=step, calls=tuple(calls), energies=energies)
 
 
-def plan_edit(config: EditConfig, source_cached: bool = False) -> tuple[StepPlan, ...]:
+def energies_vanish(config: EditConfig, step: int) -> bool:
+    """Whether the edit loop's z equals z* at ``step``: step 0 under the reference pairing, where
+    the loop starts from inv[N], the very latent paired with step 0 (a static fact, no comparison)."""
+    return step == 0 and config.align_inversion == "reference"
+
+
+def plan_edit(config: EditConfig, source_cached: bool = False, split_source: bool = False) -> tuple[StepPlan, ...]:
     """The plan of every step of an edit: an image's first edit (``source_cached=False``) or a
     later one whose source pass the inversion cache serves at every step.
 
@@ -126,7 +150,7 @@ def plan_edit(config: EditConfig, source_cached: bool = False) -> tuple[StepPlan
     (:func:`plan_step`); under ``"exact"`` pairing they do not.
     """
     return tuple(
-        plan_step(config, step, source_cached=source_cached,
-                  energies_vanish=step == 0 and config.align_inversion == "reference")
+        plan_step(config, step, source_cached=source_cached, energies_vanish=energies_vanish(config, step),
+                  split_source=split_source)
         for step in range(config.num_steps)
     )

@@ -1,19 +1,32 @@
-"""The fast editing step: runs a :class:`~gnr_fast.fast.plan.StepPlan` (DESIGN.md §3, §8).
+"""The fast editing step for a batch of images: runs each image's :class:`StepPlan` (DESIGN.md §3, §8, §9).
 
-Same terms as the reference step, computed with batched no-grad passes, one grad call, the
-chunked attention-map energy over captured (Q, K, lse) — never an N×N map — and the source
-pass served from the inversion cache when present.
+Same terms as the reference step, computed with batched calls of the three kinds (PLAIN,
+CAPTURING, GRAD; see :mod:`gnr_fast.fast.plan`), the chunked attention-map energy over captured
+(Q, K, lse) — never an N×N map — and the source pass served from the inversion cache when present.
+
+For a batch of compatible images (same config, size and executor) each step runs every image's
+plain rows in one call, the source row once per distinct inversion, and every grad row in one grad
+call. Energies and γ are per image; one backward of Σ_b E_b gives every image's gradient at once
+(UNet rows do not interact, so row b of ∂(Σ_b E_b)/∂z is ∂E_b/∂z_b). A single edit is a batch of one.
+
+Host syncs: none here. γ, the energies and the |E| ≤ atol test are 0-dim tensors; which rows run
+is decided by the plan (static per step and config), not by tensor values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from ..attention.capture import CaptureMode, PassCapture
-from ..config import FeatureSite, LatentsDiff, Role, scale_at
+from ..attention.capture import CaptureSpec, PassCapture
+from ..config import FeatureSite, GuiderConfig, LatentsDiff, Role, scale_at
 from ..editing import EditContext, StepTerms, combine_terms
 from ..guiders import guider_energy, latents_diff
-from .plan import Latent, Prompt, StepPlan, cfg_guider, plan_step
+from ..runtime.executor import CallKind
+from .plan import Latent, Prompt, Row, StepPlan, cfg_guider, energies_vanish, plan_step
+
+_ATTENTION_ENERGIES = ("self_attn_map_l2", "self_attn_map_l2_appearance")
 
 
 def source_sites(ctx: EditContext) -> frozenset[FeatureSite]:
@@ -21,18 +34,20 @@ def source_sites(ctx: EditContext) -> frozenset[FeatureSite]:
     return frozenset(g.feature_site for g in ctx.config.guiders if Role.INV_INV in g.reads and hasattr(g, "feature_site"))
 
 
-def row_capture(ctx: EditContext, plan: StepPlan, role: Role, row: int) -> PassCapture:
-    """The capture batch row ``row`` of a call records for ``role`` under ``plan`` (Q/K of the
-    selected layers if an attention energy reads the role, its feature sites, lse for the source)."""
-    readers = [g for g in plan.energies if role in g.reads]
-    reads_maps = any(g.name in ("self_attn_map_l2", "self_attn_map_l2_appearance") for g in readers)
-    sites = source_sites(ctx) if role is Role.INV_INV else frozenset(g.feature_site for g in readers if hasattr(g, "feature_site"))
-    return PassCapture(
+def role_spec(ctx: EditContext, energies: Sequence[GuiderConfig], roles: set[Role], rows: tuple[int, ...]) -> CaptureSpec:
+    """What rows ``rows`` of a call record for ``roles`` under the step's ``energies``: Q/K of the
+    selected layers if an attention energy reads one of them, their feature sites (every source
+    site for the source pass, which the cache keeps), and lse for the source pass."""
+    readers = [g for g in energies if roles & set(g.reads)]
+    reads_maps = any(g.name in _ATTENTION_ENERGIES for g in readers)
+    sites = {g.feature_site for g in readers if hasattr(g, "feature_site")}
+    if Role.INV_INV in roles:
+        sites = source_sites(ctx)
+    return CaptureSpec(
         layers=ctx.layers if reads_maps else frozenset(),
-        mode=CaptureMode.QK,
-        feature_sites=sites,
-        rows=slice(row, row + 1),
-        with_lse=role is Role.INV_INV,
+        feature_sites=frozenset(sites),
+        rows=rows,
+        with_lse=Role.INV_INV in roles,
     )
 
 
@@ -48,7 +63,7 @@ def step_terms(
     z: torch.Tensor,
     z_star: torch.Tensor,
     guider_grad: torch.Tensor | None,
-    energy: float,
+    energy: torch.Tensor | float,
 ) -> StepTerms:
     """Δcfg = w · (ε_prompt − ε_u), the direct terms, then γ and the sum (DESIGN.md §3 steps 5–7)."""
     cfg = cfg_guider(ctx.config)
@@ -63,41 +78,121 @@ def step_terms(
     return combine_terms(ctx.config, eps_u, delta_cfg, guider_grad, direct, energy)
 
 
-def fast_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int) -> StepTerms:
-    """Compute the noise terms of ``step`` by the plan for it (see :func:`plan_step`)."""
-    cache = ctx.source_cache
-    cached = cache.get(step, z.dtype) if cache is not None else None
-    plan = plan_step(ctx.config, step, source_cached=cached is not None, energies_vanish=torch.equal(z, z_star))
-    t = ctx.timesteps[step]
-    eps: dict[str, torch.Tensor] = {}
-    captures: dict[Role, PassCapture] = {}
-    if cached is not None and plan.energies:
-        captures[Role.INV_INV] = cached
-    z_grad = z.detach().requires_grad_(True)
-    for call in plan.calls:
-        call_captures = []
-        for j, row in enumerate(call.rows):
-            if row.role is not None:
-                captures[row.role] = row_capture(ctx, plan, row.role, j)
-                call_captures.append(captures[row.role])
-        current = z_grad if call.grad else z.detach()
-        latents = torch.cat([current if row.latent is Latent.CUR else z_star for row in call.rows])
-        context = torch.cat([prompt_embedding(ctx, row.prompt) for row in call.rows])
-        with torch.set_grad_enabled(call.grad):
-            out = ctx.runner(latents, t, context, tuple(call_captures))
-        for j, row in enumerate(call.rows):
-            if row.supplies is not None:
-                eps[row.supplies] = out[j : j + 1].detach()
-        if cache is not None and Role.INV_INV in captures and not call.grad and cached is None:
-            if any(r.role is Role.INV_INV for r in call.rows):
-                cache.put(step, captures[Role.INV_INV])
+def batch_step(
+    ctxs: Sequence[EditContext],
+    z: Sequence[torch.Tensor],
+    z_star: Sequence[torch.Tensor],
+    step: int,
+    sources: Sequence[object] | None = None,
+) -> list[StepTerms]:
+    """The noise terms of ``step`` for several images (each [1, 4, h, w] float32) with shared UNet calls.
 
-    energy = None
+    ``ctxs`` must share the config, the executor and the selected layers. ``sources`` names each
+    image's inversion (equal names: the same inversion, whose source pass then runs once); by
+    default every image has its own. Under the reference pairing, step 0 pairs z with z* itself,
+    so its same-prompt energies are skipped (:func:`~gnr_fast.fast.plan.energies_vanish`).
+    """
+    count = len(ctxs)
+    sources = list(range(count)) if sources is None else list(sources)
+    ctx0 = ctxs[0]
+    runner = ctx0.runner
+    t = ctx0.timestep_tensors[step]
+    vanish = energies_vanish(ctx0.config, step)
+
+    # 1. One plan per image; one source-cache lookup per distinct inversion.
+    cached: dict[object, PassCapture | None] = {}
+    plans: list[StepPlan] = []
+    for ctx, source in zip(ctxs, sources):
+        if source not in cached:
+            cached[source] = ctx.source_cache.get(step, ctx.components.dtype) if ctx.source_cache is not None else None
+        plans.append(plan_step(ctx.config, step, source_cached=cached[source] is not None, energies_vanish=vanish,
+                               split_source=runner.split_source))
+    captures: list[dict[Role, PassCapture]] = [{} for _ in range(count)]
+    for b, plan in enumerate(plans):
+        if cached[sources[b]] is not None and plan.energies:
+            captures[b][Role.INV_INV] = cached[sources[b]]
+
+    # 2. The step's calls, one per kind, over every image's rows (recorded rows last in a call).
+    z_cur = torch.cat([zb.detach() for zb in z])  # [B, 4, h, w]
+    any_grad = any(call.grad for plan in plans for call in plan.calls)
+    if any_grad:
+        z_cur.requires_grad_(True)
+    merged = not runner.split_source
+    calls: dict[CallKind, list[tuple[int, Row]]] = {kind: [] for kind in CallKind}
+    source_rows: list[tuple[int, Row]] = []
+    first_of_source: dict[object, int] = {}
+    for b, plan in enumerate(plans):
+        for call in plan.calls:
+            for row in call.rows:
+                if row.role is Role.INV_INV:
+                    if sources[b] not in first_of_source:  # one source pass per distinct inversion
+                        first_of_source[sources[b]] = b
+                        source_rows.append((b, row))
+                elif call.kind is CallKind.GRAD:
+                    calls[CallKind.GRAD].append((b, row))
+                else:
+                    calls[CallKind.PLAIN].append((b, row))
+    if merged and source_rows:
+        calls[CallKind.CAPTURING] = calls.pop(CallKind.PLAIN) + source_rows
+        calls[CallKind.PLAIN] = []
+    else:
+        calls[CallKind.CAPTURING] = source_rows
+
+    eps: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+    energies_of = plans[0].energies
+    for kind in (CallKind.PLAIN, CallKind.CAPTURING, CallKind.GRAD):
+        rows = calls[kind]
+        if not rows:
+            continue
+        latents = torch.cat([
+            (z_cur[b : b + 1] if kind is CallKind.GRAD else z_cur[b : b + 1].detach()) if row.latent is Latent.CUR
+            else z_star[b]
+            for b, row in rows
+        ])  # [R, 4, h, w]
+        context = torch.cat([prompt_embedding(ctxs[b], row.prompt) for b, row in rows])  # [R, 77, C]
+        if kind is CallKind.PLAIN:
+            with torch.no_grad():
+                out = runner.plain(latents, t, context)
+        else:
+            recorded = [j for j, (_, row) in enumerate(rows) if row.role is not None]
+            roles = {row.role for _, row in rows if row.role is not None}
+            spec = role_spec(ctx0, energies_of, roles, tuple(recorded))
+            with torch.set_grad_enabled(kind is CallKind.GRAD):
+                out, row_caps = runner.capture(latents, t, context, spec)
+            for (b, row), capture in zip((rows[j] for j in recorded), row_caps):
+                if row.role is Role.INV_INV:
+                    for other in range(count):  # every image of this inversion reads the one source pass
+                        if sources[other] == sources[b] and plans[other].energies:
+                            captures[other][Role.INV_INV] = capture
+                    if ctxs[b].source_cache is not None:
+                        ctxs[b].source_cache.put(step, capture)
+                else:
+                    captures[b][row.role] = capture
+        for j, (b, row) in enumerate(rows):
+            if row.supplies is not None:
+                eps[b][row.supplies] = out[j : j + 1].detach()
+
+    # 3. Per-image energies, float32 0-dim tensors; |E| ≤ atol counts as 0 (the reference's
+    # allclose skip, as a mask: a masked energy contributes a zero gradient, whose γ is 1).
+    energies: list[torch.Tensor | None] = [None] * count
     with torch.enable_grad():
-        for guider in plan.energies:
-            value = guider_energy(guider, step, captures, ctx.layers)
-            # The reference drops an energy that torch.allclose(E, 0) accepts, i.e. |E| ≤ atol.
-            if abs(float(value.detach())) > ctx.config.energy_atol:
-                energy = value if energy is None else energy + value
-        guider_grad = torch.autograd.grad(energy, z_grad)[0] if energy is not None else None
-    return step_terms(ctx, step, eps, z, z_star, guider_grad, 0.0 if energy is None else float(energy.detach()))
+        for b, plan in enumerate(plans):
+            for guider in plan.energies:
+                value = guider_energy(guider, step, captures[b], ctxs[b].layers).float()
+                value = torch.where(value.abs() > ctxs[b].config.energy_atol, value, torch.zeros_like(value))
+                energies[b] = value if energies[b] is None else energies[b] + value
+        active = [e for e in energies if e is not None]
+        grads = torch.autograd.grad(torch.stack(active).sum(), z_cur)[0] if active else None  # [B, 4, h, w]
+
+    # 4. Per-image CFG, direct terms and noise rescaling.
+    terms = []
+    for b, ctx in enumerate(ctxs):
+        guider_grad = grads[b : b + 1] if energies[b] is not None else None
+        energy = energies[b].detach() if energies[b] is not None else torch.zeros((), device=z_cur.device)
+        terms.append(step_terms(ctx, step, eps[b], z[b], z_star[b], guider_grad, energy))
+    return terms
+
+
+def fast_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int) -> StepTerms:
+    """The terms of ``step`` for one image: :func:`batch_step` over a batch of one."""
+    return batch_step([ctx], [z.float()], [z_star.float()], step)[0]

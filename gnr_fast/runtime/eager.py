@@ -1,36 +1,36 @@
-"""Eager PyTorch UNet calls with optional capture of guider inputs."""
+"""Eager PyTorch backends of both calling conventions."""
 
 from __future__ import annotations
 
 import torch
 
-from ..attention.capture import PassCapture, capture_features
+from ..attention.capture import CaptureOutputs, CaptureSpec
+from .config import RuntimeConfig
+from .modules import CapturingUNet, PlainUNet
 
 
-class EagerUNetRunner:
-    """Calls a diffusers ``UNet2DConditionModel`` whose processors were installed by
-    :func:`~gnr_fast.attention.install_capture_processors`; counts calls for the benchmarks."""
+class EagerPlainRunner:
+    """Plain calls ``(latents, timestep, context) -> eps`` run by PyTorch eagerly."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
-        self.unet = unet
-        # diffusers' ``unet.dtype`` walks every module on each access; the weights' dtype is fixed.
-        self.dtype = next(unet.parameters()).dtype
-        self.calls = 0
-        self.rows = 0
+    name = "eager"
+
+    def __init__(self, unet: torch.nn.Module, config: RuntimeConfig | None = None) -> None:
+        self.module = PlainUNet(unet)
+
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.module(latents, timestep, context)
+
+
+class EagerCapturingRunner:
+    """Capturing calls ``(latents, timestep, context, spec) -> (eps, outputs)`` run eagerly; a grad
+    call is the same call under grad mode with latents that require grad."""
+
+    name = "eager"
+
+    def __init__(self, unet: torch.nn.Module, config: RuntimeConfig | None = None) -> None:
+        self.module = CapturingUNet(unet)
 
     def __call__(
-        self, latents: torch.Tensor, timestep: int, context: torch.Tensor, captures: tuple[PassCapture, ...] = ()
-    ) -> torch.Tensor:
-        self.calls += 1
-        self.rows += latents.shape[0]
-        t = torch.tensor(timestep, dtype=torch.long, device=latents.device)
-        if context.shape[0] != latents.shape[0]:
-            context = context.expand(latents.shape[0], -1, -1)
-        with capture_features(self.unet, captures):
-            return self.unet(
-                latents.to(self.dtype),
-                t,
-                encoder_hidden_states=context,
-                cross_attention_kwargs={"captures": captures},
-                return_dict=False,
-            )[0]
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec
+    ) -> tuple[torch.Tensor, CaptureOutputs]:
+        return self.module(latents, timestep, context, spec)

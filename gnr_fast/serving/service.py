@@ -34,11 +34,12 @@ import torch
 from ..batch import BatchRequest, edit_batch
 from ..config import PRESET_NAMES, EditConfig
 from ..devices import on_device
-from ..editor import EditResult, Editor
+from ..editor import Editor
 from ..errors import ConfigError, GnrError, InputError, ServiceBusyError
 from ..images import PreparedImage, prepare_image
 from ..inversion import Inversion
 from ..prompts import check_prompt
+from ..results import EditResult
 from .cache import InversionCache, InversionKey
 
 logger = logging.getLogger(__name__)
@@ -106,10 +107,14 @@ class Outcome:
     inversion: Inversion
     cache_hit: bool
     result: EditResult | None = None
-    batch_size: int = 1
     queue_s: float = 0.0
     inversion_s: float = 0.0
     inversion_batch: int = 0  # images inverted together with this job's (0: cache hit)
+
+    @property
+    def batch_size(self) -> int:
+        """How many edits shared this edit's UNet calls (0 for an inversion job)."""
+        return self.result.batch_size if self.result is not None else 0
 
     def info(self, job: Job) -> dict[str, Any]:
         """The JSON-ready report returned beside the image."""
@@ -124,7 +129,8 @@ class Outcome:
         }
         if self.result is not None:
             timings.update(editing_s=self.result.timings.editing_s, decoding_s=self.result.timings.decoding_s)
-            info.update(batch_size=self.batch_size, unet_calls=self.result.unet_calls)
+            info.update(batch_size=self.result.batch_size, unet_calls=self.result.unet_calls,
+                        unet_rows=self.result.unet_rows)
         timings["total_s"] = time.perf_counter() - job.received
         info["timings"] = {k: round(v, 6) for k, v in timings.items()}
         return info
@@ -158,8 +164,8 @@ class EditService:
         source = _text(source_prompt, "source_prompt")
         target = _text(target_prompt, "target_prompt")
         steps = self._steps(steps)
-        preset_name = (None if preset is None else _text(preset, "preset", allow_empty=True)) or getattr(self.editor, "default_preset", "nonstyle")
-        if preset_name not in PRESET_NAMES:
+        preset_name = None if preset is None else _text(preset, "preset", allow_empty=True) or None
+        if preset_name is not None and preset_name not in PRESET_NAMES:
             raise ConfigError(f"preset {preset_name!r} is unknown; choose one of {list(PRESET_NAMES)}")
         config = self._config(preset_name, config_json, steps)
         prepared = self._image(image)
@@ -179,9 +185,9 @@ class EditService:
             raise InputError(f"steps must be an integer in [1, {self.config.max_steps}], got {steps!r}")
         return steps
 
-    def _config(self, preset: str, config_json: str | bytes | None, steps: int | None) -> EditConfig:
+    def _config(self, preset: str | None, config_json: str | bytes | None, steps: int | None) -> EditConfig:
         if config_json is None or not _text(config_json, "config", allow_empty=True).strip():
-            config = EditConfig.preset(preset, self.config.default_steps if steps is None else steps)
+            config = self.editor.resolve_config(preset, num_steps=self.config.default_steps if steps is None else steps)
         else:
             text = _text(config_json, "config", allow_empty=True)
             try:
@@ -242,8 +248,7 @@ class EditService:
                     logger.warning("edit failed: %s", result)
                     outcomes[i] = result
                 else:
-                    outcomes[i].result = result
-                    outcomes[i].batch_size = len(edits)
+                    outcomes[i].result = result  # result.batch_size: the edits that shared its UNet calls
         return outcomes
 
     def _invert_missing(

@@ -4,20 +4,39 @@ import dataclasses
 
 import pytest
 
-from gnr_fast.config import CfgGuider, EditConfig, LatentsDiff, RescaleConfig, Role, SelfAttnMapL2
+from gnr_fast.config import (
+    CfgGuider,
+    EditConfig,
+    LatentsDiff,
+    RescaleConfig,
+    Role,
+    SelfAttnMapL2,
+)
 from gnr_fast.fast.plan import Latent, Prompt, plan_edit, plan_step
+from gnr_fast.runtime import CallKind
 
 
 def test_nonstyle_guided_step_batches_no_grad_passes():
     plan = plan_step(EditConfig.nonstyle(), 5)
-    assert plan.describe() == "step 5: no-grad[z|uncond(eps_u), z|trg(eps_trg), z*|src(inv_inv)] + grad[z|src(cur_inv)] + backward"
+    assert plan.describe() == "step 5: capturing[z|uncond(eps_u), z|trg(eps_trg), z*|src(inv_inv)] + grad[z|src(cur_inv)] + backward"
     assert plan.rows == 4 and len(plan.calls) == 2
-    assert [c.grad for c in plan.calls] == [False, True]
+    assert [c.kind for c in plan.calls] == [CallKind.CAPTURING, CallKind.GRAD]
+
+
+def test_split_source_gives_the_source_row_its_own_capturing_call():
+    plan = plan_step(EditConfig.nonstyle(), 5, split_source=True)
+    assert plan.describe() == (
+        "step 5: plain[z|uncond(eps_u), z|trg(eps_trg)] + capturing[z*|src(inv_inv)] + grad[z|src(cur_inv)] + backward"
+    )
+    assert plan.rows == 4 and len(plan.calls) == 3
+    # a cached source needs no capturing call at all
+    assert [c.kind for c in plan_step(EditConfig.nonstyle(), 5, source_cached=True, split_source=True).calls] == [
+        CallKind.PLAIN, CallKind.GRAD]
 
 
 def test_nonstyle_step_35_runs_two_rows_and_no_backward():
     plan = plan_step(EditConfig.nonstyle(), 35)
-    assert plan.describe() == "step 35: no-grad[z|uncond(eps_u), z|trg(eps_trg)]"
+    assert plan.describe() == "step 35: plain[z|uncond(eps_u), z|trg(eps_trg)]"
     assert plan.rows == 2 and not plan.backward
 
 
@@ -40,7 +59,7 @@ def test_identical_latents_skip_energies():
 def test_identical_latents_keep_target_prompt_energies():
     plan = plan_step(EditConfig.style(), 0, energies_vanish=True)
     assert [g.name for g in plan.energies] == ["features_map_l2"]
-    assert plan.describe() == "step 0: no-grad[z|uncond(eps_u), z*|src(inv_inv)] + grad[z|trg(cur_trg)] + backward"
+    assert plan.describe() == "step 0: capturing[z|uncond(eps_u), z*|src(inv_inv)] + grad[z|trg(cur_trg)] + backward"
 
 
 def test_style_preset_differentiates_the_target_pass():
@@ -56,7 +75,7 @@ def test_style_preset_differentiates_the_target_pass():
 def test_source_guidance_and_zero_cfg_scale():
     cfg = EditConfig(guiders=(CfgGuider(scale=(0.0, 5.0), is_source_guidance=True),), num_steps=2)
     assert plan_step(cfg, 0).rows == 1
-    assert plan_step(cfg, 1).describe() == "step 1: no-grad[z|uncond(eps_u), z|src(eps_src)]"
+    assert plan_step(cfg, 1).describe() == "step 1: plain[z|uncond(eps_u), z|src(eps_src)]"
 
 
 def test_latents_diff_needs_no_pass():
@@ -94,6 +113,8 @@ def test_plan_edit_counts_the_rows_an_edit_runs(tiny_editor, sample_image, prese
     inversion = tiny_editor.invert(sample_image, "a red circle", num_steps=steps, progress=False)
     runner = tiny_editor.runner
     for source_cached in (False, True):  # the first edit fills the source cache, the second reads it
-        before = runner.rows
-        tiny_editor.edit(inversion, f"a green square {source_cached}", config=config, progress=False)
-        assert runner.rows - before == _rows(plan_edit(config, source_cached))[0]
+        before, before_calls = runner.rows, runner.calls
+        result = tiny_editor.edit(inversion, f"a green square {source_cached}", config=config, progress=False)
+        plans = plan_edit(config, source_cached)
+        assert runner.rows - before == result.unet_rows == _rows(plans)[0]
+        assert runner.calls - before_calls == result.unet_calls == sum(len(p.calls) for p in plans)

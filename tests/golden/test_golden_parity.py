@@ -89,3 +89,39 @@ def test_free_running(golden_editor, golden, mode):
     assert result.inversion_rel <= 5e-5
     assert result.final_latent_rel <= 5e-2
     assert result.image_psnr_db >= 30.0
+
+
+# --- the compiled runtime holds the same tolerances (slow: cold inductor compiles take minutes) ---
+
+
+@pytest.fixture(scope="module")
+def golden_editor_compiled(golden_dir, one_thread, tmp_path_factory) -> Editor:
+    import os
+
+    from gnr_fast.runtime import RuntimeConfig, inductor_unavailable_reason
+
+    reason = inductor_unavailable_reason("cpu")
+    if reason:
+        pytest.skip(reason)
+    cache = os.environ.get("GNR_TEST_INDUCTOR_CACHE") or tmp_path_factory.mktemp("inductor-cache")
+    torch._dynamo.reset()
+    return Editor.from_pretrained(golden_dir / "tiny-sd", runtime=RuntimeConfig.preset("compiled").with_cache_dir(cache))
+
+
+@pytest.mark.slow
+def test_compiled_fast_step_terms_teacher_forced(golden_editor_compiled, golden):
+    assert teacher_forced_inversion(golden_editor_compiled, golden) <= 1e-5
+    rows = teacher_forced_edit(golden_editor_compiled, golden, fast_step)
+    summary = summarize(rows)
+    assert summary["grad_presence_mismatches"] == 0
+    assert summary["eps_u"] <= 1e-4 and summary["delta_cfg"] <= 1e-4 and summary["gamma"] <= 1e-4
+    assert summary["guider_grad"] <= 1e-3
+    assert summary["eps_final"] <= 1e-3
+
+
+@pytest.mark.slow
+def test_compiled_free_running(golden_editor_compiled, golden):
+    result = free_running(golden_editor_compiled, golden, mode="fast")
+    assert result.inversion_rel <= 5e-5
+    assert result.final_latent_rel <= 5e-2
+    assert result.image_psnr_db >= 30.0

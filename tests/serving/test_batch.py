@@ -47,9 +47,11 @@ def test_batched_edit_equals_single_edits(editor, inversions, preset):
         assert rel_err(batched.latents, single.latents) < TOL
         assert batched.latents.shape == single.latents.shape
         assert batched.image.size == single.image.size
-    # the three edits share every UNet call: as many calls as one edit alone
+    # the three edits share every UNet call: as many calls as one edit alone, three times its rows
     assert batch_calls == singles[0].unet_calls
-    assert all(b.unet_calls == batch_calls for b in batch)
+    assert all(b.unet_calls == batch_calls and b.batch_size == 3 for b in batch)
+    assert all(b.unet_rows == 3 * singles[0].unet_rows for b in batch)
+    assert all(s.batch_size == 1 for s in singles)
 
 
 def test_batch_of_one_is_the_single_edit(editor, inversions):

@@ -10,12 +10,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gnr_fast import ConfigError, GuidanceError, InputError
+from gnr_fast import ConfigError, EditConfig, GuidanceError, InputError
 from gnr_fast.cli import main
-from gnr_fast.serving import launcher
 from gnr_fast.parity import rel_err
-from gnr_fast.serving.protocol import EDIT_INPUTS, bytes_tensor, error_line, parse_error, read_inputs
-from gnr_fast.serving.service import EditService, ServiceBusyError, ServiceConfig, encode_png
+from gnr_fast.serving import launcher
+from gnr_fast.serving.protocol import (
+    EDIT_INPUTS,
+    bytes_tensor,
+    error_line,
+    parse_error,
+    read_inputs,
+)
+from gnr_fast.serving.service import (
+    EditService,
+    ServiceBusyError,
+    ServiceConfig,
+    encode_png,
+)
 
 STEPS = 4
 NAN_CONFIG = json.dumps({  # finite but absurd CFG scale: the latents overflow within two steps
@@ -69,12 +80,31 @@ def test_queue_batches_concurrent_compatible_edits(service, tiny_editor):
     jobs = [service.edit_job(_png(seed), "a red circle", f"target {seed}") for seed in range(3)]
     futures = [service.submit(job) for job in jobs]
     outcomes = [f.result(timeout=120) for f in futures]
+    # batch_size is what shared UNet calls: the three edits ran as one group, as many calls as one edit
     assert [o.batch_size for o in outcomes] == [3, 3, 3]
     assert all(not o.cache_hit for o in outcomes)
-    single = tiny_editor.edit(_png(1), "target 1", source_prompt="a red circle", num_steps=STEPS, progress=False)
-    assert rel_err(outcomes[1].result.latents, single.latents) < 1e-4
+    singles = [tiny_editor.edit(_png(seed), f"target {seed}", source_prompt="a red circle", num_steps=STEPS,
+                                progress=False) for seed in range(3)]
+    assert all(o.result.unet_calls == singles[0].unet_calls for o in outcomes)
+    assert all(o.result.unet_rows == 3 * singles[0].unet_rows for o in outcomes)
+    for outcome, single in zip(outcomes, singles):  # every output of a shared batch equals its single edit
+        assert rel_err(outcome.result.latents, single.latents) < 1e-4  # measured ~1e-6 (batched kernels' rounding)
+        assert np.abs(np.asarray(outcome.result.image, np.int16) - np.asarray(single.image, np.int16)).max() <= 1
+        assert rel_err(outcome.inversion.latents, single.inversion.latents) < 1e-5
     again = service.wait(service.edit_job(_png(1), "a red circle", "another target"))
     assert again.cache_hit and again.inversion_s == 0 and again.batch_size == 1
+
+
+def test_repeat_edit_through_the_service_runs_fewer_rows_not_fewer_calls(service):
+    """The inversion cache carries the source pass: a repeat edit skips its row on every guided step."""
+    first = service.run([service.edit_job(_png(30), "a red circle", "a green square")])[0]
+    second = service.run([service.edit_job(_png(30), "a red circle", "a blue square")])[0]
+    assert not first.cache_hit and second.cache_hit
+    guided = sum(EditConfig.nonstyle(STEPS).guiders[1].is_active(i) for i in range(1, STEPS))  # step 0 vanishes
+    assert first.result.unet_calls == second.result.unet_calls
+    assert first.result.unet_rows - second.result.unet_rows == guided > 0
+    info = second.info(service.edit_job(_png(30), "a red circle", "a blue square"))
+    assert info["unet_rows"] == second.result.unet_rows and info["batch_size"] == 1
 
 
 def test_a_failed_edit_is_its_own_error(service):

@@ -1,0 +1,104 @@
+"""How UNet calls execute: :class:`RuntimeConfig` (frozen, validated) and its named presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from ..errors import BackendUnavailableError, ConfigError
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The backends of an editor's UNet calls and their compile options.
+
+    Attributes:
+        plain: backend of plain calls (no grad, no captures: inversion, ε_u / ε_trg, unguided
+            steps), a name registered in :mod:`gnr_fast.runtime.backends` (``"eager"``,
+            ``"compiled"``; exporters register more). An unknown or unavailable name raises
+            :class:`~gnr_fast.errors.BackendUnavailableError` when the editor builds its runners.
+        capturing: backend of capturing calls (the source pass, no grad) and grad calls (the
+            current-latent pass the energies differentiate); ``"eager"`` or ``"compiled"``.
+            When it differs from ``plain``, the source row runs in a call of its own instead of
+            sharing the no-grad call with the plain rows.
+        compile_mode: ``torch.compile`` mode for compiled backends.
+        freezing: inductor's ``freezing`` (weights folded as constants) for no-grad compiled
+            calls; grad calls never freeze.
+        cpp_wrapper: inductor's C++ wrapper instead of the Python one (CPU/CUDA).
+        cache_dir: inductor's on-disk cache folder (``TORCHINDUCTOR_CACHE_DIR``; one per
+            process, set when the first compiled backend is built); ``None`` keeps inductor's default,
+            which already persists across processes.
+        recompile_limit: dynamo's per-function graph limit while compiled backends run (one graph
+            per call kind, batch size and capture spec; an edit needs a handful).
+    """
+
+    plain: str = "eager"
+    capturing: str = "eager"
+    compile_mode: CompileMode = "default"
+    freezing: bool = False
+    cpp_wrapper: bool = False
+    cache_dir: Path | None = None
+    recompile_limit: int = 64
+    compiler: Literal["inductor", "aot_eager"] = "inductor"
+
+    def __post_init__(self) -> None:
+        for name in ("plain", "capturing"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"RuntimeConfig.{name} must be a backend name such as 'eager', got {value!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"RuntimeConfig.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
+        for name in ("freezing", "cpp_wrapper"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"RuntimeConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        if self.compiler not in ("inductor", "aot_eager"):
+            raise ConfigError(f"RuntimeConfig.compiler must be 'inductor' or 'aot_eager', got {self.compiler!r}")
+        limit = self.recompile_limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"RuntimeConfig.recompile_limit must be a positive integer, got {limit!r}")
+
+    @property
+    def split_source(self) -> bool:
+        """Whether the source row needs a call of its own (plain and capturing backends differ)."""
+        return self.plain != self.capturing
+
+    @property
+    def compiled(self) -> bool:
+        return "compiled" in (self.plain, self.capturing)
+
+    @classmethod
+    def preset(cls, name: str) -> RuntimeConfig:
+        """A named preset: ``"eager"`` (every call eager PyTorch) or ``"compiled"`` (every call
+        through ``torch.compile`` with inductor)."""
+        if name not in RUNTIME_PRESETS:
+            raise BackendUnavailableError(
+                f"runtime {name!r} is unknown; choose one of {list(RUNTIME_PRESETS)} or pass a RuntimeConfig"
+            )
+        return RUNTIME_PRESETS[name]
+
+    @classmethod
+    def resolve(cls, runtime: RuntimeConfig | str | None) -> RuntimeConfig:
+        """``runtime`` as a config: a preset name, a config, or ``None`` for the eager preset."""
+        if runtime is None:
+            return RUNTIME_PRESETS["eager"]
+        if isinstance(runtime, RuntimeConfig):
+            return runtime
+        if isinstance(runtime, str):
+            return cls.preset(runtime)
+        raise ConfigError(f"runtime must be a preset name {list(RUNTIME_PRESETS)} or a RuntimeConfig, got {type(runtime).__name__}")
+
+    def with_cache_dir(self, cache_dir: str | Path | None) -> RuntimeConfig:
+        return replace(self, cache_dir=cache_dir)
+
+
+RUNTIME_PRESETS: dict[str, RuntimeConfig] = {
+    "eager": RuntimeConfig("eager", "eager"),
+    "compiled": RuntimeConfig("compiled", "compiled"),
+}
+RUNTIME_NAMES = tuple(RUNTIME_PRESETS)
