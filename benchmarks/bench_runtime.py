@@ -8,7 +8,8 @@ Environment: ``GNR_BENCH_MODELS`` (comma list of ``tiny``, ``bundled`` (128²), 
 ``sd15`` (SD 1.5 architecture, random weights, 256²); default ``tiny``), ``GNR_BENCH_ROUNDS``
 (timed rounds per variant, default 5), ``GNR_BENCH_STEPS`` (DDIM steps of the edit cases,
 default 10), ``GNR_BENCH_WARMUP`` (untimed rounds per variant first, default 1; compiled variants
-compile there). A smoke run: ``GNR_BENCH_ROUNDS=1 GNR_BENCH_STEPS=2 ... --benchmark-disable``.
+compile there), ``GNR_BENCH_COMPILER`` (``inductor``; ``aot_eager`` for a smoke run). A smoke run:
+``GNR_BENCH_ROUNDS=1 GNR_BENCH_STEPS=2 GNR_BENCH_COMPILER=aot_eager ... --benchmark-disable``.
 
 Every case times its variants alternately (eager, compiled, eager, compiled, ...) after the
 warm-up, so both see the same machine state; the table reports median and min–max per variant and
@@ -20,6 +21,7 @@ with the filled cache (warm: dynamo traces again, inductor loads its artefacts f
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -31,7 +33,6 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.memory import peak_rss_mb
 from benchmarks.models import golden_editor, sd15_editor
 from gnr_fast import Editor
 from gnr_fast.attention import CaptureSpec
@@ -42,6 +43,11 @@ ROUNDS = int(os.environ.get("GNR_BENCH_ROUNDS", "5"))
 WARMUP = int(os.environ.get("GNR_BENCH_WARMUP", "1"))
 STEPS = int(os.environ.get("GNR_BENCH_STEPS", "10"))
 MODELS = [m for m in os.environ.get("GNR_BENCH_MODELS", "tiny").split(",") if m]
+COMPILER = os.environ.get("GNR_BENCH_COMPILER", "inductor")  # "aot_eager": a smoke run without code generation
+
+
+def _compiled(cache_dir: Path | None = None) -> RuntimeConfig:
+    return RuntimeConfig("compiled", "compiled", compiler=COMPILER, cache_dir=cache_dir)
 RUNTIMES = ("eager", "compiled")
 
 
@@ -76,8 +82,9 @@ OUT = Path(__file__).parent / "results" / "runtime.json"
 def _record(case: str, times: dict[str, list[float]], **extra) -> None:
     """Median and min–max per variant into this run's table (printed and written at the end)."""
     for name, values in times.items():
-        RESULTS.setdefault(case, {})[name] = dict(
-            seconds=statistics.median(values), min_s=min(values), max_s=max(values), rounds=len(values), **extra)
+        RESULTS.setdefault(case, {})[name] = {
+            "seconds": statistics.median(values), "min_s": min(values), "max_s": max(values), "rounds": len(values),
+            **extra}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,10 +128,10 @@ def editors(request):
         pytest.skip(reason)
     torch._dynamo.reset()
     eager, size = _load(request.param, RuntimeConfig.preset("eager"))
-    compiled = Editor(eager.components, runtime=RuntimeConfig.preset("compiled"))
+    compiled = Editor(eager.components, runtime=_compiled())
     image = Image.new("RGB", (size, size), (40, 60, 200))
     image.paste((220, 30, 30), (size // 4, size // 4, size // 2, size // 2))
-    return dict(name=request.param, eager=eager, compiled=compiled, image=image, size=size)
+    return {"name": request.param, "eager": eager, "compiled": compiled, "image": image, "size": size}
 
 
 def _latent(setup, batch: int) -> torch.Tensor:
@@ -206,13 +213,13 @@ def test_whole_edit(benchmark, editors, repeat):
     times = {}
     benchmark.pedantic(lambda: times.update(alternate({r: lambda r=r: run(r) for r in RUNTIMES})), rounds=1)
     _record(f"{editors['name']}: {'repeat' if repeat else 'first'} edit, {STEPS} steps", times,
-            peak_rss_mb=round(peak_rss_mb(), 1))
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))  # process peak so far
 
 
 def test_compile_time(benchmark, editors, tmp_path):
     """First-edit latency of a fresh compiled editor: cold (empty inductor cache), then warm."""
     components = editors["eager"].components
-    config = RuntimeConfig.preset("compiled").with_cache_dir(tmp_path / "inductor")
+    config = _compiled(tmp_path / "inductor")
     times: dict[str, list[float]] = {"cold": [], "warm": []}
 
     def first_edit(kind: str) -> None:

@@ -183,7 +183,7 @@ def stored_probes(path: Path) -> list[torch.Tensor] | None:
         with safe_open(str(weights), framework="pt") as handle:
             keys = list(handle.keys())
             for name in names:
-                matches = [k for k in keys if k == name or k.endswith("." + name)]
+                matches = [name] if name in keys else [k for k in keys if k.endswith("." + name)]
                 if len(matches) != 1:
                     return None
                 tensor = handle.get_slice(matches[0])

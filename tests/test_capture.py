@@ -42,7 +42,7 @@ def _module_io(editor, names):
 
 
 def test_captured_maps_equal_hand_computed_softmax(setup):
-    editor, z, ctx, t = setup
+    editor, z, ctx, _ = setup
     name = editor.self_attn_layers[3].name
     seen, handles = _module_io(editor, [name])
     capture = PassCapture(layers=frozenset({3}), mode=CaptureMode.MAPS)

@@ -220,6 +220,18 @@ def test_client_bad_url(image_file, capsys):
     _one_line_error(capsys, "http://host:port")
 
 
+# --- export triton-repo ---------------------------------------------------------------------
+
+
+def test_export_repo_unwritable_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["export", "triton-repo", "--out", UNWRITABLE]) == 2
+    _one_line_error(capsys, "No such file or directory")
+    assert main(["export", "triton-repo", "--out", str(blocker / "repo")]) == 2
+    _one_line_error(capsys, "Not a directory")
+
+
 # --- eval -----------------------------------------------------------------------------------
 
 

@@ -262,3 +262,13 @@ def test_inverted_in_fp32_edits_in_fp16(tiny_model_path, sample_image):
     result = Editor.from_pretrained(tiny_model_path, dtype=torch.float16).edit(inversion, "a blue circle", progress=False)
     assert np.isfinite(np.asarray(result.image, dtype=np.float64)).all()
     assert torch.isfinite(result.latents).all()
+
+
+def test_stored_probes_equal_the_fp32_modules_weights(tiny_model_path):
+    from gnr_fast.loading import module_probes, stored_probes
+
+    components = load_components(tiny_model_path)
+    stored = stored_probes(tiny_model_path)
+    loaded = module_probes(components.unet, components.vae, components.text_encoder)
+    assert len(stored) == len(loaded) == 5
+    assert all(torch.equal(a, b) for a, b in zip(stored, loaded))

@@ -60,15 +60,58 @@ def test_reference_step_terms_teacher_forced(reference_rows):
     assert summary["guider_grad_median"] <= 1e-4
 
 
-def test_reference_guider_gradient_within_float32_noise(reference_rows, golden_editor_fp64, golden):
-    rows64 = {r.step: r for r in teacher_forced_edit(golden_editor_fp64, golden, reference_step)}
+@pytest.fixture(scope="module")
+def reference_rows64(golden_editor_fp64, golden):
+    """Our reference step in float64, teacher-forced on the golden run, by step."""
+    return {r.step: r for r in teacher_forced_edit(golden_editor_fp64, golden, reference_step)}
+
+
+# Measured 2026-12-01 (torch 2.13.0 CPU, one thread), guided steps 1-29 of the golden run: our float64
+# guider gradient vs the golden (float32) one is 1.9e-6-3.5e-6 on every step but step 1, where it is 2.2e-3:
+# there z = z* + one step, |Φ_cur − Φ_inv| is near zero and its sign flips move any float32 gradient (ours
+# float32 vs float64: 2.2e-3 too; ours float32 vs golden: 1.3e-5, the same rounding). Our float32-vs-float64
+# distance ("floor") is 1.7e-6-2.5e-6 on the other steps.
+UNSTABLE = 1e-4  # golden's own float32 gradient this far from float64: a step no float32 code can match to 1e-3
+PREMISE_STABLE = 4e-5  # our float64 vs golden on the other steps, ≈ 10x the worst measured
+FLOOR_STABLE = 3e-5  # our float32 vs our float64 on the other steps, ≈ 10x the worst measured
+MAX_UNSTABLE_STEPS = 1  # measured: step 1 only
+GRAD_STABLE = 4e-5  # our float32 guider gradient vs golden on stable steps: measured ≤ 3.9e-6
+EPS_FINAL_STABLE = 6e-5  # our float32 ε_final vs golden on stable guided steps: measured ≤ 5.9e-6
+
+
+def test_float64_reference_matches_golden(reference_rows, reference_rows64):
+    """The premise of the float32-noise bound below: our float64 gradient is the value the golden float32 run
+    approximates — within 10x of the measured agreement on stable steps, and on the unstable step no
+    farther from golden than our own float32 result is from it (the golden's float32 noise ≈ ours)."""
+    unstable = []
     for row in reference_rows:
         if row.guider_grad_value is None:
             continue
-        floor = rel_err(row.guider_grad_value, rows64[row.step].guider_grad_value)
-        bound = max(1e-3, 2 * floor)
-        assert row.guider_grad <= bound, f"step {row.step}: {row.guider_grad:.2e} > {bound:.2e}"
-        assert row.eps_final <= bound, f"step {row.step}: eps_final {row.eps_final:.2e} > {bound:.2e}"
+        r64 = reference_rows64[row.step]
+        assert r64.grad_presence_matches, row.step
+        floor = rel_err(row.guider_grad_value, r64.guider_grad_value)
+        if r64.guider_grad > UNSTABLE:
+            unstable.append(row.step)
+            assert r64.guider_grad <= 2 * floor, f"step {row.step}: float64 vs golden {r64.guider_grad:.2e}, floor {floor:.2e}"
+        else:
+            assert r64.guider_grad <= PREMISE_STABLE, f"step {row.step}: float64 vs golden {r64.guider_grad:.2e}"
+            assert floor <= FLOOR_STABLE, f"step {row.step}: our float32 vs float64 {floor:.2e}"
+    assert len(unstable) <= MAX_UNSTABLE_STEPS, f"float32-unstable steps {unstable}"
+
+
+def test_reference_guider_gradient_within_float32_noise(reference_rows, reference_rows64):
+    for row in reference_rows:
+        if row.guider_grad_value is None:
+            continue
+        r64 = reference_rows64[row.step]
+        floor = rel_err(row.guider_grad_value, r64.guider_grad_value)
+        # the FlashAttention rule only where the golden itself is float32-unstable (premise test above)
+        if r64.guider_grad > UNSTABLE:
+            grad_bound = final_bound = max(1e-3, 2 * floor)
+        else:
+            grad_bound, final_bound = GRAD_STABLE, EPS_FINAL_STABLE
+        assert row.guider_grad <= grad_bound, f"step {row.step}: {row.guider_grad:.2e} > {grad_bound:.2e}"
+        assert row.eps_final <= final_bound, f"step {row.step}: eps_final {row.eps_final:.2e} > {final_bound:.2e}"
     for row in reference_rows:
         if row.guider_grad_value is None:
             assert row.eps_final <= 1e-4, f"unguided step {row.step}: eps_final {row.eps_final:.2e}"
