@@ -41,11 +41,8 @@ chunk as dS. Two ways to get the gradient (both give the same bits):
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import math
-import sys
 from types import ModuleType
 from typing import Literal, NamedTuple
 
@@ -54,6 +51,15 @@ from torch import Tensor
 
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops import native
+from gnr_fast.ops.triton_kernels import (
+    interpreter_ready as _interpreter_ready,
+)
+from gnr_fast.ops.triton_kernels import (
+    kernel_module,
+    kernel_module_present,
+    triton_importable,
+    triton_interpreting,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +89,6 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Head dims of SD 1.x/2.x self-attention are 40, 64, 80, 160; one padded key tile must fit on chip.
 _TRITON_MAX_HEAD_DIM = 256
 
-# The Triton source: top-level kernels/attn_map_energy.py, installed as gnr_fast.kernels (a
-# symlink in the checkout, a copy in wheels).
-_KERNEL_MODULE = "gnr_fast.kernels.attn_map_energy"
 # dtypes the native C++ path takes (half inputs are upcast to float32 on entry).
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -245,8 +248,8 @@ def triton_unsupported_reason(q: Tensor, allow_interpreter: bool = False) -> str
     """
     if not triton_importable():
         return "triton is not installed (pip install 'gnr-fast[kernels]')"
-    if importlib.util.find_spec(_KERNEL_MODULE) is None:
-        return f"the kernel module {_KERNEL_MODULE} is missing (a broken install: reinstall gnr-fast)"
+    if not kernel_module_present("attn_map_energy"):
+        return "the kernel module gnr_fast.kernels.attn_map_energy is missing (a broken install: reinstall gnr-fast)"
     if q.device.type == "cpu":
         if not allow_interpreter:
             return "tensors are on the CPU; the Triton kernels run on CUDA (on CPU only forced, under TRITON_INTERPRET=1)"
@@ -284,30 +287,6 @@ def native_unsupported_reason(q: Tensor) -> str | None:
     if q.dtype not in _NATIVE_DTYPES:
         return f"dtype {q.dtype} is not one of {_NATIVE_DTYPES}"
     return native.native_unavailable_reason()
-
-
-def triton_importable() -> bool:
-    """True when the ``triton`` package can be imported here."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreting() -> bool:
-    """True when ``TRITON_INTERPRET=1`` is in effect (kernels then run on CPU tensors)."""
-    if not triton_importable():
-        return False
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
-
-
-def _interpreter_ready() -> bool:
-    """True when triton.language was imported under the interpreter. Its own helpers (``tl.zeros``,
-    ``tl.sum``, ...) are ``@triton.jit`` functions built at import, and interpreted kernels can
-    only call interpreted helpers."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.zeros, InterpretedFunction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,26 +610,9 @@ class _ChunkedAttnMapEnergy(torch.autograd.Function):
 # Triton path: torch ops around kernels/attn_map_energy.py
 # --------------------------------------------------------------------------------------------
 
-_kernel_modules: dict[bool, ModuleType] = {}
-
-
 def _kernel_module() -> ModuleType:
-    """``gnr_fast.kernels.attn_map_energy`` imported for the current ``TRITON_INTERPRET`` setting.
-
-    ``@triton.jit`` decides at import whether it builds GPU or interpreted kernels, so one module
-    instance is kept per setting (the second under its own name, outside ``sys.modules``' entry
-    for the package module).
-    """
-    interpreted = triton_interpreting()
-    if interpreted not in _kernel_modules:
-        spec = importlib.util.find_spec(_KERNEL_MODULE)
-        assert spec is not None and spec.loader is not None, _KERNEL_MODULE
-        name = _KERNEL_MODULE + ("_interpreted" if interpreted else "_compiled")
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, spec.origin))
-        sys.modules[name] = module
-        module.__spec__.loader.exec_module(module)
-        _kernel_modules[interpreted] = module
-    return _kernel_modules[interpreted]
+    """``kernels/attn_map_energy.py`` for the current ``TRITON_INTERPRET`` setting."""
+    return kernel_module("attn_map_energy")
 
 
 # (BLOCK_M, BLOCK_N) by (input is float32, padded head dim), all with 8 warps. Chosen by compiling
