@@ -130,8 +130,8 @@ def test_auto_dispatch_on_cpu():
     "overrides, message",
     [
         ({"q": torch.randn(2, 8, 4)}, "q must be a non-empty"),
-        ({"k": torch.randn(1, 2, 8, 5)}, "must match q in B, H and D"),
-        ({"v": torch.randn(1, 2, 9, 4)}, "must match k in B, H and tokens"),
+        ({"k": torch.randn(1, 2, 8, 5)}, r"must match q \(1, 2, 8, 4\) in B, H and D"),
+        ({"v": torch.randn(1, 2, 9, 4)}, r"must match k \(1, 2, 8, 4\) in B, H and tokens"),
         ({"v": torch.randn(1, 2, 8, 4).double()}, "v has dtype torch.float64"),
         ({"scale": float("inf")}, "scale must be a finite non-zero float"),
         ({"need_lse": 1}, "need_lse must be True or False"),
@@ -146,13 +146,15 @@ def test_invalid_inputs(overrides, message):
 
 
 def test_triton_op_passes_opcheck():
-    """Schema and dispatch of the registered triton_op (its fake kernel is the launcher itself)."""
+    """Schema and autograd registration of the triton_op; on CUDA also its fake kernel (the
+    launcher itself, which triton_op traces; under the CPU interpreter the launch cannot run on
+    fake tensors, so that check needs a GPU)."""
     q, k, v = (t.detach() for t in make_qkv(1, 2, 20, 17, 16))
     _skip_unavailable("triton", q, k, v)
-    torch.library.opcheck(
-        torch.ops.gnr_fast.attention_lse_fwd.default, (q, k, v, 0.25),
-        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-    )
+    checks = ("test_schema", "test_autograd_registration")
+    if q.is_cuda:
+        checks += ("test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.gnr_fast.attention_lse_fwd.default, (q, k, v, 0.25), test_utils=checks)
 
 
 def test_triton_in_fresh_process():
@@ -167,7 +169,7 @@ def test_triton_in_fresh_process():
         pytest.skip("the Triton cases ran in this process")
     child = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "triton and not fresh"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600, check=False,
         cwd=Path(__file__).resolve().parents[2],
     )
     assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]

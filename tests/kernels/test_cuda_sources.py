@@ -18,7 +18,7 @@ def test_cuda_sources_compile_with_nvcc():
     """.ci/check_cuda_sources compiles every csrc/cuda/*.cu for sm_90 with warnings as errors."""
     child = subprocess.run(
         [str(ROOT / ".ci" / "check_cuda_sources"), "90"], cwd=ROOT, capture_output=True, text=True,
-        env={"PATH": "/usr/bin:/bin", "NVCC": NVCC, "REQUIRE_NVCC": "1"}, timeout=600,
+        env={"PATH": "/usr/bin:/bin", "NVCC": NVCC, "REQUIRE_NVCC": "1"}, timeout=600, check=False,
     )
     assert child.returncode == 0, child.stdout + child.stderr
     assert "attn_map_energy.cu compiles for sm_90" in child.stdout

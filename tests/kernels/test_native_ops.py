@@ -21,7 +21,12 @@ import torch
 
 from gnr_fast.errors import BackendUnavailableError
 from gnr_fast.ops import native
-from gnr_fast.ops.attn_map_energy import attention_lse, attn_map_energy, attn_map_energy_ref, native_supported
+from gnr_fast.ops.attn_map_energy import (
+    attention_lse,
+    attn_map_energy,
+    attn_map_energy_ref,
+    native_supported,
+)
 
 ops = importlib.import_module("gnr_fast.ops.attn_map_energy")
 
