@@ -22,6 +22,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+STAMP = ".torch-version"  # written by CMakeLists.txt beside the library
 
 
 class CMakeExtension(Extension):
@@ -66,6 +67,20 @@ class CMakeBuild(build_ext):
             configure += ["-G", "Ninja"]
         subprocess.run(configure, check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1)], check=True)
+
+    def get_outputs(self) -> list[str]:
+        """The libraries and their torch-version stamps (so wheels and editable installs carry both)."""
+        outputs = super().get_outputs()
+        return outputs + [path + STAMP for path in outputs if os.path.exists(path + STAMP)]
+
+    def copy_extensions_to_source(self) -> None:
+        """Editable installs: copy each library's stamp into the source tree beside the library."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            if os.path.exists(regular_file + STAMP):
+                self.copy_file(regular_file + STAMP, inplace_file + STAMP, level=self.verbose)
 
 
 setup(
