@@ -121,6 +121,13 @@ RowStats diff_row(float* __restrict a, float* __restrict t, float inv, float lse
   return {sq, dot};
 }
 
+// Work items (of `cost` multiply-adds each) per at::parallel_for task: small problems run on one
+// thread instead of paying an OpenMP fork/join (and a wait for a descheduled thread) per call.
+int64_t grain_for(int64_t cost) {
+  constexpr int64_t kMinTaskCost = int64_t{1} << 22;
+  return std::max<int64_t>(1, kMinTaskCost / std::max<int64_t>(cost, 1));
+}
+
 int64_t resolve_block_rows(int64_t block_rows, int64_t n_keys) {
   if (block_rows > 0) return block_rows;
   // Two [R, N] float32 tiles of about 256 KiB each (L2-resident), 16–128 rows.
@@ -181,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sweep(
   float* sqp = row_sq.data_ptr<float>();
   float* dotp = row_dot.data_ptr<float>();
 
-  at::parallel_for(0, BH * groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t item_cost = (N / groups + 1) * N * (2 * D + 16) * (want_grad ? 2 : 1);
+  at::parallel_for(0, BH * groups, grain_for(item_cost), [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(static_cast<size_t>(2 * R * N));
     float* S = scratch.data();      // [R, N] current scores, then A
     float* T = S + R * N;           // [R, N] source scores, then P
@@ -257,7 +265,7 @@ at::Tensor attention_lse_cpu(const at::Tensor& q_in, const at::Tensor& k_in, dou
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H * blocks, grain_for(R * L * (D + 8)), [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(static_cast<size_t>(R * L));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / blocks, r0 = (item % blocks) * R, rows = std::min(R, N - r0);
