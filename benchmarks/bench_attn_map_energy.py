@@ -6,7 +6,17 @@ layer (4 heads, head dim 8) at N = 1024 like the small UNets of the CPU editing 
 
 Implementations: ``ref`` (materialised maps), the chunked torch path with its two gradient
 strategies — ``fused`` (gradient computed in the forward sweep, the default when autograd needs
-it) and ``recompute`` (``recompute=True``: backward recomputes the maps) — and ``triton`` (CUDA).
+it) and ``recompute`` (``recompute=True``: backward recomputes the maps) — ``native`` (the C++
+CPU kernels of csrc/, fused gradient) and ``triton`` (CUDA).
+
+``test_native_vs_torch`` times the native and the chunked torch path (both fused, the default
+a guided step uses) side by side at the self-attention layer shapes of the bundled model and of
+SD 1.5 at 256² and 512² images: ROUNDS alternated rounds (torch, native, torch, native, …) after
+one warm-up each; it reports the median and min–max of each and the ratio of the medians
+(target of issue 15: ≥ 2×). Run just those:
+
+    python -m pytest benchmarks/bench_attn_map_energy.py -k native_vs_torch -s   (add
+    OMP_NUM_THREADS=1 for one core; GNR_BENCH_ROUNDS=N for more rounds)
 
 Reported side by side in one run (STYLE.md rule 12):
 - time: pytest-benchmark's table, one group per size; the parenthesised numbers are ratios to
@@ -23,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,8 +55,29 @@ IMPLS: dict[str, tuple[Callable[..., torch.Tensor], dict[str, object]]] = {
     "ref": (attn_map_energy_ref, {}),
     "fused": (attn_map_energy, {"backend": "torch", "recompute": False}),
     "recompute": (attn_map_energy, {"backend": "torch", "recompute": True}),
+    "native": (attn_map_energy, {"backend": "native"}),
     "triton": (attn_map_energy, {"backend": "triton"}),
 }
+
+# Self-attention layers (B=1) per model and image size: the bundled shapes-v1 UNet (4 heads,
+# block_out_channels 32/64/64 → head dims 8/16/16, attention at latent/1, /2, /4) and SD 1.5
+# (8 heads, 320/640/1280 channels → head dims 40/80/160, plus the mid block at latent/8).
+LAYER_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "bundled-256-N1024-D8": (1, 4, 1024, 8),
+    "bundled-256-N256-D16": (1, 4, 256, 16),
+    "bundled-256-N64-D16": (1, 4, 64, 16),
+    "bundled-512-N4096-D8": (1, 4, 4096, 8),
+    "bundled-512-N1024-D16": (1, 4, 1024, 16),
+    "bundled-512-N256-D16": (1, 4, 256, 16),
+    "sd15-256-N1024-D40": (1, 8, 1024, 40),
+    "sd15-256-N256-D80": (1, 8, 256, 80),
+    "sd15-256-N64-D160": (1, 8, 64, 160),
+    "sd15-512-N4096-D40": (1, 8, 4096, 40),
+    "sd15-512-N1024-D80": (1, 8, 1024, 80),
+    "sd15-512-N256-D160": (1, 8, 256, 160),
+    "sd15-512-N64-D160": (1, 8, 64, 160),
+}
+ROUNDS = int(os.environ.get("GNR_BENCH_ROUNDS", "7"))
 
 
 def make_inputs(batch: int, heads: int, tokens: int, head_dim: int, device: str = DEVICE) -> tuple[torch.Tensor, ...]:
@@ -127,6 +160,29 @@ def test_attn_map_energy_forward_backward(benchmark, results, size: str, impl: s
     benchmark.extra_info["peak_mib"] = peak
     if benchmark.stats is not None:
         results[size][impl] = (benchmark.stats.stats.mean, peak)
+
+
+@pytest.mark.parametrize("layer", list(LAYER_SHAPES))
+def test_native_vs_torch(record, layer: str) -> None:
+    """Alternated rounds of the chunked torch path and the native kernels (both fused fwd+bwd)."""
+    from gnr_fast.ops.attn_map_energy import native_supported, native_unsupported_reason
+
+    inputs = make_inputs(*LAYER_SHAPES[layer], device="cpu")
+    if not native_supported(inputs[0]):
+        pytest.skip(f"native ops unavailable: {native_unsupported_reason(inputs[0])}")
+    times: dict[str, list[float]] = {"fused": [], "native": []}
+    for impl in times:  # warm-up
+        forward_backward(impl, inputs)
+    for _ in range(ROUNDS):
+        for impl, samples in times.items():
+            start = time.perf_counter()
+            forward_backward(impl, inputs)
+            samples.append(time.perf_counter() - start)
+    torch_s, native_s = statistics.median(times["fused"]), statistics.median(times["native"])
+    spread = {impl: f"{min(v) * 1e3:.1f}-{max(v) * 1e3:.1f} ms" for impl, v in times.items()}
+    record(f"attn_map_energy {layer}", "reference", seconds=torch_s, torch_range=spread["fused"])
+    record(f"attn_map_energy {layer}", "fast", seconds=native_s, native_range=spread["native"], rounds=ROUNDS,
+           threads=torch.get_num_threads())
 
 
 def _peak_rss_kib() -> int:

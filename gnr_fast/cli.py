@@ -95,6 +95,8 @@ def _add_serving_parsers(sub) -> None:
     cedit.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the server's)")
     cedit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default 600)")
 
+    doctor = sub.add_parser("doctor", help="which runtime backends and kernels work here, and why not")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
     export = sub.add_parser("export", help="write deployment artifacts")
     export_sub = export.add_subparsers(dest="export_command", required=True)
     repo = export_sub.add_parser("triton-repo", help="a model repository for a standalone tritonserver")
@@ -321,6 +323,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import format_report, report_json, run_checks
+
+    checks = run_checks()
+    print(report_json(checks) if args.json else format_report(checks))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     check_writable_file(args.out, "-o/--out")
     return demo.run(args, _editor(args))
@@ -333,6 +343,7 @@ COMMANDS = {
     "serve": _cmd_serve,
     "client": _cmd_client,
     "export": _cmd_export,
+    "doctor": _cmd_doctor,
 }
 
 

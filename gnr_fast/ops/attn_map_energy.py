@@ -13,10 +13,12 @@ Layers, as in STYLE.md rule 3:
 
 - :func:`attn_map_energy_ref` — the materialised formula, the numerical reference.
 - :func:`attn_map_energy` — the public entry point: validates its inputs and picks, by named
-  predicates, the Triton kernels (``kernels/attn_map_energy.py``, registered as the torch ops
-  ``gnr_fast::attn_map_energy_fwd`` / ``gnr_fast::attn_map_energy_bwd``) or the chunked
-  pure-torch :class:`_ChunkedAttnMapEnergy`. Both keep O(chunk·N + N·D) memory and never hold
-  a [B, H, N, N] map.
+  predicates, the Triton kernels (``kernels/attn_map_energy.py``, shipped as
+  ``gnr_fast.kernels``, registered as the torch ops ``gnr_fast::attn_map_energy_fwd`` /
+  ``gnr_fast::attn_map_energy_bwd``) on CUDA, the C++ CPU kernels (``csrc/``, torch ops
+  ``gnr_fast_native::*``, see :mod:`gnr_fast.ops.native`) on CPU, or the chunked pure-torch
+  :class:`_ChunkedAttnMapEnergy`. All keep O(chunk·N + N·D) memory and never hold a
+  [B, H, N, N] map.
 - :func:`attention_lse` — chunked per-row log-sum-exp, so capture code can produce ``lse_ref``
   without an N×N map.
 
@@ -39,11 +41,8 @@ chunk as dS. Two ways to get the gradient (both give the same bits):
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Literal, NamedTuple
 
@@ -51,10 +50,20 @@ import torch
 from torch import Tensor
 
 from gnr_fast.errors import BackendUnavailableError, InputError
+from gnr_fast.ops import native
+from gnr_fast.ops.triton_kernels import (
+    interpreter_ready as _interpreter_ready,
+)
+from gnr_fast.ops.triton_kernels import (
+    kernel_module,
+    kernel_module_present,
+    triton_importable,
+    triton_interpreting,
+)
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "torch", "triton", "native"]
 
 # A chunk of query rows materialises [B, H, chunk, N] tiles (two at a time on the torch path); the
 # default chunk keeps one tile at about 16 M floats (64 MiB in fp32), 1/8 of one SD 1.x N=4096,
@@ -80,7 +89,8 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Head dims of SD 1.x/2.x self-attention are 40, 64, 80, 160; one padded key tile must fit on chip.
 _TRITON_MAX_HEAD_DIM = 256
 
-_KERNEL_PATH = Path(__file__).resolve().parents[2] / "kernels" / "attn_map_energy.py"
+# dtypes the native C++ path takes (half inputs are upcast to float32 on entry).
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,17 +152,19 @@ def attn_map_energy(
             torch path holds two such tiles at a time.
             Ignored by the Triton path (it tiles itself).
         backend: ``"auto"`` uses the Triton kernels when :func:`triton_supported` holds, else the
-            chunked torch path; ``"torch"`` / ``"triton"`` force one (``"triton"`` raises
-            :class:`BackendUnavailableError` with the reason when unsupported; on CPU it works
-            only under ``TRITON_INTERPRET=1``).
-        recompute: torch path only. ``False`` (default): when autograd needs the gradient (grad
+            C++ kernels when :func:`native_supported` holds, else the chunked torch path;
+            ``"torch"`` / ``"triton"`` / ``"native"`` force one (``"triton"`` and ``"native"``
+            raise :class:`BackendUnavailableError` with the reason when unsupported; on CPU
+            ``"triton"`` works only under ``TRITON_INTERPRET=1``).
+        recompute: torch and native paths. ``False`` (default): when autograd needs the gradient (grad
             mode on and ``q`` or ``k`` requires grad), the forward sweep computes it too and
             backward just scales it — the fast choice when the energy is differentiated once
             right after it is computed, as in a guided edit step; when no backward follows it
             costs 1.6–1.9× a plain forward (measured on CPU), and 2·[B, H, N, D] extra memory
             until backward. ``True``: forward saves per-row statistics only and backward
             recomputes the maps (flash-attention style). Gradients are identical either way.
-            The Triton path always recomputes.
+            The Triton path always recomputes. ``chunk`` is the native path's rows per tile
+            (``None``: the kernel's default).
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs), equal to :func:`attn_map_energy_ref`
@@ -168,12 +180,14 @@ def attn_map_energy(
     scale = _resolve_scale(q, scale)
     q_ref, k_ref, lse_ref = q_ref.detach(), k_ref.detach(), lse_ref.detach()
 
-    use_triton = _select_backend(q, backend)
-    if use_triton:
+    path = _select_backend(q, backend)
+    if path == "triton":
         return _TritonAttnMapEnergy.apply(q, k, q_ref, k_ref, lse_ref, scale)
+    fuse_grad = not recompute and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if path == "native":
+        return _NativeAttnMapEnergy.apply(q, k, q_ref, k_ref, lse_ref, scale, chunk or 0, fuse_grad)
     batch, heads, tokens, _ = q.shape
     chunk = chunk if chunk is not None else default_chunk(batch, heads, tokens, q.device)
-    fuse_grad = not recompute and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     return _ChunkedAttnMapEnergy.apply(q, k, q_ref, k_ref, lse_ref, scale, chunk, fuse_grad)
 
 
@@ -183,13 +197,16 @@ def attention_lse(q: Tensor, k: Tensor, scale: float | None = None, chunk: int |
 
     Memory is one [B, H, chunk, N] score tile plus float32 copies of k; no gradient is recorded
     (the result is a source-pass constant). float64 inputs give a float64 result. ``q`` and ``k``
-    may have different token counts (``q``: [B, H, N, D], ``k``: [B, H, L, D]).
+    may have different token counts (``q``: [B, H, N, D], ``k``: [B, H, L, D]). CPU tensors use
+    the C++ kernel when :func:`native_supported` holds (``chunk``: its rows per tile).
 
     Raises:
         InputError: shapes, dtypes or devices do not match, or ``scale``/``chunk`` is invalid.
     """
     _check_lse_inputs(q, k, scale, chunk)
     scale = _resolve_scale(q, scale)
+    if native_supported(q):
+        return native.attention_lse(q.float(), k.float(), scale, chunk or 0)
     batch, heads, tokens, _ = q.shape
     chunk = chunk if chunk is not None else default_chunk(batch, heads, k.shape[2], q.device)
     dtype = _compute_dtype(q)
@@ -224,15 +241,15 @@ def triton_supported(q: Tensor, allow_interpreter: bool = False) -> bool:
 def triton_unsupported_reason(q: Tensor, allow_interpreter: bool = False) -> str | None:
     """Why the Triton kernels cannot take ``q`` ([B, H, N, D]), or ``None`` when they can.
 
-    Requirements: triton importable, the kernel source ``kernels/attn_map_energy.py`` present (a
-    source checkout), a CUDA tensor — or, with ``allow_interpreter``, a CPU tensor while
+    Requirements: triton importable, the kernel module ``gnr_fast.kernels.attn_map_energy``
+    present (the installed copy of ``kernels/attn_map_energy.py``), a CUDA tensor — or, with ``allow_interpreter``, a CPU tensor while
     ``TRITON_INTERPRET=1`` — dtype float32/float16/bfloat16 (not bfloat16 under the interpreter,
     whose ``tl.dot`` does not support it) and head dim ≤ 256.
     """
     if not triton_importable():
         return "triton is not installed (pip install 'gnr-fast[kernels]')"
-    if not _KERNEL_PATH.is_file():
-        return f"the kernel source {_KERNEL_PATH} is missing (Triton kernels need a source checkout)"
+    if not kernel_module_present("attn_map_energy"):
+        return "the kernel module gnr_fast.kernels.attn_map_energy is missing (a broken install: reinstall gnr-fast)"
     if q.device.type == "cpu":
         if not allow_interpreter:
             return "tensors are on the CPU; the Triton kernels run on CUDA (on CPU only forced, under TRITON_INTERPRET=1)"
@@ -256,28 +273,20 @@ def triton_unsupported_reason(q: Tensor, allow_interpreter: bool = False) -> str
     return None
 
 
-def triton_importable() -> bool:
-    """True when the ``triton`` package can be imported here."""
-    return importlib.util.find_spec("triton") is not None
+def native_supported(q: Tensor) -> bool:
+    """True when the C++ CPU kernels can take ``q`` (see :func:`native_unsupported_reason`)."""
+    return native_unsupported_reason(q) is None
 
 
-def triton_interpreting() -> bool:
-    """True when ``TRITON_INTERPRET=1`` is in effect (kernels then run on CPU tensors)."""
-    if not triton_importable():
-        return False
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
-
-
-def _interpreter_ready() -> bool:
-    """True when triton.language was imported under the interpreter. Its own helpers (``tl.zeros``,
-    ``tl.sum``, ...) are ``@triton.jit`` functions built at import, and interpreted kernels can
-    only call interpreted helpers."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.zeros, InterpretedFunction)
+def native_unsupported_reason(q: Tensor) -> str | None:
+    """Why the C++ kernels cannot take ``q`` ([B, H, N, D]), or ``None`` when they can: a CPU
+    tensor of dtype float32/float16/bfloat16 (halves are upcast to float32) and the native
+    library loaded (:func:`gnr_fast.ops.native.native_unavailable_reason`)."""
+    if q.device.type != "cpu":
+        return f"tensors are on {q.device.type}; the native kernels run on CPU"
+    if q.dtype not in _NATIVE_DTYPES:
+        return f"dtype {q.dtype} is not one of {_NATIVE_DTYPES}"
+    return native.native_unavailable_reason()
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,8 +337,8 @@ def _check_inputs(
         if tensor.device != q.device:
             raise InputError(f"{name} is on {tensor.device} but q is on {q.device}; move them to one device")
     _check_scale_and_chunk(scale, chunk)
-    if backend not in ("auto", "torch", "triton"):
-        raise InputError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend not in ("auto", "torch", "triton", "native"):
+        raise InputError(f"backend must be 'auto', 'torch', 'triton' or 'native', got {backend!r}")
     if not isinstance(recompute, bool):
         raise InputError(f"recompute must be True or False, got {recompute!r}")
 
@@ -364,19 +373,31 @@ def _check_scale_and_chunk(scale: float | None, chunk: int | None) -> None:
 _logged_choices: set[tuple[str, str]] = set()
 
 
-def _select_backend(q: Tensor, backend: str) -> bool:
-    """True for the Triton path. Decides by :func:`triton_unsupported_reason`, logs each distinct
-    choice once, and raises :class:`BackendUnavailableError` when ``"triton"`` is forced but
-    unsupported."""
-    reason = triton_unsupported_reason(q, allow_interpreter=backend == "triton")
-    if backend == "triton" and reason is not None:
-        raise BackendUnavailableError(f"attn_map_energy: backend='triton' is unavailable: {reason}")
-    use_triton = backend != "torch" and reason is None
-    choice = ("triton", "supported") if use_triton else ("torch", reason or f"backend={backend!r}")
-    if choice not in _logged_choices:
-        _logged_choices.add(choice)
-        logger.info("attn_map_energy uses the %s path (%s)", *choice)
-    return use_triton
+def _select_backend(q: Tensor, backend: str) -> str:
+    """``"triton"``, ``"native"`` or ``"torch"``. Decides by :func:`triton_unsupported_reason` and
+    :func:`native_unsupported_reason`, logs each distinct choice once, and raises
+    :class:`BackendUnavailableError` when a forced path is unsupported."""
+    if backend == "torch":
+        return _log_choice("torch", "backend='torch'")
+    triton_reason = triton_unsupported_reason(q, allow_interpreter=backend == "triton")
+    if backend == "triton" and triton_reason is not None:
+        raise BackendUnavailableError(f"attn_map_energy: backend='triton' is unavailable: {triton_reason}")
+    if backend != "native" and triton_reason is None:
+        return _log_choice("triton", "supported")
+    native_reason = native_unsupported_reason(q)
+    if backend == "native" and native_reason is not None:
+        raise BackendUnavailableError(f"attn_map_energy: backend='native' is unavailable: {native_reason}")
+    if native_reason is None:
+        return _log_choice("native", "supported" if backend == "native" else f"Triton: {triton_reason}")
+    return _log_choice("torch", f"Triton: {triton_reason}; native: {native_reason}")
+
+
+def _log_choice(path: str, why: str) -> str:
+    """Log ``path`` and ``why`` the first time this pair is chosen; return ``path``."""
+    if (path, why) not in _logged_choices:
+        _logged_choices.add((path, why))
+        logger.info("attn_map_energy uses the %s path (%s)", path, why)
+    return path
 
 
 def _resolve_scale(q: Tensor, scale: float | None) -> float:
@@ -589,25 +610,9 @@ class _ChunkedAttnMapEnergy(torch.autograd.Function):
 # Triton path: torch ops around kernels/attn_map_energy.py
 # --------------------------------------------------------------------------------------------
 
-_kernel_modules: dict[bool, ModuleType] = {}
-
-
 def _kernel_module() -> ModuleType:
-    """``kernels/attn_map_energy.py`` loaded for the current ``TRITON_INTERPRET`` setting.
-
-    ``@triton.jit`` decides at import whether it builds GPU or interpreted kernels, so one module
-    instance is kept per setting (the source lives outside the package, in ``kernels/``).
-    """
-    interpreted = triton_interpreting()
-    if interpreted not in _kernel_modules:
-        name = "gnr_fast_kernels_attn_map_energy" + ("_interpreted" if interpreted else "")
-        spec = importlib.util.spec_from_file_location(name, _KERNEL_PATH)
-        assert spec is not None and spec.loader is not None, _KERNEL_PATH
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        _kernel_modules[interpreted] = module
-    return _kernel_modules[interpreted]
+    """``kernels/attn_map_energy.py`` for the current ``TRITON_INTERPRET`` setting."""
+    return kernel_module("attn_map_energy")
 
 
 # (BLOCK_M, BLOCK_N) by (input is float32, padded head dim), all with 8 warps. Chosen by compiling
@@ -767,3 +772,60 @@ class _TritonAttnMapEnergy(torch.autograd.Function):
             q, k, q_ref, k_ref, lse_ref, lse, row_dot, grad_row_sq.contiguous(), ctx.scale
         )
         return dq, dk, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Native path: the C++ CPU kernels of csrc/ (gnr_fast.ops.native)
+# --------------------------------------------------------------------------------------------
+
+
+class _NativeAttnMapEnergy(torch.autograd.Function):
+    """Energy through ``gnr_fast_native::attn_map_energy_fwd/bwd`` (float32 C++ kernels).
+
+    Half inputs are upcast to float32 on entry. Gradient strategies as in
+    :class:`_ChunkedAttnMapEnergy`: ``fuse_grad`` computes the gradient sums in the forward sweep
+    and saves them; otherwise forward saves the inputs and row_dot and backward recomputes.
+    The gradient is accumulated and scaled in float32 and rounded to the input dtype once.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        q_ref: Tensor,
+        k_ref: Tensor,
+        lse_ref: Tensor,
+        scale: float,
+        block_rows: int,
+        fuse_grad: bool,
+    ) -> Tensor:
+        fused = fuse_grad and (q.requires_grad or k.requires_grad)
+        q32, k32, q_ref32, k_ref32 = (t.float() for t in (q, k, q_ref, k_ref))
+        row_sq, row_dot, dq_sum, dk_sum = native.attn_map_energy_fwd(
+            q32, k32, q_ref32, k_ref32, lse_ref, scale, fused, block_rows
+        )
+        ctx.fused = fused
+        if fused:
+            ctx.save_for_backward(dq_sum, dk_sum)
+        else:
+            ctx.save_for_backward(q32, k32, q_ref32, k_ref32, lse_ref, row_dot)
+        ctx.scale, ctx.block_rows, ctx.shape, ctx.dtypes = scale, block_rows, q.shape, (q.dtype, k.dtype)
+        batch, heads, tokens, _ = q.shape
+        return row_sq.sum() / (batch * heads * tokens * tokens)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_energy: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        need_dq, need_dk = ctx.needs_input_grad[:2]
+        if ctx.fused:
+            dq, dk = ctx.saved_tensors
+        else:
+            dq, dk = native.attn_map_energy_bwd(*ctx.saved_tensors, ctx.scale, ctx.block_rows)
+        batch, heads, tokens, _ = ctx.shape
+        coef = grad_energy.float() * (2.0 * ctx.scale / (batch * heads * tokens * tokens))
+        dq = (dq * coef).to(ctx.dtypes[0]) if need_dq else None
+        dk = (dk * coef).to(ctx.dtypes[1]) if need_dk else None
+        return dq, dk, None, None, None, None, None, None

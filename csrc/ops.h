@@ -1,0 +1,24 @@
+// Declarations of the native ops (CPU kernels in attn_map_energy.cpp; registration in
+// torch_bindings.cpp). Schemas and contracts: gnr_fast/ops/native.py.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace gnr_fast_native {
+
+// (row_sq, row_dot, dq_sum, dk_sum); row stats [B, H, N], sums [B, H, N, D] (or [0] when !with_grad).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_map_energy_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_ref, const at::Tensor& k_ref,
+    const at::Tensor& lse_ref, double scale, bool with_grad, int64_t block_rows);
+
+// (dq_sum, dk_sum) recomputed from the forward's row_dot.
+std::tuple<at::Tensor, at::Tensor> attn_map_energy_bwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_ref, const at::Tensor& k_ref,
+    const at::Tensor& lse_ref, const at::Tensor& row_dot, double scale, int64_t block_rows);
+
+// logsumexp(scale · q kᵀ, -1): q [B, H, N, D], k [B, H, L, D] -> [B, H, N].
+at::Tensor attention_lse_cpu(const at::Tensor& q, const at::Tensor& k, double scale, int64_t block_rows);
+
+}  // namespace gnr_fast_native

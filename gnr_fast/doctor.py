@@ -1,0 +1,156 @@
+"""``gnr-fast doctor``: which runtime backends and kernel implementations work here, and why not.
+
+Each check is a pure function returning a :class:`Check`; nothing is loaded beyond what a check
+needs to answer (packages are found with ``importlib.util.find_spec`` and imported only when
+their version or providers are reported). Users paste the report into bug reports.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+Kind = Literal["runtime", "kernel", "environment"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: ``name`` is available here or not, ``detail`` says what was found
+    (version, providers) or, when unavailable, why and what to do."""
+
+    kind: Kind
+    name: str
+    available: bool
+    detail: str
+
+
+def _version(module: str) -> str:
+    """``module.__version__`` (imports the module; callers have found it first)."""
+    return str(getattr(importlib.import_module(module), "__version__", "unknown version"))
+
+
+def _found(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# --- runtime backends --------------------------------------------------------------------------
+
+
+def check_eager() -> Check:
+    return Check("runtime", "eager", True, f"torch {torch.__version__}")
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would call: ``$CXX``, else c++/g++/clang++."""
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def check_compiled() -> Check:
+    compiler = cpp_compiler()
+    if compiler is None:
+        return Check("runtime", "compiled", False, "torch.compile (inductor) on CPU needs a C++ compiler: none of $CXX, c++, g++, clang++ is on PATH")
+    gpu = "; on CUDA it also needs triton" + ("" if _found("triton") else " (not installed)")
+    return Check("runtime", "compiled", True, f"torch.compile with C++ compiler {compiler}{gpu}")
+
+
+def check_onnx() -> Check:
+    if not _found("onnxruntime"):
+        return Check("runtime", "onnx", False, "onnxruntime is not installed (pip install 'gnr-fast[export]')")
+    import onnxruntime
+
+    exporter = "onnx " + _version("onnx") if _found("onnx") else "onnx not installed: export unavailable"
+    providers = ", ".join(onnxruntime.get_available_providers())
+    return Check("runtime", "onnx", True, f"onnxruntime {onnxruntime.__version__} (providers: {providers}); {exporter}")
+
+
+def check_tensorrt() -> Check:
+    if not _found("tensorrt"):
+        return Check("runtime", "tensorrt", False, "the tensorrt package is not installed (NVIDIA TensorRT, CUDA GPUs only)")
+    if not torch.cuda.is_available():
+        return Check("runtime", "tensorrt", False, f"tensorrt {_version('tensorrt')} is installed but no CUDA GPU is visible")
+    return Check("runtime", "tensorrt", True, f"tensorrt {_version('tensorrt')}")
+
+
+# --- kernel implementations ----------------------------------------------------------------------
+
+
+def check_native_cpu() -> Check:
+    from gnr_fast.ops import native
+
+    reason = native.native_unavailable_reason()
+    if reason is not None:
+        return Check("kernel", "native CPU ops", False, f"{reason}; the pure-torch paths are used")
+    return Check("kernel", "native CPU ops", True, f"gnr_fast_native from {native.library_path()}")
+
+
+def check_native_cuda() -> Check:
+    from gnr_fast.ops import native
+
+    if native.native_unavailable_reason() is not None:
+        return Check("kernel", "native CUDA ops", False, "the native library is not loaded (see native CPU ops)")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("gnr_fast_native::attn_map_energy_fwd", "CUDA"):
+        why = "torch has no CUDA" if torch.version.cuda is None else "the library was built without nvcc"
+        return Check("kernel", "native CUDA ops", False, f"not compiled in ({why}); the Triton kernels serve CUDA")
+    return Check("kernel", "native CUDA ops", True, "registered for CUDA")
+
+
+def check_triton() -> Check:
+    if not _found("triton"):
+        return Check("kernel", "triton", False, "triton is not installed (pip install 'gnr-fast[kernels]')")
+    version = _version("triton")
+    if not torch.cuda.is_available():
+        return Check("kernel", "triton", False, f"triton {version} is installed but no CUDA GPU is visible (kernels run on CPU only under TRITON_INTERPRET=1, for tests)")
+    return Check("kernel", "triton", True, f"triton {version}")
+
+
+def check_xformers() -> Check:
+    if not _found("xformers"):
+        return Check("kernel", "xformers", False, "xformers is not installed (optional; CUDA only)")
+    if not torch.cuda.is_available():
+        return Check("kernel", "xformers", False, "xformers is installed but no CUDA GPU is visible")
+    return Check("kernel", "xformers", True, f"xformers {_version('xformers')}")
+
+
+def check_cuda() -> Check:
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None)
+    toolkit = f"nvcc at {nvcc}" if nvcc else "no nvcc"
+    if torch.version.cuda is None:
+        return Check("kernel", "cuda", False, f"this torch ({torch.__version__}) is a CPU build; {toolkit}")
+    if not torch.cuda.is_available():
+        return Check("kernel", "cuda", False, f"torch has CUDA {torch.version.cuda} but no GPU is visible; {toolkit}")
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return Check("kernel", "cuda", True, f"CUDA {torch.version.cuda}: {names}; {toolkit}")
+
+
+CHECKS: tuple[Callable[[], Check], ...] = (
+    check_eager, check_compiled, check_onnx, check_tensorrt,
+    check_native_cpu, check_native_cuda, check_triton, check_xformers, check_cuda,
+)
+
+
+def run_checks() -> list[Check]:
+    """Every check of :data:`CHECKS`, in order, plus one line naming the platform."""
+    env = Check("environment", "platform", True, f"Python {platform.python_version()}, {platform.platform()}, torch threads {torch.get_num_threads()}")
+    return [env, *(check() for check in CHECKS)]
+
+
+def format_report(checks: list[Check]) -> str:
+    """One aligned line per check: ``kind  name  yes/no  detail``."""
+    width = max(len(c.name) for c in checks)
+    lines = [f"{c.kind:<11} {c.name:<{width}}  {'yes' if c.available else 'no ':<3}  {c.detail}" for c in checks]
+    return "\n".join(lines)
+
+
+def report_json(checks: list[Check]) -> str:
+    return json.dumps([asdict(c) for c in checks], indent=2)

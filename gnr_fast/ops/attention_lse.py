@@ -1,0 +1,336 @@
+"""Attention output and per-row log-sum-exp in one call, for the capture processors (DESIGN.md §8).
+
+    out = softmax(scale · q kᵀ) v          # [B, H, N, DV]
+    lse = logsumexp(scale · q kᵀ, dim=-1)  # [B, H, N], float32, natural log
+
+:func:`attention_with_lse` is the one op the capturing attention calls: the source pass needs
+lse* for the energy; in the grad call ``out`` is differentiable w.r.t. q, k, v, and so is
+``lse`` (its gradient is carried: ∂lse_i/∂q_i = scale·(A k)_i, ∂lse_i/∂k_j = scale·A_ij q_i),
+so an energy that reuses the grad call's lse instead of recomputing it gets the right gradient.
+
+Implementations, chosen by named predicates and logged once (:func:`attention_lse_path`):
+
+- ``"cpu_flash"``: ``aten._scaled_dot_product_flash_attention_for_cpu`` (CPU, v's head dim =
+  q's; returns lse).
+- ``"xformers"``: ``xformers.ops.fmha.memory_efficient_attention_forward_requires_grad`` (CUDA,
+  where xformers is installed — the optional extra; imported lazily). Its [B, N, H, D] layout and
+  the lse padding of some of its kernels are normalised here.
+- ``"triton"``: the fused forward of ``kernels/attention_lse.py`` (CUDA; head dims up to 256,
+  padded to powers of two; any token count), registered with ``torch.library.triton_op``.
+- ``"sdpa"``: ``F.scaled_dot_product_attention`` plus the chunked lse of
+  :func:`gnr_fast.ops.attn_map_energy.attention_lse` (everything else).
+
+Every path's backward is the same (:class:`_AttentionWithLse`): the output's gradient by
+re-running SDPA under autograd (or the CPU flash backward op), the lse's by two SDPA calls. lse
+conventions (natural log vs log2, padding, [B, H, N] layout, float32) are fixed in this module
+only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gnr_fast.errors import BackendUnavailableError, InputError
+from gnr_fast.ops.attn_map_energy import attention_lse as chunked_attention_lse
+from gnr_fast.ops.triton_kernels import (
+    interpreter_ready,
+    kernel_module,
+    kernel_module_present,
+    triton_importable,
+    triton_interpreting,
+)
+
+logger = logging.getLogger(__name__)
+
+Path = Literal["cpu_flash", "xformers", "triton", "sdpa"]
+Backend = Literal["auto", "cpu_flash", "xformers", "triton", "sdpa"]
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_MAX_HEAD_DIM = 256
+_DOT_PRECISION = "tf32x3"  # fp32 dots at about fp32 accuracy on tensor cores (see attn_map_energy)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def attention_with_lse_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Materialised ``(softmax(S) v, logsumexp(S))`` with S = scale·q kᵀ in float32 (float64 for
+    float64 inputs); out in the input dtype, lse float32/float64. Differentiable by autograd."""
+    scale = _resolve_scale(q, scale)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = scale * (q.to(dtype) @ k.to(dtype).transpose(-1, -2))  # [B, H, N, L]
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, N]
+    out = torch.exp(scores - lse[..., None]) @ v.to(dtype)  # [B, H, N, DV]
+    return out.to(q.dtype), lse
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, need_lse: bool = True, backend: Backend = "auto"
+) -> tuple[Tensor, Tensor | None]:
+    """Attention output and per-row log-sum-exp of the scores.
+
+    Args:
+        q: [B, H, N, D]; k: [B, H, L, D]; v: [B, H, L, DV] — one dtype (float32/float16/bfloat16)
+            and device.
+        scale: softmax scale; ``None`` means ``D ** -0.5``.
+        need_lse: ``False`` returns ``(out, None)`` through plain SDPA (no lse work at all).
+        backend: ``"auto"`` picks by :func:`attention_lse_path`; a named path forces it
+            (:class:`BackendUnavailableError` with the reason when it cannot run here).
+
+    Returns:
+        ``(out, lse)``: out [B, H, N, DV] in q's dtype; lse [B, H, N] float32, natural log.
+        Both are differentiable w.r.t. q, k, v (first order); equal to
+        :func:`attention_with_lse_ref` up to the path's rounding.
+
+    Raises:
+        InputError: shapes, dtypes, devices or ``scale``/``need_lse``/``backend`` are invalid.
+    """
+    _check_inputs(q, k, v, scale, need_lse, backend)
+    scale = _resolve_scale(q, scale)
+    if not need_lse:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+    path = _choose(q, k, v, backend)
+    out, lse = _AttentionWithLse.apply(q, k, v, scale, path)
+    return out, lse
+
+
+def attention_lse_path(q: Tensor, k: Tensor, v: Tensor) -> Path:
+    """The implementation ``backend="auto"`` uses for these tensors (first that applies):
+    CPU → ``"cpu_flash"``; CUDA with xformers installed → ``"xformers"``; CUDA with Triton →
+    ``"triton"``; else ``"sdpa"``. Reasons per path: :func:`path_unavailable_reason`."""
+    for path in ("cpu_flash", "xformers", "triton"):
+        # The interpreter (CPU tensors under TRITON_INTERPRET=1) is for tests: forced only.
+        if path_unavailable_reason(path, q, k, v) is None and (path != "triton" or q.device.type == "cuda"):
+            return path
+    return "sdpa"
+
+
+def path_unavailable_reason(path: Path, q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why ``path`` cannot compute attention for these tensors, or ``None`` when it can."""
+    if path == "sdpa":
+        return None
+    if path == "cpu_flash":
+        if q.device.type != "cpu":
+            return f"tensors are on {q.device.type}, not the CPU"
+        if v.shape[-1] != q.shape[-1]:
+            return f"v's head dim {v.shape[-1]} differs from q's {q.shape[-1]} (the CPU flash kernel needs one)"
+        return None
+    if path == "xformers":
+        if q.device.type != "cuda":
+            return f"tensors are on {q.device.type}; xformers runs on CUDA"
+        if importlib.util.find_spec("xformers") is None:
+            return "xformers is not installed (optional: pip install xformers)"
+        return None
+    if path == "triton":
+        return _triton_unavailable_reason(q, k, v)
+    raise AssertionError(path)
+
+
+def _triton_unavailable_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    if not triton_importable():
+        return "triton is not installed (pip install 'gnr-fast[kernels]')"
+    if not kernel_module_present("attention_lse"):
+        return "the kernel module gnr_fast.kernels.attention_lse is missing (reinstall gnr-fast)"
+    if q.device.type == "cpu":
+        if not triton_interpreting():
+            return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+        if not interpreter_ready():
+            return "TRITON_INTERPRET=1 was set after triton.language had been imported in compiled mode"
+        if q.dtype == torch.bfloat16:
+            return "the Triton interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584)"
+    elif q.device.type != "cuda":
+        return f"tensors are on {q.device.type}; the Triton kernel runs on CUDA"
+    elif triton_interpreting():
+        return "TRITON_INTERPRET=1 is set; interpreted kernels take CPU tensors only"
+    if max(q.shape[-1], v.shape[-1]) > _TRITON_MAX_HEAD_DIM:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} exceeds {_TRITON_MAX_HEAD_DIM}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None, need_lse: bool, backend: str) -> None:
+    """Raise :class:`InputError` naming the argument and value unless every input is usable."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4 or tensor.numel() == 0:
+            raise InputError(f"{name} must be a non-empty [B, H, tokens, dim] tensor, got shape {tuple(tensor.shape)}")
+        if tensor.dtype not in _DTYPES or tensor.dtype != q.dtype:
+            raise InputError(f"{name} has dtype {tensor.dtype}; q, k, v must share one of {_DTYPES}")
+        if tensor.device != q.device:
+            raise InputError(f"{name} is on {tensor.device} but q is on {q.device}; move them to one device")
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise InputError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in B, H and D")
+    if v.shape[:3] != k.shape[:3]:
+        raise InputError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in B, H and tokens")
+    bad_scale = isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0
+    if scale is not None and bad_scale:
+        raise InputError(f"scale must be a finite non-zero float (or None for D**-0.5), got {scale!r}")
+    if not isinstance(need_lse, bool):
+        raise InputError(f"need_lse must be True or False, got {need_lse!r}")
+    if backend not in ("auto", "cpu_flash", "xformers", "triton", "sdpa"):
+        raise InputError(f"backend must be 'auto', 'cpu_flash', 'xformers', 'triton' or 'sdpa', got {backend!r}")
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def _choose(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Path:
+    """The path for ``backend`` (raising when a forced one is unavailable), logged once per choice."""
+    if backend == "auto":
+        path = attention_lse_path(q, k, v)
+        why = "auto"
+    else:
+        reason = path_unavailable_reason(backend, q, k, v)  # type: ignore[arg-type]
+        if reason is not None:
+            raise BackendUnavailableError(f"attention_with_lse: backend={backend!r} is unavailable: {reason}")
+        path, why = backend, "forced"  # type: ignore[assignment]
+    if (path, why) not in _logged:
+        _logged.add((path, why))
+        logger.info("attention_with_lse uses the %s path (%s)", path, why)
+    return path
+
+
+def _resolve_scale(q: Tensor, scale: float | None) -> float:
+    return float(scale) if scale is not None else q.shape[-1] ** -0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Forward implementations: each returns (out [B, H, N, DV] in q's dtype, lse [B, H, N] float32)
+# --------------------------------------------------------------------------------------------
+
+
+def _forward(path: Path, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    if path == "cpu_flash":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+        return out, lse.float()
+    if path == "xformers":
+        return _xformers_forward(q, k, v, scale)
+    if path == "triton":
+        out, lse = torch.ops.gnr_fast.attention_lse_fwd(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+        return out, lse
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out, chunked_attention_lse(q, k, scale=scale).float()
+
+
+def _xformers_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """xformers takes [B, tokens, H, dim] and returns lse [B, H, N'] with N' ≥ N (some kernels pad
+    the query axis to a multiple of 32): transpose in, slice and upcast the lse out."""
+    from xformers.ops import fmha
+
+    out, lse = fmha.memory_efficient_attention_forward_requires_grad(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
+    )
+    return out.transpose(1, 2), lse[:, :, : q.shape[2]].float()
+
+
+class _AttentionWithLse(torch.autograd.Function):
+    """(out, lse) by one path's forward; backward shared by all paths.
+
+    grad wrt out: the CPU flash backward op for ``"cpu_flash"``; otherwise SDPA re-run under
+    autograd (recompute; flash/efficient SDPA kernels on CUDA). grad wrt lse (g, [B, H, N]):
+    dq = scale · g ⊙ (A k) = scale · g ⊙ SDPA(q, k, k); dk = scale · Aᵀ (g ⊙ q), the value
+    gradient of SDPA(q, k, ·) for the output gradient g ⊙ q. Nothing [N, L] is stored.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, path: str):  # type: ignore[override]
+        out, lse = _forward(path, q, k, v, scale)  # type: ignore[arg-type]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.path = scale, path
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        dk = torch.zeros_like(k, dtype=torch.float32)
+        dv = torch.zeros_like(v, dtype=torch.float32)
+        if grad_out is not None:
+            if ctx.path == "cpu_flash":
+                gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    grad_out.contiguous(), q, k, v, out, lse, 0.0, False, scale=scale
+                )
+            else:
+                gq, gk, gv = _sdpa_vjp(q, k, v, grad_out, scale)
+            dq += gq.float()
+            dk += gk.float()
+            dv += gv.float()
+        if grad_lse is not None:
+            g = grad_lse.float()[..., None]  # [B, H, N, 1]
+            with torch.no_grad():
+                attn_k = F.scaled_dot_product_attention(q, k, k, scale=scale)  # A k, [B, H, N, D]
+            dq += scale * g * attn_k.float()
+            _, _, gk_v = _sdpa_vjp(q, k, k, (g * q.float()).to(q.dtype), scale, values_only=True)
+            dk += scale * gk_v.float()
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def _sdpa_vjp(
+    q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, scale: float, values_only: bool = False
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """Gradients of ``SDPA(q, k, v)`` for output gradient ``grad_out`` (only v's when
+    ``values_only``), by re-running SDPA under autograd."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(not values_only) for t in (q, k)] + [v.detach().requires_grad_()]
+        out = F.scaled_dot_product_attention(*leaves, scale=scale)
+        wanted = leaves[2:] if values_only else leaves
+        grads = torch.autograd.grad(out, wanted, grad_out)
+    return (None, None, grads[0]) if values_only else tuple(grads)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Triton path: a triton_op around kernels/attention_lse.py
+# --------------------------------------------------------------------------------------------
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _launch_config(tokens: int, block_d: int, dtype: torch.dtype) -> dict[str, int]:
+    """BLOCK_M/BLOCK_N by padded head dim (smaller for float32, whose fp32 dots use split
+    operands), shrunk for short sequences but never below 16 (``tl.dot``'s minimum)."""
+    block_m, block_n = (64, 64) if block_d <= 64 else (64, 32) if block_d <= 128 else (32, 32)
+    if dtype == torch.float32:
+        block_m = max(16, block_m // 2)
+    fit = max(16, _next_power_of_2(tokens))
+    return {"BLOCK_M": min(block_m, fit), "BLOCK_N": min(block_n, fit), "num_warps": 4}
+
+
+@torch.library.triton_op("gnr_fast::attention_lse_fwd", mutates_args=())
+def _attention_lse_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(out [B, H, N, DV] in q's dtype, lse [B, H, N] float32) of contiguous inputs by the Triton
+    kernel; callers check :func:`path_unavailable_reason` first."""
+    batch, heads, tokens, head_dim = q.shape
+    keys, value_dim = k.shape[2], v.shape[3]
+    out = q.new_empty(batch, heads, tokens, value_dim)
+    lse = q.new_empty(batch, heads, tokens, dtype=torch.float32)
+    block_d, block_dv = max(16, _next_power_of_2(head_dim)), max(16, _next_power_of_2(value_dim))
+    config = _launch_config(keys, max(block_d, block_dv), q.dtype)
+    grid = (-(-tokens // config["BLOCK_M"]), batch * heads)
+    kernel = torch.library.wrap_triton(kernel_module("attention_lse")._attention_lse_fwd_kernel)
+    kernel[grid](
+        q, k, v, out, lse, scale, tokens, keys, head_dim, value_dim,
+        BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=_DOT_PRECISION, **config,
+    )
+    return out, lse

@@ -1,0 +1,125 @@
+"""The native (C++) ops of ``csrc/``: finding and loading the library, fake kernels, typed wrappers.
+
+The library is built by ``pip install -e .`` (setup.py's ``build_ext`` runs the top-level
+``CMakeLists.txt``) into ``gnr_fast/_native<EXT_SUFFIX>``, or by ``cmake -S . -B build &&
+cmake --build build`` into ``build/libgnr_fast_native.so``, which ``GNR_FAST_NATIVE_LIB`` points
+to. It registers, in the ``gnr_fast_native`` namespace (float32 CPU tensors; contracts below):
+
+- ``attn_map_energy_fwd(q, k, q_ref, k_ref, lse_ref, scale, with_grad, block_rows)``
+  → ``(row_sq, row_dot, dq_sum, dk_sum)``
+- ``attn_map_energy_bwd(q, k, q_ref, k_ref, lse_ref, row_dot, scale, block_rows)`` → ``(dq_sum, dk_sum)``
+- ``attention_lse(q, k, scale, block_rows)`` → ``lse``
+
+With A = softmax(scale·q kᵀ), A_ref = exp(scale·q_ref k_refᵀ − lse_ref) per (batch, head):
+``row_sq_i = Σ_j (A − A_ref)²_ij``, ``row_dot_i = Σ_j A_ij (A − A_ref)_ij``,
+``P = A ⊙ ((A − A_ref) − row_dot)``, ``dq_sum = P k``, ``dk_sum = Pᵀ q`` (so
+∂Σ row_sq/∂q = 2·scale·dq_sum), all float32; without ``with_grad`` the sums are empty [0]
+tensors. ``block_rows`` is the rows per BLAS tile of ``attention_lse`` (0: the kernel's default);
+the energy kernels tile by 8 rows × 16 keys in registers and ignore it.
+
+Dispatch (STYLE.md rule 4): :func:`native_unavailable_reason` names why the library cannot be
+used (not built, built for another torch); callers log it once and take the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+LIBRARY_ENV = "GNR_FAST_NATIVE_LIB"
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_BUILD_HINT = "build it with `pip install -e .` (needs cmake and a C++17 compiler) or `cmake -S . -B build && cmake --build build`"
+
+
+def library_path() -> Path:
+    """Where the native library is looked for: ``$GNR_FAST_NATIVE_LIB`` when set, else
+    ``gnr_fast/_native<EXT_SUFFIX>`` beside the package (where ``pip install`` puts it)."""
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        return Path(override)
+    return _PACKAGE_DIR / f"_native{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+
+
+def native_unavailable_reason() -> str | None:
+    """Why the native library cannot be used in this process, or ``None`` when it is loaded.
+
+    Checks, in order: the library file exists (:func:`library_path`), and the torch version it
+    was built against (``<library>.torch-version``, written by CMake) equals ``torch.__version__``
+    (C++ ops are tied to one torch ABI). Then loads it once.
+    """
+    return _load(str(library_path()))
+
+
+def native_available() -> bool:
+    """True when the native ops are registered (see :func:`native_unavailable_reason`)."""
+    return native_unavailable_reason() is None
+
+
+@functools.cache
+def _load(path_str: str) -> str | None:
+    """Load the library at ``path_str`` once and register the fake kernels; the reason when not."""
+    path = Path(path_str)
+    if not path.is_file():
+        where = f"${LIBRARY_ENV}={path}" if os.environ.get(LIBRARY_ENV) else str(path)
+        return f"the native library was not built ({where} is missing); {_BUILD_HINT}"
+    stamp = path.with_name(path.name + ".torch-version")
+    built_for = stamp.read_text().strip() if stamp.is_file() else "an unknown torch (no .torch-version file)"
+    if built_for != torch.__version__:
+        return f"{path} was built for torch {built_for}, this is torch {torch.__version__}; rebuild it ({_BUILD_HINT})"
+    torch.ops.load_library(str(path))
+    _register_fakes()
+    logger.debug("loaded the native ops from %s", path)
+    return None
+
+
+def _register_fakes() -> None:
+    """Shape-only twins of the C++ ops, so torch.compile / FakeTensor tracing sees their outputs."""
+
+    @torch.library.register_fake("gnr_fast_native::attn_map_energy_fwd")
+    def _fwd_fake(q, k, q_ref, k_ref, lse_ref, scale, with_grad, block_rows):
+        batch, heads, tokens, _ = q.shape
+        row_sq = q.new_empty(batch, heads, tokens)
+        grads = (torch.empty_like(q), torch.empty_like(k)) if with_grad else (q.new_empty(0), q.new_empty(0))
+        return row_sq, torch.empty_like(row_sq), *grads
+
+    @torch.library.register_fake("gnr_fast_native::attn_map_energy_bwd")
+    def _bwd_fake(q, k, q_ref, k_ref, lse_ref, row_dot, scale, block_rows):
+        return torch.empty_like(q), torch.empty_like(k)
+
+    @torch.library.register_fake("gnr_fast_native::attention_lse")
+    def _lse_fake(q, k, scale, block_rows):
+        return q.new_empty(q.shape[:3])
+
+
+# --------------------------------------------------------------------------------------------
+# Typed wrappers (callers check native_available() and pass float32 CPU tensors)
+# --------------------------------------------------------------------------------------------
+
+
+def attn_map_energy_fwd(
+    q: Tensor, k: Tensor, q_ref: Tensor, k_ref: Tensor, lse_ref: Tensor, scale: float, with_grad: bool,
+    block_rows: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(row_sq, row_dot, dq_sum, dk_sum)`` of float32 [B, H, N, D] inputs (module docstring)."""
+    return torch.ops.gnr_fast_native.attn_map_energy_fwd(q, k, q_ref, k_ref, lse_ref, scale, with_grad, block_rows)
+
+
+def attn_map_energy_bwd(
+    q: Tensor, k: Tensor, q_ref: Tensor, k_ref: Tensor, lse_ref: Tensor, row_dot: Tensor, scale: float,
+    block_rows: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """``(dq_sum, dk_sum)`` recomputed from the forward's ``row_dot`` (module docstring)."""
+    return torch.ops.gnr_fast_native.attn_map_energy_bwd(q, k, q_ref, k_ref, lse_ref, row_dot, scale, block_rows)
+
+
+def attention_lse(q: Tensor, k: Tensor, scale: float, block_rows: int = 0) -> Tensor:
+    """``logsumexp(scale · q kᵀ, -1)``, [B, H, N] float32, for q [B, H, N, D], k [B, H, L, D]."""
+    return torch.ops.gnr_fast_native.attention_lse(q, k, scale, block_rows)
