@@ -93,9 +93,9 @@ def check_pipeline_folder(path: Path) -> dict:
         )
     if path.is_file():
         raise NotAPipelineError(
-            f"model path {str(path)!r} is a file. gnr-fast loads diffusers pipeline folders; convert a single-file "
-            "checkpoint once with diffusers (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) "
-            "and pass DIR."
+            f"model path {str(path)!r} is a file of an unknown kind ({path.suffix or 'no suffix'}). gnr-fast loads "
+            "diffusers pipeline folders and single-file SD 1.x/2.x checkpoints named *.safetensors, *.ckpt, *.pt or "
+            "*.pth; rename the file if it is one of those."
         )
     index_path = path / "model_index.json"
     if not index_path.is_file():
@@ -153,35 +153,12 @@ def _fingerprint(unet: Any, vae: Any, text_encoder: Any, schedule: NoiseSchedule
     return digest.hexdigest()[:16]
 
 
-def load_components(
-    path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> Components:
-    """Load UNet, VAE, text encoder, tokenizer and noise schedule from a local pipeline folder.
-
-    Never contacts a hub (``local_files_only=True`` everywhere). ``path=None`` loads the bundled model.
-    """
+def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any, Any, Any, dict]:
+    """UNet, VAE, text encoder, tokenizer and scheduler config of a checked pipeline folder."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = Path(path) if path is not None else BUNDLED_MODEL
-    check_pipeline_folder(path)
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelLoadError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'.") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device={str(device)!r} requested but CUDA is not available here; use device='cpu'.")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ModelLoadError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16.")
-
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
-    schedule = NoiseSchedule.from_betas(
-        beta_start=scheduler_config.get("beta_start", 0.00085),
-        beta_end=scheduler_config.get("beta_end", 0.012),
-        num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
-        beta_schedule=scheduler_config.get("beta_schedule", "scaled_linear"),
-        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-    )
     try:
         quiet = {"local_files_only": True, "low_cpu_mem_usage": False}
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, **quiet)
@@ -192,6 +169,68 @@ def load_components(
         raise ModelLoadError(
             f"loading {str(path)!r} failed: {exc}. Check that the folder is a complete diffusers SD 1.x/2.x export."
         ) from exc
+    return unet, vae, text_encoder, tokenizer, scheduler_config
+
+
+def _load_single_file(
+    path: Path, dtype: torch.dtype, prediction_type: str | None, config: str | Path | None
+) -> tuple[Any, Any, Any, Any, dict]:
+    """UNet, VAE, text encoder, tokenizer and scheduler config of a single-file checkpoint."""
+    from .checkpoints import load_single_file
+
+    modules = load_single_file(path, dtype=dtype, prediction_type=prediction_type, config=config)
+    return modules.unet, modules.vae, modules.text_encoder, modules.tokenizer, modules.scheduler_config
+
+
+def load_components(
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prediction_type: str | None = None,
+    config: str | Path | None = None,
+) -> Components:
+    """Load UNet, VAE, text encoder, tokenizer and noise schedule from a local pipeline folder or single file.
+
+    Never contacts a hub (``local_files_only=True`` everywhere). ``path=None`` loads the bundled model.
+    A ``.safetensors``/``.ckpt``/``.pt``/``.pth`` file is a single-file SD 1.x/2.x checkpoint
+    (:func:`gnr_fast.checkpoints.load_single_file`: family detection, shipped configs).
+    ``prediction_type`` ('epsilon' or 'v_prediction') overrides the detected or configured one;
+    ``config`` is a folder of diffusers component configs for single files of another architecture.
+    """
+    from .checkpoints import check_prediction_type, is_single_file
+
+    path = Path(path) if path is not None else BUNDLED_MODEL
+    check_prediction_type(prediction_type)
+    single_file = is_single_file(path)
+    if not single_file:
+        check_pipeline_folder(path)
+        if config is not None:
+            raise ModelLoadError(
+                f"config={str(config)!r} (--model-config) applies to single-file checkpoints only, but {str(path)!r} "
+                "is a pipeline folder whose own configs are used; drop the option."
+            )
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={str(device)!r} requested but CUDA is not available here; use device='cpu'.")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ModelLoadError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16.")
+
+    if single_file:
+        unet, vae, text_encoder, tokenizer, scheduler_config = _load_single_file(path, dtype, prediction_type, config)
+    else:
+        unet, vae, text_encoder, tokenizer, scheduler_config = _load_folder(path, dtype)
+    if prediction_type is not None:
+        scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
+    schedule = NoiseSchedule.from_betas(
+        beta_start=scheduler_config.get("beta_start", 0.00085),
+        beta_end=scheduler_config.get("beta_end", 0.012),
+        num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
+        beta_schedule=scheduler_config.get("beta_schedule", "scaled_linear"),
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+    )
     if tokenizer.model_max_length > 1024:
         # Tokenizers rebuilt from vocab.json + merges.txt carry a huge sentinel length; CLIP's is 77.
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
