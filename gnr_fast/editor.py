@@ -81,14 +81,20 @@ class Editor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         source_cache_mb: float = 2048,
         source_cache_dtype: torch.dtype | None = None,
+        prediction_type: str | None = None,
+        config: str | Path | None = None,
     ) -> "Editor":
-        """Load a local diffusers SD 1.x/2.x folder (``None``: the bundled model), never contacting a hub.
+        """Load a local diffusers SD 1.x/2.x folder or single-file checkpoint (``None``: the bundled model).
 
+        Never contacts a hub. A ``.safetensors``/``.ckpt`` file is detected as SD 1.x or 2.x and loaded
+        with shipped configs; ``prediction_type`` ('epsilon' | 'v_prediction') overrides the detected
+        or configured one, ``config`` names a folder of diffusers configs for other architectures
+        (README, "Single-file checkpoints").
         ``source_cache_mb`` bounds the source-pass internals a fast edit keeps with an inversion
         (0 disables the cache); ``source_cache_dtype`` stores them in another dtype (e.g. float16).
         """
         return cls(
-            load_components(path, device=device, dtype=dtype),
+            load_components(path, device=device, dtype=dtype, prediction_type=prediction_type, config=config),
             max_pixels=max_pixels,
             source_cache_mb=source_cache_mb,
             source_cache_dtype=source_cache_dtype,

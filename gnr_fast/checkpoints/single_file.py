@@ -107,14 +107,9 @@ def check_weights(
 ) -> None:
     """Raise unless ``state_dict`` has every tensor of the architecture in ``config_dir``, in its shape."""
     expected = expected_tensors(config_dir, detection.text_layout)
-    missing = [key for key in expected if key not in state_dict]
-    if missing:
-        raise MissingComponentError(
-            f"{str(path)!r} lacks {len(missing)} of the {len(expected)} tensors of {architecture} (e.g. "
-            f"{', '.join(missing[:3])}); the file is incomplete or was stripped by a tool. Use a complete checkpoint "
-            "(re-download it), or pass --model-config / config= if its architecture differs."
-        )
-    wrong = [(k, tuple(state_dict[k].shape), shape) for k, shape in expected.items() if tuple(state_dict[k].shape) != shape]
+    # shapes first: a file of another architecture also lacks keys, but its wrong shapes say why
+    present = [k for k in expected if k in state_dict]
+    wrong = [(k, tuple(state_dict[k].shape), expected[k]) for k in present if tuple(state_dict[k].shape) != expected[k]]
     if wrong:
         key, found, want = wrong[0]
         raise UnsupportedArchitectureError(
@@ -122,6 +117,13 @@ def check_weights(
             f"(e.g. {key}: {list(found)} in the file, {list(want)} in the config; cross-attention width "
             f"{detection.context_width}). Pass --model-config DIR / config=DIR with the diffusers configs "
             "(unet/, vae/, text_encoder/config.json) of this model's architecture."
+        )
+    missing = [key for key in expected if key not in state_dict]
+    if missing:
+        raise MissingComponentError(
+            f"{str(path)!r} lacks {len(missing)} of the {len(expected)} tensors of {architecture} (e.g. "
+            f"{', '.join(missing[:3])}); the file is incomplete or was stripped by a tool. Use a complete checkpoint "
+            "(re-download it), or pass --model-config / config= if its architecture differs."
         )
 
 
@@ -179,7 +181,9 @@ def load_single_file(
     check_weights(state_dict, config_dir, detection, path, architecture)
     dtype = dtype if dtype is not None else weights_dtype(state_dict)
 
-    common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
+    # float32 needs no cast: the models are built in float32 and load_state_dict upcasts float16/bfloat16 weights
+    # (and diffusers warns on every cast of a model, even one without fp32-only modules)
+    common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": None if dtype == torch.float32 else dtype}
     try:
         unet = UNet2DConditionModel.from_single_file(
             state_dict, subfolder="unet", extract_ema=True, low_cpu_mem_usage=False, **common
