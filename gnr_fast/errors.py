@@ -43,8 +43,8 @@ class CorruptCheckpointError(ModelLoadError):
     """A single-file checkpoint is truncated or corrupt, or holds objects other than tensors."""
 
 
-class NotACheckpointError(ModelLoadError):
-    """A file is readable but is not a Stable Diffusion single-file checkpoint."""
+class NotACheckpointError(NotAPipelineError):
+    """A file is readable but is not a Stable Diffusion single-file checkpoint (nor a pipeline folder)."""
 
 
 class InversionMismatchError(InputError):
