@@ -30,7 +30,7 @@ from gnr_fast.errors import (
     UnsupportedArchitectureError,
 )
 
-STEPS = 4
+STEPS = 3
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,8 @@ def test_single_file_edit_equals_folder_edit(files, name, monkeypatch):
 
 
 def test_sd2_style_pipeline_edits_end_to_end(files, sd2_folder):
+    # test_single_file_edit_equals_folder_edit[sd2-v] edits it from the folder and the file; here: the SD 2.x
+    # parts are what loading promised, and the fast path equals the paper-literal reference on this architecture
     path, _ = files["sd2-v"]
     editor = Editor.from_pretrained(path, config=sd2_folder)
     components = editor.components
@@ -127,10 +129,12 @@ def test_sd2_style_pipeline_edits_end_to_end(files, sd2_folder):
     assert components.unet.config.use_linear_projection and components.unet.config.cross_attention_dim == 32
     assert components.tokenizer.pad_token == "!"
     assert editor.embed("a red circle").shape == (1, 77, 32)
-    result = _edit(editor)
-    plain = editor.edit(result.inversion, "a green circle", preset="nonstyle", mode="reference", progress=False)
-    assert torch.isfinite(result.latents).all() and result.image.size == (64, 64)
-    assert torch.allclose(result.latents, plain.latents, rtol=1e-3, atol=1e-4)  # fast path = reference on SD 2.x too
+    inversion = editor.invert(_image(), "a red circle", num_steps=2, progress=False)
+    fast = editor.edit(inversion, "a green circle", mode="fast", progress=False)
+    reference = editor.edit(inversion, "a green circle", mode="reference", progress=False)
+    assert torch.isfinite(fast.latents).all() and fast.image.size == (64, 64)
+    # measured 3.2e-6 relative (fast and reference order their float sums differently); tolerance 10x
+    assert (fast.latents - reference.latents).norm() <= 3e-5 * reference.latents.norm()
 
 
 def test_prediction_type_overrides(files):
@@ -369,3 +373,28 @@ def test_cli_reports_bad_file(tmp_path, capsys):
     path.write_bytes(b"\x00" * 3)
     assert main(["invert", str(path), "-s", "x", "-o", str(tmp_path / "x.inv")]) == 2
     assert "gnr-fast: error:" in capsys.readouterr().err
+
+
+def test_model_config_without_tokenizer_or_scheduler(files, tmp_path, caplog):
+    import shutil
+
+    path, folder = files["sd2-v"]
+    for part in ("unet", "vae", "text_encoder"):
+        (tmp_path / part).mkdir()
+        shutil.copy(folder / part / "config.json", tmp_path / part / "config.json")
+    with caplog.at_level(logging.WARNING):
+        modules = load_single_file(path, torch.float32, config=tmp_path)
+    assert modules.tokenizer.pad_token == "!"  # the detected family's (SD 2.x) tokenizer settings
+    assert modules.scheduler_config["prediction_type"] == "v_prediction"  # SD 2.x guess: no 512/base in the name
+    assert any("guessing" in r.getMessage() for r in caplog.records)
+
+
+def test_convert_bad_paths(tmp_path):
+    from gnr_fast.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        convert_single_file(tmp_path / "missing.safetensors", tmp_path / "out")
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    with pytest.raises(NotACheckpointError, match="not named like"):
+        convert_single_file(other, tmp_path / "out")

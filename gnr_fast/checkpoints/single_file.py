@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from ..errors import MissingComponentError, ModelLoadError, UnsupportedArchitectureError
+from ..errors import (
+    MissingComponentError,
+    ModelLoadError,
+    ModelNotFoundError,
+    NotACheckpointError,
+    UnsupportedArchitectureError,
+)
 from .families import (
     Detection,
     check_prediction_type,
@@ -25,7 +31,7 @@ from .families import (
     shipped_family,
 )
 from .layout import TextLayout, expected_shapes, text_encoder_keys, unet_keys, vae_keys
-from .reading import read_state_dict, weights_dtype
+from .reading import SINGLE_FILE_SUFFIXES, read_state_dict, weights_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -127,17 +133,18 @@ def check_weights(
         )
 
 
-def _load_tokenizer(config_dir: Path) -> Any:
+def _load_tokenizer(config_dir: Path, family_dir: Path) -> Any:
     """``config_dir``'s tokenizer; one with only tokenizer_config.json reuses the bundled model's CLIP BPE files.
 
     The bundled model's vocabulary is the 49,408-token CLIP BPE vocabulary of SD 1.x, and SD 2.x's
     OpenCLIP tokenizer uses the same one (it differs in padding with ``!``, set by the config).
+    A ``config_dir`` without a tokenizer/ folder takes the detected family's settings (``family_dir``).
     """
     from transformers import CLIPTokenizer
 
     from ..loading import BUNDLED_MODEL
 
-    folder = config_dir / "tokenizer"
+    folder = config_dir / "tokenizer" if (config_dir / "tokenizer").is_dir() else family_dir / "tokenizer"
     has_vocab = (folder / "tokenizer.json").is_file() or (
         (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
     )
@@ -149,7 +156,7 @@ def _load_tokenizer(config_dir: Path) -> Any:
 
 
 def load_single_file(
-    path: Path, dtype: torch.dtype | None, prediction_type: str | None = None, config: str | Path | None = None
+    path: str | Path, dtype: torch.dtype | None, prediction_type: str | None = None, config: str | Path | None = None
 ) -> SingleFileModules:
     """Load a single-file SD 1.x/2.x checkpoint (families.py: detection and prediction-type rules).
 
@@ -162,6 +169,14 @@ def load_single_file(
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel
 
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"checkpoint file {str(path)!r} does not exist; pass the path of a .safetensors/.ckpt file.")
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise NotACheckpointError(
+            f"{str(path)!r} is not named like a single-file checkpoint ({path.suffix or 'no suffix'}); expected one of "
+            f"{', '.join(SINGLE_FILE_SUFFIXES)}. Rename it if it is one."
+        )
     check_prediction_type(prediction_type)
     config_dir = Path(config) if config is not None else None
     if config_dir is not None:
@@ -183,7 +198,8 @@ def load_single_file(
 
     # float32 needs no cast: the models are built in float32 and load_state_dict upcasts float16/bfloat16 weights
     # (and diffusers warns on every cast of a model, even one without fp32-only modules)
-    common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": None if dtype == torch.float32 else dtype}
+    cast = None if dtype == torch.float32 else dtype
+    common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": cast}
     try:
         unet = UNet2DConditionModel.from_single_file(
             state_dict, subfolder="unet", extract_ema=True, low_cpu_mem_usage=False, **common
@@ -197,7 +213,7 @@ def load_single_file(
             f"loading {str(path)!r} with the {architecture} configs failed: {exc}. Pass --model-config DIR with "
             "the diffusers configs of this model's architecture."
         ) from exc
-    tokenizer = _load_tokenizer(config_dir)
+    tokenizer = _load_tokenizer(config_dir, family.config_dir)
     scheduler_config = dict(user_scheduler or _read_json(family.config_dir / "scheduler" / "scheduler_config.json"))
     scheduler_config["prediction_type"] = chosen
     logger.info("loaded single file %s as %s (%s, %s)", path, architecture, chosen, dtype)
