@@ -398,3 +398,13 @@ def test_convert_bad_paths(tmp_path):
     other.write_bytes(b"x")
     with pytest.raises(NotACheckpointError, match="not named like"):
         convert_single_file(other, tmp_path / "out")
+
+
+def test_clip_without_text_model_level(files, tmp_path, sd1_tensors, tiny_model_path):
+    # older tools wrote cond_stage_model.transformer.embeddings.* (no text_model. level)
+    old_style = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+                 for k, v in sd1_tensors.items()}
+    modules = load_single_file(_save(tmp_path, old_style), torch.float32, config=tiny_model_path)
+    reference = load_single_file(files["sd1-eps"][0], torch.float32, config=tiny_model_path)
+    for p, q in zip(modules.text_encoder.parameters(), reference.text_encoder.parameters()):
+        assert torch.equal(p, q)

@@ -177,6 +177,23 @@ def text_encoder_keys(names: Iterable[str], layout: TextLayout) -> dict[str, Ldm
     return keys
 
 
+def with_clip_text_model_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ``cond_stage_model.transformer.X`` to ``cond_stage_model.transformer.text_model.X``.
+
+    Files written with older transformers (a CLIPTextModel without the ``text_model`` level) keep
+    the text encoder one level up; everything else expects the released files' layout.
+    """
+    legacy = CLIP_PREFIX + "embeddings."
+    if not any(k.startswith(legacy) for k in state_dict):
+        return state_dict
+    return {
+        CLIP_PREFIX + "text_model." + k[len(CLIP_PREFIX) :]
+        if k.startswith(CLIP_PREFIX) and not k.startswith(CLIP_PREFIX + "text_model.")
+        else k: v
+        for k, v in state_dict.items()
+    }
+
+
 def expected_shapes(parameters: dict[str, torch.Size], keys: dict[str, LdmKey]) -> dict[str, tuple[int, ...]]:
     """Single-file key → shape it must have, for diffusers ``parameters`` placed by ``keys``."""
     return {keys[name].name: keys[name].ldm_shape(shape) for name, shape in parameters.items()}

@@ -30,7 +30,14 @@ from .families import (
     detect,
     shipped_family,
 )
-from .layout import TextLayout, expected_shapes, text_encoder_keys, unet_keys, vae_keys
+from .layout import (
+    TextLayout,
+    expected_shapes,
+    text_encoder_keys,
+    unet_keys,
+    vae_keys,
+    with_clip_text_model_prefix,
+)
 from .reading import SINGLE_FILE_SUFFIXES, read_state_dict, weights_dtype
 
 logger = logging.getLogger(__name__)
@@ -181,7 +188,7 @@ def load_single_file(
     config_dir = Path(config) if config is not None else None
     if config_dir is not None:
         check_config_dir(config_dir)
-    state_dict = read_state_dict(path)
+    state_dict = with_clip_text_model_prefix(read_state_dict(path))
     detection = detect(state_dict, path)
     scheduler_file = config_dir / "scheduler" / "scheduler_config.json" if config_dir is not None else None
     user_scheduler = _read_json(scheduler_file) if scheduler_file is not None and scheduler_file.is_file() else None
