@@ -21,7 +21,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="local diffusers SD 1.x/2.x folder (default: the bundled model)")
+    parser.add_argument("--model", default=None,
+                        help="local diffusers SD 1.x/2.x folder or single-file .safetensors/.ckpt (default: bundled)")
+    _add_single_file_args(parser)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
     parser.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
@@ -29,6 +31,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="UNet backend: eager PyTorch, or torch.compile (inductor; compiles on first use) "
                              "(default: eager)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_single_file_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                        help="what the UNet predicts (default: detected; SD 1.x epsilon, SD 2.x guessed, see README)")
+    parser.add_argument("--model-config", default=None, metavar="DIR",
+                        help="diffusers component configs for a single file of another architecture")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(inv)
     _add_serving_parsers(sub)
     demo.add_parser(sub, _add_model_args)
+    convert = sub.add_parser("convert", help="convert a single-file checkpoint to a diffusers folder (parsed once)")
+    convert.add_argument("model_file", metavar="MODEL_FILE", help="single-file SD 1.x/2.x .safetensors/.ckpt")
+    convert.add_argument("--out", required=True, metavar="DIR", help="diffusers pipeline folder to write")
+    _add_single_file_args(convert)
+    convert.add_argument("--dtype", default=None, choices=DTYPES, help="weights dtype (default: the file's)")
+    convert.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
     sub.add_parser("eval", help="edit-quality benchmark on the shapes world (gnr-fast eval --help)", add_help=False)
     return parser
 
@@ -136,6 +151,8 @@ def _editor(args: argparse.Namespace):
         dtype=getattr(torch, args.dtype),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         runtime=args.runtime,
+        prediction_type=args.prediction_type,
+        config=args.model_config,
     )
 
 
@@ -247,6 +264,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         source_cache_mb=args.cache_mb,
         runtime=args.runtime,
+        prediction_type=args.prediction_type,
+        config=args.model_config,
     )
 
     def ready(config: ServerConfig) -> None:
@@ -331,12 +350,30 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoints import convert_single_file
+
+    out = convert_single_file(
+        args.model_file,
+        args.out,
+        prediction_type=args.prediction_type,
+        config=args.model_config,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        overwrite=args.force,
+    )
+    print(f"wrote diffusers pipeline folder {out}; use it with --model {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     check_writable_file(args.out, "-o/--out")
     return demo.run(args, _editor(args))
 
 
 COMMANDS = {
+    "convert": _cmd_convert,
     "demo": _cmd_demo,
     "edit": _cmd_edit,
     "invert": _cmd_invert,

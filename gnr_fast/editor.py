@@ -73,9 +73,15 @@ class Editor:
         source_cache_mb: float = 2048,
         source_cache_dtype: torch.dtype | None = None,
         runtime: RuntimeConfig | str | None = None,
+        prediction_type: str | None = None,
+        config: str | Path | None = None,
     ) -> Editor:
-        """Load a local diffusers SD 1.x/2.x folder (``None``: the bundled model), never contacting a hub.
+        """Load a local diffusers SD 1.x/2.x folder or single-file checkpoint (``None``: the bundled model).
 
+        Never contacts a hub. A ``.safetensors``/``.ckpt`` file is detected as SD 1.x or 2.x and loaded
+        with shipped configs; ``prediction_type`` ('epsilon' | 'v_prediction') overrides the detected
+        or configured one, ``config`` names a folder of diffusers configs for other architectures
+        (README, "Single-file checkpoints").
         ``source_cache_mb`` bounds the source-pass internals a fast edit keeps with an inversion
         (0 disables the cache); ``source_cache_dtype`` stores them in another dtype (e.g. float16).
         The folder's ``gnr_fast.json`` (optional, :mod:`gnr_fast.model_defaults`) sets
@@ -85,7 +91,7 @@ class Editor:
         the default, or ``"compiled"``); an unavailable backend raises
         :class:`~gnr_fast.errors.BackendUnavailableError` naming what is missing.
         """
-        components = load_components(path, device=device, dtype=dtype)
+        components = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type, config=config)
         return cls(
             components,
             max_pixels=max_pixels,

@@ -39,6 +39,14 @@ class UnsupportedArchitectureError(ModelLoadError):
     """The checkpoint is not a Stable Diffusion 1.x/2.x model (e.g. SDXL)."""
 
 
+class CorruptCheckpointError(ModelLoadError):
+    """A single-file checkpoint is truncated or corrupt, or holds objects other than tensors."""
+
+
+class NotACheckpointError(NotAPipelineError):
+    """A file is readable but is not a Stable Diffusion single-file checkpoint (nor a pipeline folder)."""
+
+
 class InversionMismatchError(InputError):
     """A saved inversion does not belong to the model or settings it is used with."""
 

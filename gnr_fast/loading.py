@@ -100,9 +100,9 @@ def check_pipeline_folder(path: Path) -> dict:
         )
     if path.is_file():
         raise NotAPipelineError(
-            f"model path {str(path)!r} is a file. gnr-fast loads diffusers pipeline folders; convert a single-file "
-            "checkpoint once with diffusers (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) "
-            "and pass DIR."
+            f"model path {str(path)!r} is a file of an unknown kind ({path.suffix or 'no suffix'}). gnr-fast loads "
+            "diffusers pipeline folders and single-file SD 1.x/2.x checkpoints named *.safetensors, *.ckpt, *.pt or "
+            "*.pth; rename the file if it is one of those."
         )
     index_path = path / "model_index.json"
     if not index_path.is_file():
@@ -212,25 +212,86 @@ def model_fingerprint(unet: Any, vae: Any, text_encoder: Any, schedule: NoiseSch
     return digest.hexdigest()[:16]
 
 
+_ALIGNMENT = 64  # bytes; torch's CPU allocator aligns every allocation to this
+
+
+def _own_aligned_memory(module: Any) -> None:
+    """Copy tensors that still point into a memory-mapped weights file at an unaligned offset.
+
+    diffusers/transformers map safetensors files and leave tensors at the file's byte offsets. CPU
+    matmul kernels round differently on unaligned memory (measured: 2.4e-7 on one of the tiny UNet's
+    linear layers, 1.6e-5 relative on a 4-step edit), so without this copy an edit would depend on
+    where each weight sat in its file — a folder and its single file would edit differently.
+    """
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
+            tensor.data = tensor.data.clone()
+
+
+def _load_folder(path: Path, dtype: torch.dtype, precision: PrecisionPolicy) -> tuple[Any, Any, Any, Any, dict]:
+    """UNet, VAE, text encoder, tokenizer and scheduler config of a checked pipeline folder (the VAE in
+    ``precision.vae_dtype`` of its config's ``force_upcast``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vae_config = _read_json(path / "vae" / "config.json")
+    vae_dtype = precision.vae_dtype(bool(vae_config.get("force_upcast", True)))
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    try:
+        quiet = {"local_files_only": True, "low_cpu_mem_usage": False}
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, **quiet)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype, **quiet)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(
+            f"loading {str(path)!r} failed: {exc}. Check that the folder is a complete diffusers SD 1.x/2.x export."
+        ) from exc
+    return unet, vae, text_encoder, tokenizer, scheduler_config
+
+
+def _load_single_file(
+    path: Path, dtype: torch.dtype, prediction_type: str | None, config: str | Path | None
+) -> tuple[Any, Any, Any, Any, dict]:
+    """UNet, VAE, text encoder, tokenizer and scheduler config of a single-file checkpoint."""
+    from .checkpoints import load_single_file
+
+    modules = load_single_file(path, dtype=dtype, prediction_type=prediction_type, config=config)
+    return modules.unet, modules.vae, modules.text_encoder, modules.tokenizer, modules.scheduler_config
+
+
 def load_components(
     path: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    prediction_type: str | None = None,
+    config: str | Path | None = None,
     precision: PrecisionPolicy | None = None,
 ) -> Components:
-    """Load UNet, VAE, text encoder, tokenizer and noise schedule from a local pipeline folder.
+    """Load UNet, VAE, text encoder, tokenizer and noise schedule from a local pipeline folder or single file.
 
     Never contacts a hub (``local_files_only=True`` everywhere). ``path=None`` loads the bundled model.
+    A ``.safetensors``/``.ckpt``/``.pt``/``.pth`` file is a single-file SD 1.x/2.x checkpoint
+    (:func:`gnr_fast.checkpoints.load_single_file`: family detection, shipped configs).
+    ``prediction_type`` ('epsilon' or 'v_prediction') overrides the detected or configured one;
+    ``config`` is a folder of diffusers component configs for single files of another architecture.
     UNet and text encoder are loaded in ``dtype``; the VAE in ``precision.vae_dtype(force_upcast)``
     (float32 for a low-precision ``dtype`` when the VAE config says ``force_upcast``, the default).
     ``precision`` defaults to ``PrecisionPolicy(model_dtype=dtype)``; if given, its model dtype
     must be ``dtype``.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from .checkpoints import check_prediction_type, is_single_file
 
     path = Path(path) if path is not None else BUNDLED_MODEL
-    check_pipeline_folder(path)
+    check_prediction_type(prediction_type)
+    single_file = is_single_file(path)
+    if not single_file:
+        check_pipeline_folder(path)
+        if config is not None:
+            raise ModelLoadError(
+                f"config={str(config)!r} (--model-config) applies to single-file checkpoints only, but {str(path)!r} "
+                "is a pipeline folder whose own configs are used; drop the option."
+            )
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -245,10 +306,14 @@ def load_components(
         raise ConfigError(
             f"precision.model_dtype={precision.model_dtype} differs from dtype={dtype}; pass one dtype for both"
         )
-    vae_config = _read_json(path / "vae" / "config.json")
-    vae_dtype = precision.vae_dtype(bool(vae_config.get("force_upcast", True)))
 
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    if single_file:
+        unet, vae, text_encoder, tokenizer, scheduler_config = _load_single_file(path, dtype, prediction_type, config)
+        vae.to(dtype=precision.vae_dtype(bool(vae.config.get("force_upcast", True))))
+    else:
+        unet, vae, text_encoder, tokenizer, scheduler_config = _load_folder(path, dtype, precision)
+    if prediction_type is not None:
+        scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
     schedule = NoiseSchedule.from_betas(
         beta_start=scheduler_config.get("beta_start", 0.00085),
         beta_end=scheduler_config.get("beta_end", 0.012),
@@ -256,16 +321,6 @@ def load_components(
         beta_schedule=scheduler_config.get("beta_schedule", "scaled_linear"),
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
     )
-    try:
-        quiet = {"local_files_only": True, "low_cpu_mem_usage": False}
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, **quiet)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype, **quiet)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelLoadError(
-            f"loading {str(path)!r} failed: {exc}. Check that the folder is a complete diffusers SD 1.x/2.x export."
-        ) from exc
     if tokenizer.model_max_length > 1024:
         # Tokenizers rebuilt from vocab.json + merges.txt carry a huge sentinel length; CLIP's is 77.
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
@@ -273,13 +328,15 @@ def load_components(
         module.requires_grad_(False)
         module.eval()
         module.to(device)
-    probes = stored_probes(path)
+        _own_aligned_memory(module)
+    probes = None if single_file else stored_probes(path)
     if probes is None:
-        logger.warning("%s: weights are not safetensors files holding %s; the model id hashes the loaded weights, so "
-                       "it depends on dtype=%s", path, PROBES, dtype)
+        if not single_file:
+            logger.warning("%s: weights are not safetensors files holding %s; the model id hashes the loaded "
+                           "weights, so it depends on dtype=%s", path, PROBES, dtype)
         probes = module_probes(unet, vae, text_encoder)
     model_id = model_fingerprint(unet, vae, text_encoder, schedule, probes)
-    logger.info("loaded %s (model id %s) on %s/%s, VAE in %s", path, model_id, device, dtype, vae_dtype)
+    logger.info("loaded %s (model id %s) on %s/%s, VAE in %s", path, model_id, device, dtype, vae.dtype)
     return Components(
         unet=unet,
         vae=vae,

@@ -39,7 +39,7 @@ def test_missing_path(tmp_path):
 def test_file_is_not_a_pipeline(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"x")
-    with pytest.raises(NotAPipelineError, match="from_single_file"):
+    with pytest.raises(NotAPipelineError, match="no safetensors header"):
         Editor.from_pretrained(f)
 
 
