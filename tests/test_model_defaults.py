@@ -118,14 +118,16 @@ def test_server_uses_the_models_preset_unless_the_request_names_one(model_with_d
 def test_cli_edit_without_preset_uses_the_bundled_models_preset(tmp_path, monkeypatch):
     from gnr_fast.cli import main
 
-    resolved: list[EditConfig] = []
-    original = Editor.resolve_config
+    import gnr_fast.requests
 
-    def spy(self, *args, **kwargs):
-        resolved.append(original(self, *args, **kwargs))
+    resolved: list[EditConfig] = []
+    original = gnr_fast.requests.resolve_config
+
+    def spy(*args, **kwargs):  # the one place every edit request's config is resolved
+        resolved.append(original(*args, **kwargs))
         return resolved[-1]
 
-    monkeypatch.setattr(Editor, "resolve_config", spy)
+    monkeypatch.setattr(gnr_fast.requests, "resolve_config", spy)
     image = tmp_path / "in.png"
     Image.fromarray(generate_scene(9_000_001).image).save(image)
     scene = generate_scene(9_000_001)
