@@ -84,8 +84,14 @@ def test_low_precision_edit_is_finite_and_near_fp32(tiny_model_path, image, fp32
 
 BUNDLED_STEPS = 20
 BUNDLED_CASES = (("colour", 9_000_000), ("shape", 9_000_001), ("background", 9_000_002))
-BUNDLED_PSNR_DROP_DB = 3.0  # placeholder, set from measurement
-BUNDLED_COSINE = {torch.float16: 0.99, torch.bfloat16: 0.9}
+# Measured (colour case 9000000, 20 steps, `shapes`; fast / reference; of the shape case only fast
+# fp16 finished: success, kept PSNR 35.93 vs fp32 36.04 dB, cosine 0.99945; the background case did
+# not run before the deadline): fp32 judged a success, kept-region PSNR 31.35 dB;
+#   fp16: success, kept PSNR 38.7 / 38.0 dB, step-1 cosine 0.99967 / 0.99952 (final latent 37 % from fp32)
+#   bf16: success, kept PSNR 33.8 / 32.8 dB, cosine 0.99543 / 0.99594 (final latent 19 % / 14 %)
+# Low precision preserved at most 0.1 dB less than fp32; the bound allows 3 dB less (2× the kept MSE).
+BUNDLED_PSNR_DROP_DB = 3.0
+BUNDLED_COSINE = {torch.float16: 0.995, torch.bfloat16: 0.95}  # 1 − cosine ≈ 10× the measured
 
 
 @pytest.fixture(scope="module")
