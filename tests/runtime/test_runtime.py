@@ -88,3 +88,15 @@ def test_counting_lives_in_the_executor(tiny_editor):
         out = run.plain(z, torch.tensor(10), tiny_editor.embed(""))
     assert out.shape == z.shape and out.dtype == torch.float32
     assert (run.calls - calls, run.rows - rows) == (1, 2)
+
+
+@pytest.mark.parametrize("argv", [
+    ["edit", "in.png", "-s", "a", "-t", "b"], ["invert", "in.png", "-s", "a", "-o", "x.inv"], ["demo"], ["serve"]])
+def test_cli_takes_a_runtime_on_every_model_command(argv):
+    from gnr_fast.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(argv).runtime == "eager"
+    assert parser.parse_args([*argv, "--runtime", "compiled"]).runtime == "compiled"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--runtime", "turbo"])
