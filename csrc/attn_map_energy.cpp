@@ -143,10 +143,12 @@ inline v16 vexp(v16 x) {
 // Per-thread buffers of one head: transposed, key-padded copies and the row tiles.
 struct Scratch {
   int64_t Np, Dp;
-  std::vector<float> kT, krT;  // [D, Np] keys / source keys, transposed, zero past N
+  // [Np/16, D, 16] keys / source keys, transposed per block of 16 keys (one block's D×16 slice
+  // is contiguous: a [D, Np] layout puts its rows a power-of-two stride apart, into one L1 set)
+  std::vector<float> kT, krT;
   std::vector<float> kp;       // [Np, Dp] keys, row-major, head dim zero-padded to Dp
   std::vector<float> a, t;     // [kSuper·kRows, Np]: exp / A, then A ⊙ (A − A_ref) / P
-  std::vector<float> dkT;      // [D, Np] dk partial sums (transposed)
+  std::vector<float> dkT;      // [Np/16, D, 16] dk partial sums, layout of kT
   Scratch(int64_t N, int64_t D)
       : Np((N + kLanes - 1) / kLanes * kLanes), Dp((D + kLanes - 1) / kLanes * kLanes),
         kT(D * Np), krT(D * Np), kp(Np * Dp), a(kSuper * kRows * Np), t(kSuper * kRows * Np), dkT(D * Np) {}
@@ -217,7 +219,7 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
       const float* qtile = &qt[tt * kRows * D];
       v16 acc[kRows] = {};
       for (int64_t d = 0; d < D; ++d) {
-        const v16 kv = load16(&s.kT[d * Np + jb * kLanes]);
+        const v16 kv = load16(&s.kT[(jb * D + d) * kLanes]);
         for (int64_t r = 0; r < kRows; ++r) acc[r] += qtile[r * D + d] * kv;
       }
       for (int64_t r = 0; r < kRows; ++r) {
@@ -251,7 +253,7 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
       const float* qtile = &qrt[tt * kRows * D];
       v16 acc[kRows] = {};
       for (int64_t d = 0; d < D; ++d) {
-        const v16 kv = load16(&s.krT[d * Np + jb * kLanes]);
+        const v16 kv = load16(&s.krT[(jb * D + d) * kLanes]);
         for (int64_t r = 0; r < kRows; ++r) acc[r] += qtile[r * D + d] * kv;
       }
       for (int64_t r = 0; r < kRows; ++r) {
@@ -290,9 +292,9 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
       }
       const float* qtile = &qt[tt * kRows * D];
       for (int64_t d = 0; d < D; ++d) {
-        v16 acc = load16(&s.dkT[d * Np + jb * kLanes]);
+        v16 acc = load16(&s.dkT[(jb * D + d) * kLanes]);
         for (int64_t r = 0; r < kRows; ++r) acc += p[r] * qtile[r * D + d];
-        store16(&s.dkT[d * Np + jb * kLanes], acc);
+        store16(&s.dkT[(jb * D + d) * kLanes], acc);
       }
     }
   }
@@ -355,8 +357,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sweep(
       std::fill(s.kp.begin(), s.kp.end(), 0.0f);
       for (int64_t j = 0; j < N; ++j)
         for (int64_t d = 0; d < D; ++d) {
-          s.kT[d * s.Np + j] = kp[off + j * D + d];
-          s.krT[d * s.Np + j] = krp[off + j * D + d];
+          const int64_t blocked = ((j / kLanes) * D + d) * kLanes + j % kLanes;
+          s.kT[blocked] = kp[off + j * D + d];
+          s.krT[blocked] = krp[off + j * D + d];
           s.kp[j * s.Dp + d] = kp[off + j * D + d];
         }
       if (want_grad) std::fill(s.dkT.begin(), s.dkT.end(), 0.0f);
@@ -368,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sweep(
       if (want_grad) {
         float* dk_out = dkp + (group * BH + bh) * N * D;
         for (int64_t j = 0; j < N; ++j)
-          for (int64_t d = 0; d < D; ++d) dk_out[j * D + d] = s.dkT[d * s.Np + j];
+          for (int64_t d = 0; d < D; ++d) dk_out[j * D + d] = s.dkT[((j / kLanes) * D + d) * kLanes + j % kLanes];
       }
     }
   });
