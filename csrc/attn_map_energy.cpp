@@ -142,7 +142,7 @@ inline v16 vexp(v16 x) {
 
 // Per-thread buffers of one head: transposed, key-padded copies and the row tiles.
 struct Scratch {
-  int64_t Np, Dp;
+  int64_t Np, Dp, ld;  // ld: row stride of a and t, padded off a power of two
   // [Np/16, D, 16] keys / source keys, transposed per block of 16 keys (one block's D×16 slice
   // is contiguous: a [D, Np] layout puts its rows a power-of-two stride apart, into one L1 set)
   std::vector<float> kT, krT;
@@ -150,8 +150,8 @@ struct Scratch {
   std::vector<float> a, t;     // [kSuper·kRows, Np]: exp / A, then A ⊙ (A − A_ref) / P
   std::vector<float> dkT;      // [Np/16, D, 16] dk partial sums, layout of kT
   Scratch(int64_t N, int64_t D)
-      : Np((N + kLanes - 1) / kLanes * kLanes), Dp((D + kLanes - 1) / kLanes * kLanes),
-        kT(D * Np), krT(D * Np), kp(Np * Dp), a(kSuper * kRows * Np), t(kSuper * kRows * Np), dkT(D * Np) {}
+      : Np((N + kLanes - 1) / kLanes * kLanes), Dp((D + kLanes - 1) / kLanes * kLanes), ld(Np + kLanes),
+        kT(D * Np), krT(D * Np), kp(Np * Dp), a(kSuper * kRows * (Np + kLanes)), t(kSuper * kRows * (Np + kLanes)), dkT(D * Np) {}
 };
 
 // dq rows r0 … r0+rows−1: dq_r = Σ_j P_rj k_j with P in s.t and k in s.kp ([Np, Dp]). DV = Dp / 16
@@ -166,7 +166,7 @@ void dq_rows(const Scratch& s, int64_t N, int64_t D, int64_t r0, int64_t rows, f
       v16 kv[DV];
       for (int c = 0; c < DV; ++c) kv[c] = load16(&s.kp[j * s.Dp + c * kLanes]);
       for (int64_t r = 0; r < RC; ++r) {
-        const float pj = s.t[(rb + r) * s.Np + j];  // rows past `rows` hold P = 0
+        const float pj = s.t[(rb + r) * s.ld + j];  // rows past `rows` hold P = 0
         for (int c = 0; c < DV; ++c) acc[r][c] += pj * kv[c];
       }
     }
@@ -227,7 +227,7 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
         acc[r] *= scale;
         if (tail) acc[r] = tail_valid > 0.0f ? acc[r] : neg_inf;
         vmax[row] = acc[r] > vmax[row] ? acc[r] : vmax[row];
-        store16(&s.a[row * Np + jb * kLanes], acc[r]);
+        store16(&s.a[row * s.ld + jb * kLanes], acc[r]);
       }
     }
   }
@@ -236,9 +236,9 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
     const float m = hmax(vmax[r]);
     v16 sum = {};
     for (int64_t jb = 0; jb < blocks; ++jb) {
-      v16 e = vexp(load16(&s.a[r * Np + jb * kLanes]) - m);
+      v16 e = vexp(load16(&s.a[r * s.ld + jb * kLanes]) - m);
       if (jb == blocks - 1) e *= tail_valid;
-      store16(&s.a[r * Np + jb * kLanes], e);
+      store16(&s.a[r * s.ld + jb * kLanes], e);
       sum += e;
     }
     inv[r] = 1.0f / hsum(sum);
@@ -260,13 +260,13 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
         const int64_t row = tt * kRows + r;
         v16 ar = vexp(acc[r] * scale - lse_ref_r[row]);
         if (jb == blocks - 1) ar *= tail_valid;
-        const v16 a = load16(&s.a[row * Np + jb * kLanes]) * inv[row];
+        const v16 a = load16(&s.a[row * s.ld + jb * kLanes]) * inv[row];
         const v16 diff = a - ar;
         sq[row] += diff * diff;
         dot[row] += a * diff;
-        store16(&s.a[row * Np + jb * kLanes], a);
+        store16(&s.a[row * s.ld + jb * kLanes], a);
         const float dg = use_given && row < rows ? given_dot[r0 + row] : 0.0f;
-        store16(&s.t[row * Np + jb * kLanes], use_given ? a * (diff - dg) : a * diff);
+        store16(&s.t[row * s.ld + jb * kLanes], use_given ? a * (diff - dg) : a * diff);
       }
     }
   }
@@ -286,9 +286,9 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
       v16 p[kRows];
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t row = tt * kRows + r;
-        const v16 tv = load16(&s.t[row * Np + jb * kLanes]);
-        p[r] = row >= rows ? v16{} : use_given ? tv : tv - dots[row] * load16(&s.a[row * Np + jb * kLanes]);
-        store16(&s.t[row * Np + jb * kLanes], p[r]);
+        const v16 tv = load16(&s.t[row * s.ld + jb * kLanes]);
+        p[r] = row >= rows ? v16{} : use_given ? tv : tv - dots[row] * load16(&s.a[row * s.ld + jb * kLanes]);
+        store16(&s.t[row * s.ld + jb * kLanes], p[r]);
       }
       const float* qtile = &qt[tt * kRows * D];
       for (int64_t d = 0; d < D; ++d) {
