@@ -43,7 +43,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gnr_fast.ops.attn_map_energy import attention_lse, attn_map_energy, attn_map_energy_ref, triton_supported
+from gnr_fast.ops.attn_map_energy import (
+    attention_lse,
+    attn_map_energy,
+    attn_map_energy_ref,
+    triton_supported,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES: dict[str, tuple[int, int, int, int]] = {  # name: (B, H, N, D)

@@ -99,7 +99,8 @@ void check_qk(const at::Tensor& t, const char* name) {
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
-constexpr int64_t kRows = 8;  // query rows per register tile
+constexpr int64_t kRows = 8;   // query rows per register tile
+constexpr int64_t kSuper = 4;  // register tiles per key sweep (rows per fused_tile call: 32)
 
 inline v16 splat(float x) { return v16{} + x; }
 inline v16 load16(const float* p) {
@@ -141,14 +142,16 @@ inline v16 vexp(v16 x) {
 
 // Per-thread buffers of one head: transposed, key-padded copies and the row tiles.
 struct Scratch {
-  int64_t Np, Dp;
-  std::vector<float> kT, krT;  // [D, Np] keys / source keys, transposed, zero past N
+  int64_t Np, Dp, ld;  // ld: row stride of a and t, padded off a power of two
+  // [Np/16, D, 16] keys / source keys, transposed per block of 16 keys (one block's D×16 slice
+  // is contiguous: a [D, Np] layout puts its rows a power-of-two stride apart, into one L1 set)
+  std::vector<float> kT, krT;
   std::vector<float> kp;       // [Np, Dp] keys, row-major, head dim zero-padded to Dp
-  std::vector<float> a, t;     // [kRows, Np]: exp / A, then A ⊙ (A − A_ref) / P
-  std::vector<float> dkT;      // [D, Np] dk partial sums (transposed)
+  std::vector<float> a, t;     // [kSuper·kRows, Np]: exp / A, then A ⊙ (A − A_ref) / P
+  std::vector<float> dkT;      // [Np/16, D, 16] dk partial sums, layout of kT
   Scratch(int64_t N, int64_t D)
-      : Np((N + kLanes - 1) / kLanes * kLanes), Dp((D + kLanes - 1) / kLanes * kLanes),
-        kT(D * Np), krT(D * Np), kp(Np * Dp), a(kRows * Np), t(kRows * Np), dkT(D * Np) {}
+      : Np((N + kLanes - 1) / kLanes * kLanes), Dp((D + kLanes - 1) / kLanes * kLanes), ld(Np + kLanes),
+        kT(D * Np), krT(D * Np), kp(Np * Dp), a(kSuper * kRows * (Np + kLanes)), t(kSuper * kRows * (Np + kLanes)), dkT(D * Np) {}
 };
 
 // dq rows r0 … r0+rows−1: dq_r = Σ_j P_rj k_j with P in s.t and k in s.kp ([Np, Dp]). DV = Dp / 16
@@ -163,7 +166,7 @@ void dq_rows(const Scratch& s, int64_t N, int64_t D, int64_t r0, int64_t rows, f
       v16 kv[DV];
       for (int c = 0; c < DV; ++c) kv[c] = load16(&s.kp[j * s.Dp + c * kLanes]);
       for (int64_t r = 0; r < RC; ++r) {
-        const float pj = s.t[(rb + r) * s.Np + j];  // rows past `rows` hold P = 0
+        const float pj = s.t[(rb + r) * s.ld + j];  // rows past `rows` hold P = 0
         for (int c = 0; c < DV; ++c) acc[r][c] += pj * kv[c];
       }
     }
@@ -187,13 +190,17 @@ void dq_rows_dispatch(const Scratch& s, int64_t N, int64_t D, int64_t r0, int64_
   dq_rows_table(s, N, D, r0, rows, dq, std::make_integer_sequence<int, 16>{});
 }
 
-// One tile of up to kRows query rows [r0, r0 + rows) of one head. q/qr: [N, D] rows of this head.
-// Writes row_sq/row_dot for the tile; with want_grad adds Pᵀ q into s.dkT and writes P k into dq.
+// One super-tile of up to kSuper·kRows query rows [r0, r0 + rows) of one head (q/qr: its [N, D]
+// rows). Each key block (16 keys) is used by all kSuper register tiles of 8 rows while its kᵀ
+// and dkᵀ slices are in L1. Writes row_sq/row_dot; with want_grad adds Pᵀ q into s.dkT and
+// writes P k into dq.
 void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& s, int64_t N, int64_t D,
                 int64_t r0, int64_t rows, float scale, bool want_grad, const float* given_dot, float* row_sq,
                 float* row_dot, float* dq) {
+  constexpr int64_t SR = kSuper * kRows;
   const int64_t Np = s.Np, blocks = Np / kLanes;
-  std::vector<float> qt(kRows * D, 0.0f), qrt(kRows * D, 0.0f);  // rows past `rows` stay 0
+  const int64_t tiles = (rows + kRows - 1) / kRows;
+  std::vector<float> qt(SR * D, 0.0f), qrt(SR * D, 0.0f);  // rows past `rows` stay 0
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t d = 0; d < D; ++d) {
       qt[r * D + d] = q[(r0 + r) * D + d];
@@ -201,32 +208,37 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
     }
   const v16 lane_idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const v16 tail_valid = lane_idx < float(N - (blocks - 1) * kLanes) ? splat(1.0f) : splat(0.0f);
+  const v16 neg_inf = splat(-std::numeric_limits<float>::infinity());
 
   // Pass 1: current scores into s.a and their row max.
-  v16 vmax[kRows];
-  for (auto& m : vmax) m = splat(-std::numeric_limits<float>::infinity());
+  v16 vmax[SR];
+  for (auto& m : vmax) m = neg_inf;
   for (int64_t jb = 0; jb < blocks; ++jb) {
-    v16 acc[kRows] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const v16 kv = load16(&s.kT[d * Np + jb * kLanes]);
-      for (int64_t r = 0; r < kRows; ++r) acc[r] += qt[r * D + d] * kv;
-    }
     const bool tail = jb == blocks - 1;
-    for (int64_t r = 0; r < kRows; ++r) {
-      acc[r] *= scale;
-      if (tail) acc[r] = tail_valid > 0.0f ? acc[r] : splat(-std::numeric_limits<float>::infinity());
-      vmax[r] = acc[r] > vmax[r] ? acc[r] : vmax[r];
-      store16(&s.a[r * Np + jb * kLanes], acc[r]);
+    for (int64_t tt = 0; tt < tiles; ++tt) {
+      const float* qtile = &qt[tt * kRows * D];
+      v16 acc[kRows] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const v16 kv = load16(&s.kT[(jb * D + d) * kLanes]);
+        for (int64_t r = 0; r < kRows; ++r) acc[r] += qtile[r * D + d] * kv;
+      }
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int64_t row = tt * kRows + r;
+        acc[r] *= scale;
+        if (tail) acc[r] = tail_valid > 0.0f ? acc[r] : neg_inf;
+        vmax[row] = acc[r] > vmax[row] ? acc[r] : vmax[row];
+        store16(&s.a[row * s.ld + jb * kLanes], acc[r]);
+      }
     }
   }
-  float inv[kRows], lse_ref_r[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
+  float inv[SR], lse_ref_r[SR];
+  for (int64_t r = 0; r < tiles * kRows; ++r) {
     const float m = hmax(vmax[r]);
     v16 sum = {};
     for (int64_t jb = 0; jb < blocks; ++jb) {
-      v16 e = vexp(load16(&s.a[r * Np + jb * kLanes]) - m);
+      v16 e = vexp(load16(&s.a[r * s.ld + jb * kLanes]) - m);
       if (jb == blocks - 1) e *= tail_valid;
-      store16(&s.a[r * Np + jb * kLanes], e);
+      store16(&s.a[r * s.ld + jb * kLanes], e);
       sum += e;
     }
     inv[r] = 1.0f / hsum(sum);
@@ -234,28 +246,32 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
   }
 
   // Pass 2: source probabilities, the difference and the row statistics.
-  v16 sq[kRows] = {}, dot[kRows] = {};
+  v16 sq[SR] = {}, dot[SR] = {};
   const bool use_given = given_dot != nullptr;
   for (int64_t jb = 0; jb < blocks; ++jb) {
-    v16 acc[kRows] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const v16 kv = load16(&s.krT[d * Np + jb * kLanes]);
-      for (int64_t r = 0; r < kRows; ++r) acc[r] += qrt[r * D + d] * kv;
-    }
-    for (int64_t r = 0; r < kRows; ++r) {
-      v16 ar = vexp(acc[r] * scale - lse_ref_r[r]);
-      if (jb == blocks - 1) ar *= tail_valid;
-      const v16 a = load16(&s.a[r * Np + jb * kLanes]) * inv[r];
-      const v16 diff = a - ar;
-      sq[r] += diff * diff;
-      dot[r] += a * diff;
-      store16(&s.a[r * Np + jb * kLanes], a);
-      const float dg = use_given && r < rows ? given_dot[r0 + r] : 0.0f;
-      store16(&s.t[r * Np + jb * kLanes], use_given ? a * (diff - dg) : a * diff);
+    for (int64_t tt = 0; tt < tiles; ++tt) {
+      const float* qtile = &qrt[tt * kRows * D];
+      v16 acc[kRows] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const v16 kv = load16(&s.krT[(jb * D + d) * kLanes]);
+        for (int64_t r = 0; r < kRows; ++r) acc[r] += qtile[r * D + d] * kv;
+      }
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int64_t row = tt * kRows + r;
+        v16 ar = vexp(acc[r] * scale - lse_ref_r[row]);
+        if (jb == blocks - 1) ar *= tail_valid;
+        const v16 a = load16(&s.a[row * s.ld + jb * kLanes]) * inv[row];
+        const v16 diff = a - ar;
+        sq[row] += diff * diff;
+        dot[row] += a * diff;
+        store16(&s.a[row * s.ld + jb * kLanes], a);
+        const float dg = use_given && row < rows ? given_dot[r0 + row] : 0.0f;
+        store16(&s.t[row * s.ld + jb * kLanes], use_given ? a * (diff - dg) : a * diff);
+      }
     }
   }
-  float dots[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
+  float dots[SR];
+  for (int64_t r = 0; r < tiles * kRows; ++r) {
     dots[r] = hsum(dot[r]);
     if (r < rows) {
       row_sq[r0 + r] = hsum(sq[r]);
@@ -266,16 +282,20 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
 
   // Pass 3: P (rows past `rows` zeroed), dk += Pᵀ q, dq = P k.
   for (int64_t jb = 0; jb < blocks; ++jb) {
-    v16 p[kRows];
-    for (int64_t r = 0; r < kRows; ++r) {
-      const v16 tv = load16(&s.t[r * Np + jb * kLanes]);
-      p[r] = r >= rows ? v16{} : use_given ? tv : tv - dots[r] * load16(&s.a[r * Np + jb * kLanes]);
-      store16(&s.t[r * Np + jb * kLanes], p[r]);
-    }
-    for (int64_t d = 0; d < D; ++d) {
-      v16 acc = load16(&s.dkT[d * Np + jb * kLanes]);
-      for (int64_t r = 0; r < kRows; ++r) acc += p[r] * qt[r * D + d];
-      store16(&s.dkT[d * Np + jb * kLanes], acc);
+    for (int64_t tt = 0; tt < tiles; ++tt) {
+      v16 p[kRows];
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int64_t row = tt * kRows + r;
+        const v16 tv = load16(&s.t[row * s.ld + jb * kLanes]);
+        p[r] = row >= rows ? v16{} : use_given ? tv : tv - dots[row] * load16(&s.a[row * s.ld + jb * kLanes]);
+        store16(&s.t[row * s.ld + jb * kLanes], p[r]);
+      }
+      const float* qtile = &qt[tt * kRows * D];
+      for (int64_t d = 0; d < D; ++d) {
+        v16 acc = load16(&s.dkT[(jb * D + d) * kLanes]);
+        for (int64_t r = 0; r < kRows; ++r) acc += p[r] * qtile[r * D + d];
+        store16(&s.dkT[(jb * D + d) * kLanes], acc);
+      }
     }
   }
   dq_rows_dispatch(s, N, D, r0, rows, dq);
@@ -298,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sweep(
              k_ref = k_ref_in.contiguous(), lse_ref = lse_ref_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), BH = B * H;
   const float scale = static_cast<float>(scale_d);
-  const int64_t tiles = (N + kRows - 1) / kRows;
+  const int64_t tiles = (N + kSuper * kRows - 1) / (kSuper * kRows);
   const auto opts = q.options();
 
   at::Tensor row_sq = at::empty({B, H, N}, opts);
@@ -337,20 +357,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sweep(
       std::fill(s.kp.begin(), s.kp.end(), 0.0f);
       for (int64_t j = 0; j < N; ++j)
         for (int64_t d = 0; d < D; ++d) {
-          s.kT[d * s.Np + j] = kp[off + j * D + d];
-          s.krT[d * s.Np + j] = krp[off + j * D + d];
+          const int64_t blocked = ((j / kLanes) * D + d) * kLanes + j % kLanes;
+          s.kT[blocked] = kp[off + j * D + d];
+          s.krT[blocked] = krp[off + j * D + d];
           s.kp[j * s.Dp + d] = kp[off + j * D + d];
         }
       if (want_grad) std::fill(s.dkT.begin(), s.dkT.end(), 0.0f);
       for (int64_t tile = first; tile < last; ++tile) {
-        const int64_t r0 = tile * kRows, rows = std::min(kRows, N - r0);
+        const int64_t r0 = tile * kSuper * kRows, rows = std::min(kSuper * kRows, N - r0);
         fused_tile(qp + off, qrp + off, lrp + bh * N, s, N, D, r0, rows, scale, want_grad,
                    given ? given + bh * N : nullptr, sqp + bh * N, dotp + bh * N, dqp ? dqp + off : nullptr);
       }
       if (want_grad) {
         float* dk_out = dkp + (group * BH + bh) * N * D;
         for (int64_t j = 0; j < N; ++j)
-          for (int64_t d = 0; d < D; ++d) dk_out[j * D + d] = s.dkT[d * s.Np + j];
+          for (int64_t d = 0; d < D; ++d) dk_out[j * D + d] = s.dkT[((j / kLanes) * D + d) * kLanes + j % kLanes];
       }
     }
   });
