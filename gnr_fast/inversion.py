@@ -70,34 +70,73 @@ class Inversion:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Inversion":
-        """Read an inversion written by :meth:`save`; raises :class:`InputError` for anything else."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Inversion:
+        """Read an inversion written by :meth:`save`; raises :class:`InputError` for anything else.
+
+        The file is untrusted: its header (tensor names, dtype, shape, metadata) is checked before
+        the tensor is read, the metadata must agree with the tensor and the resize policy, and the
+        latents must be finite float32 values.
+        """
         path = Path(path)
         if not path.is_file():
             raise InputError(f"inversion file {str(path)!r} does not exist")
+        what = repr(str(path))
         try:
-
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-            tensors = load_file(str(path), device=str(device))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"{str(path)!r} is not a gnr-fast inversion file: {exc}") from exc
-        if metadata.get("format") != FORMAT or "latents" not in tensors:
-            raise InputError(f"{str(path)!r} is not a gnr-fast inversion file (write one with `gnr-fast invert`)")
-        if metadata.get("version") != FORMAT_VERSION:
-            raise InputError(f"{str(path)!r} has inversion format version {metadata.get('version')}; expected {FORMAT_VERSION}")
-        num_steps = int(metadata["num_steps"])
-        latents = tensors["latents"]
-        if latents.ndim != 5 or latents.shape[0] != num_steps + 1:
-            raise InputError(f"{str(path)!r} is corrupt: latents shape {tuple(latents.shape)} for {num_steps} steps")
-        return cls(
-            latents=latents,
-            source_prompt=metadata["source_prompt"],
-            num_steps=num_steps,
-            model_id=metadata["model_id"],
-            original_size=tuple(json.loads(metadata["original_size"])),
-            working_size=tuple(json.loads(metadata["working_size"])),
-            content_hash=metadata["content_hash"],
+                names = set(handle.keys())
+                if metadata.get("format") != FORMAT or names != {"latents"}:
+                    raise InputError(f"{what} is not a gnr-fast inversion file (write one with `gnr-fast invert`)")
+                if metadata.get("version") != FORMAT_VERSION:
+                    raise InputError(f"{what} has inversion format version {metadata.get('version')}; expected {FORMAT_VERSION}")
+                fields = _metadata_fields(metadata, what)
+                _check_latents_header(handle.get_slice("latents"), fields, what)
+            latents = load_file(str(path), device=str(device))["latents"]
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{what} is not a gnr-fast inversion file: {exc}") from exc
+        if not torch.isfinite(latents).all():
+            raise InputError(f"{what} is corrupt: its latents hold NaN or infinite values")
+        return cls(latents=latents, **fields)
+
+
+def _metadata_fields(metadata: dict[str, str], what: str) -> dict[str, Any]:
+    """The constructor fields of an inversion file's metadata; :class:`InputError` when one is
+    missing or malformed, or the working size is not the resize policy's for the original size."""
+    from .images import working_size
+
+    missing = sorted({"source_prompt", "num_steps", "model_id", "original_size", "working_size", "content_hash"} - set(metadata))
+    if missing:
+        raise InputError(f"{what} is corrupt: its metadata lacks {missing}")
+    if not metadata["num_steps"].isdigit() or not 1 <= int(metadata["num_steps"]) <= 10_000:
+        raise InputError(f"{what} is corrupt: num_steps {metadata['num_steps']!r} is not a step count")
+    sizes = {}
+    for name in ("original_size", "working_size"):
+        try:
+            size = json.loads(metadata[name])
+        except json.JSONDecodeError:
+            size = None
+        if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
+            raise InputError(f"{what} is corrupt: {name} {metadata[name]!r} is not [width, height]")
+        sizes[name] = tuple(size)
+    if working_size(*sizes["original_size"]) != sizes["working_size"]:
+        raise InputError(
+            f"{what} is corrupt: working_size {list(sizes['working_size'])} is not the working size of an "
+            f"image of {list(sizes['original_size'])}"
+        )
+    return {
+        "source_prompt": metadata["source_prompt"], "num_steps": int(metadata["num_steps"]),
+        "model_id": metadata["model_id"], "content_hash": metadata["content_hash"], **sizes,
+    }
+
+
+def _check_latents_header(latents, fields: dict[str, Any], what: str) -> None:
+    """The latents tensor (not yet read) is float32 [num_steps + 1, 1, 4, H/8, W/8]."""
+    width, height = fields["working_size"]
+    expected = [fields["num_steps"] + 1, 1, 4, height // 8, width // 8]
+    if latents.get_dtype() != "F32" or list(latents.get_shape()) != expected:
+        raise InputError(
+            f"{what} is corrupt: latents are {latents.get_dtype()} {list(latents.get_shape())}; "
+            f"expected F32 {expected} for {fields['num_steps']} steps at {width}x{height}"
         )
 
 

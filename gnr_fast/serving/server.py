@@ -101,7 +101,7 @@ class EditModel:
         outcome = self.service.wait(job)
         png = encode_png(outcome.result.image)
         info = json.dumps(outcome.info(job)).encode()
-        return {"edited_image": bytes_tensor(png), "info": bytes_tensor(info)}
+        return {"edited_image": bytes_tensor(png, batched=True), "info": bytes_tensor(info, batched=True)}
 
 
 class InvertModel:
@@ -119,7 +119,7 @@ class InvertModel:
         outcome = self.service.wait(job)
         info = outcome.info(job)
         info["cache"] = _cache_info(self.service)
-        return {"info": bytes_tensor(json.dumps(info).encode())}
+        return {"info": bytes_tensor(json.dumps(info).encode(), batched=True)}
 
 
 def check_addresses(config: ServerConfig) -> None:
@@ -154,6 +154,23 @@ def _tensors(fields: tuple[Field, ...]) -> list:
     return [Tensor(name=f.name, dtype=f.numpy_dtype, shape=(1,), optional=f.optional) for f in fields]
 
 
+def model_config(service_config: ServiceConfig):
+    """The Triton config of both models: batches of one request (each instance hands its request
+    to the service's own batching queue), behind Triton's queue holding at most
+    ``service_config.max_queue`` requests — one more is refused at once ("Exceeds maximum queue
+    size", :class:`~gnr_fast.errors.ServiceBusyError` in the client) — where a request that waits
+    longer than ``request_timeout_s`` is rejected without running."""
+    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, TimeoutAction
+
+    policy = QueuePolicy(
+        timeout_action=TimeoutAction.REJECT,
+        default_timeout_microseconds=int(service_config.request_timeout_s * 1e6),
+        max_queue_size=service_config.max_queue,
+    )
+    batcher = DynamicBatcher(max_queue_delay_microseconds=0, default_queue_policy=policy)
+    return ModelConfig(batching=True, max_batch_size=1, batcher=batcher)
+
+
 def serve(
     editor: Editor,
     service_config: ServiceConfig | None = None,
@@ -175,7 +192,6 @@ def serve(
     server_config = server_config or ServerConfig()
     check_addresses(server_config)
     prepare_environment()
-    from pytriton.model_config import ModelConfig
     from pytriton.triton import Triton, TritonConfig
 
     stop = stop or threading.Event()
@@ -203,7 +219,7 @@ def serve(
             infer_func=[EditModel(service) for _ in range(edit_instances)],
             inputs=_tensors(EDIT_INPUTS),
             outputs=_tensors(EDIT_OUTPUTS),
-            config=ModelConfig(batching=False),
+            config=model_config(service_config),
             strict=True,
         )
         triton.bind(
@@ -211,7 +227,7 @@ def serve(
             infer_func=[InvertModel(service) for _ in range(server_config.invert_instances)],
             inputs=_tensors(INVERT_INPUTS),
             outputs=_tensors(INVERT_OUTPUTS),
-            config=ModelConfig(batching=False),
+            config=model_config(service_config),
             strict=True,
         )
         return triton
@@ -230,6 +246,7 @@ def serve(
                 return False
         return True
     finally:
+        service.begin_shutdown()  # requests Triton hands over from now on: "shutting down"
         if triton is not None:
             triton.stop()  # SIGINT to tritonserver: it finishes the requests in flight, then exits
         service.close()
