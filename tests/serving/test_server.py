@@ -142,9 +142,9 @@ def test_malformed_tensors_are_answered(server):
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
-    def tensor(name, value):
-        t = http.InferInput(name, [1], "BYTES")
-        t.set_data_from_numpy(np.array([value], dtype=object))
+    def tensor(name, value):  # [batch 1, one element]: the models batch requests of one
+        t = http.InferInput(name, [1, 1], "BYTES")
+        t.set_data_from_numpy(np.array([[value]], dtype=object))
         return t
 
     raw = http.InferenceServerClient(f"127.0.0.1:{server.http}", connection_timeout=30, network_timeout=CALL_TIMEOUT_S)
