@@ -10,10 +10,25 @@ Batching is the service's own queue (:class:`~gnr_fast.serving.service.EditServi
 runs ``gnr_edit`` with as many instances as edits may share a batch, each instance hands its one
 request to the queue, and the engine thread runs up to ``max_batch`` compatible edits through
 :func:`~gnr_fast.batch.edit_batch`. Unlike Triton's dynamic batcher (which fails every request of a
-batch when one fails), a bad request is answered with its own error. Health, readiness and metrics
-are Triton's endpoints. SIGTERM/SIGINT stop the server gracefully: Triton stops taking requests and
-waits up to ``exit_timeout_s`` for the ones in flight, which the engine thread finishes. A start
-whose model load hits pytriton's race between a model's instances is retried (:func:`start_triton`).
+batch when one fails), a bad request is answered with its own error. Triton's scheduler, with
+batches of one, only bounds the waiting requests (:func:`model_config`).
+
+Readiness: ``GET /v2/models/gnr_edit/ready`` is the probe. ``/v2/health/ready`` is not: pytriton
+starts Triton in explicit model-control mode with no model and loads the models over the
+repository API, and strict readiness counts loaded models only, so it answers 200 before
+``gnr_edit`` exists. (Triton loading the models before it opens its endpoints — pytriton's local
+model store — would fix that, but then pytriton's instance-handshake race, below, kills Triton at
+start and pytriton waits 120 s before it notices; measured: 1 of 2 starts.)
+
+SIGTERM/SIGINT stop the server gracefully: the service refuses requests it has not accepted yet
+("shutting down", :class:`~gnr_fast.errors.ServiceBusyError`), Triton stops taking requests and
+waits up to ``exit_timeout_s`` for the ones in flight, which the engine thread finishes. A client
+that disconnects does not stop its edit: pytriton 0.7.0 hands the model no cancellation, so an
+accepted edit runs to the end and its answer is dropped; a request still queued when its
+``request_timeout_s`` passes is refused without running. A start whose model load hits pytriton's
+race between a model's instances is retried (:func:`start_triton`). Triton's model-control,
+repository, shared-memory, statistics, trace and logging APIs stay behind pytriton's generated
+access token (its default security config), so clients can neither load nor unload models.
 """
 
 from __future__ import annotations

@@ -66,6 +66,15 @@ class Server:
         assert image.size == (64, 64)
 
 
+def _pending(server: Server) -> int:
+    """Requests waiting in Triton's queue for gnr_edit (its nv_inference_pending_request_count metric)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("nv_inference_pending_request_count") and f'model="{EDIT_MODEL}"' in line:
+                return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
 def _burst(server: Server, count: int, steps: int, seed: int = 0) -> dict[str, list]:
     """``count`` clients send one edit each at the same instant; their outcomes by kind."""
     outcomes: dict[str, list] = {"completed": [], "refused": [], "failed": []}
@@ -233,7 +242,10 @@ def test_sigterm_under_load_finishes_in_flight_refuses_queued_and_exits_0(tiny_m
 
     thread = threading.Thread(target=load)
     thread.start()
-    time.sleep(1.0)  # one edit running, four queued
+    deadline = time.monotonic() + 120
+    while _pending(server) < 2:  # one edit running, at least two queued behind it
+        assert thread.is_alive() and time.monotonic() < deadline, "the load never queued up"
+        time.sleep(0.1)
     signalled = time.monotonic()
     server.process.terminate()
     thread.join(timeout=300)

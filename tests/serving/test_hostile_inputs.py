@@ -13,7 +13,14 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from hostile import animated_png, encoded, png_bomb, png_declaring, png_with_text, webp_declaring
+from hostile import (
+    animated_png,
+    encoded,
+    png_bomb,
+    png_declaring,
+    png_with_text,
+    webp_declaring,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -25,7 +32,12 @@ from gnr_fast.errors import GnrError
 from gnr_fast.images import prepare_image, read_image
 from gnr_fast.inversion import Inversion
 from gnr_fast.serving.protocol import EDIT_INPUTS, read_inputs
-from gnr_fast.serving.service import MAX_CONFIG_BYTES, EditService, ServiceConfig, parse_config_json
+from gnr_fast.serving.service import (
+    MAX_CONFIG_BYTES,
+    EditService,
+    ServiceConfig,
+    parse_config_json,
+)
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

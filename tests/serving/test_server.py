@@ -14,6 +14,7 @@ pytest.importorskip("pytriton", reason='server tests need pip install "gnr-fast[
 pytest.importorskip("tritonclient", reason='server tests need pip install "gnr-fast[serve]"')
 
 from servers import ServerProcess, free_ports, port_open, serve_argv  # noqa: E402
+from hostile import png_declaring, webp_declaring  # noqa: E402
 
 from gnr_fast import ConfigError, GuidanceError, InputError  # noqa: E402
 from gnr_fast.cli import main  # noqa: E402
@@ -125,6 +126,12 @@ BAD_REQUESTS = {
     "zero steps": (dict(steps=0), InputError, r"steps must be an integer in \[1, 50\]"),
     "absurd steps": (dict(steps=1_000_000), InputError, "steps must be"),
     "unknown preset": (dict(preset="vivid"), ConfigError, "preset 'vivid' is unknown"),
+    "decompression bomb": (dict(image=png_declaring(30000, 30000)), InputError, "pixels"),
+    "webp bomb": (dict(image=webp_declaring(2000, 2000)), InputError, "above the limit"),
+    "truncated image": (dict(image=_png(2)[:300]), InputError, "cannot read image bytes"),
+    "tiff image": (dict(image=_png(2)[:0] + b"II*\x00" + b"\x00" * 64), InputError, "not a PNG, JPEG or WebP"),
+    "NUL in prompt": (dict(target="a green\x00square"), InputError, "control character"),
+    "deeply nested config": (dict(config='{"guiders": ' + "[" * 100 + "]" * 100 + "}"), ConfigError, "nests 101"),
 }
 
 
