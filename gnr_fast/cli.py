@@ -95,6 +95,11 @@ def _add_serving_parsers(sub) -> None:
     serve.add_argument("--exit-timeout", type=int, default=30,
                        help="seconds SIGTERM waits for requests in flight (default 30)")
     serve.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads of the edits (default: torch's)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting beyond the running ones; one more is refused as busy at once (default 64)")
+    serve.add_argument("--max-image-mb", type=float, default=32.0, help="largest encoded image of a request (default 32)")
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds a request may wait; a queued one is then refused without running (default 600)")
     _add_model_args(serve)
 
     client = sub.add_parser("client", help="call a gnr-fast Triton server")
@@ -105,6 +110,8 @@ def _add_serving_parsers(sub) -> None:
     cedit.add_argument("-t", "--target", required=True, help="prompt describing the edited image")
     cedit.add_argument("-o", "--out", default=None, help="output image path (default: <image>_edited.png)")
     cedit.add_argument("--url", default="127.0.0.1:8000", help="server address, http://host:port or grpc://host:port")
+    cedit.add_argument("--wait-ready", type=float, default=30.0, metavar="S",
+                       help="wait up to S seconds for the server to load gnr_edit before sending (default 30; 0: no wait)")
     cedit.add_argument("--preset", default=None, choices=PRESET_NAMES, help="guidance preset")
     cedit.add_argument("--config", default=None, help="edit config in the authors' YAML/JSON format")
     cedit.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the server's)")
@@ -243,6 +250,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         default_steps=args.steps,
         max_steps=args.max_steps,
         torch_threads=args.torch_threads if args.torch_threads is not None else torch.get_num_threads(),
+        max_queue=args.max_queue,
+        max_image_bytes=max(1, int(args.max_image_mb * 1024**2)),
+        request_timeout_s=args.request_timeout,
     )
     server_config = ServerConfig(
         host=args.host,
@@ -310,6 +320,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
         Path(args.out) if args.out else Path(args.image).with_name(Path(args.image).stem + "_edited.png"), "-o/--out"
     )
     with GnrClient(args.url, timeout_s=args.timeout) as client:
+        if args.wait_ready > 0:
+            client.wait_ready(args.wait_ready)
         image, info = client.edit(args.image, args.source, args.target, preset=args.preset, config=config, steps=args.steps)
     image.save(out)
     t = info.get("timings", {})

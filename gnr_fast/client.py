@@ -72,7 +72,13 @@ class GnrClient:
         return self._health(lambda **kw: self._client.is_server_live(**kw))
 
     def is_ready(self, model: str = EDIT_MODEL) -> bool:
-        """Whether the server is ready and ``model`` loaded."""
+        """Whether the server is ready and ``model`` loaded: the readiness an edit needs.
+
+        Triton's server readiness alone is not enough: pytriton starts Triton with no model and
+        loads them afterwards, and a server with no model loaded is "ready"
+        (``/v2/health/ready`` answered 200 about 3 s before ``gnr_edit`` could answer; issue 17).
+        Probes and load balancers must use ``GET /v2/models/gnr_edit/ready`` (gRPC ``ModelReady``).
+        """
         return self._health(lambda **kw: self._client.is_server_ready(**kw) and self._client.is_model_ready(model, **kw))
 
     def wait_ready(self, timeout_s: float = 60.0, model: str = EDIT_MODEL) -> None:
@@ -82,7 +88,10 @@ class GnrClient:
             if self.is_ready(model):
                 return
             time.sleep(0.2)
-        raise ServerError(f"the server at {self.url} was not ready with model {model!r} within {timeout_s:.0f}s")
+        raise ServerError(
+            f"the server at {self.url} was not ready with model {model!r} within {timeout_s:g}s "
+            "(is a gnr-fast server running at this address, and has it finished loading?)"
+        )
 
     def _health(self, probe) -> bool:
         from tritonclient.utils import InferenceServerException
@@ -189,8 +198,20 @@ def _image_bytes(image: bytes | str | Path | Image.Image) -> bytes:
     raise InputError(f"image must be bytes, a file path or a PIL image, got {type(image).__name__}")
 
 
+_BUSY_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")  # Triton's queue policy refusals
+_NOT_LOADED_MESSAGES = ("has no available versions", "is not found", "is not ready")
+
+
 def _server_error(text: str) -> GnrError:
-    """The library error a server's error message names (its own message), else :class:`ServerError`."""
+    """The library error a server's error message names (its own message); Triton's queue-policy
+    refusals as :class:`ServiceBusyError`; else :class:`ServerError`."""
+    if any(message in text for message in _BUSY_MESSAGES):
+        return errors.ServiceBusyError(f"the server is busy ({text.strip()}); retry later or on another instance")
+    if "unknown model" in text and any(message in text for message in _NOT_LOADED_MESSAGES):
+        return ServerError(
+            f"the server has not loaded the model yet ({text.strip()}); wait until GET /v2/models/{EDIT_MODEL}/ready "
+            "answers 200 (GnrClient.wait_ready, gnr-fast client --wait-ready)"
+        )
     parsed = parse_error(text)
     if parsed is not None:
         name, message = parsed

@@ -387,7 +387,7 @@ class EditConfig:
         if layers is not None:
             if not isinstance(layers, Sequence) or len(layers) != 3:
                 raise ConfigError(f"self_attn_layers_num must have 3 entries (down, mid, up), got {layers!r}")
-            layers = tuple((0, int(x)) if isinstance(x, int) else tuple(int(v) for v in x) for x in layers)
+            layers = tuple(_layer_range(x, layers) for x in layers)
         return cls(
             guiders=guiders,
             rescale=rescale,
@@ -395,6 +395,18 @@ class EditConfig:
             self_attn_layers=layers,
             align_inversion=data.get("align_inversion", "reference"),
         )
+
+
+def _layer_range(entry: object, layers: object) -> tuple[int, ...]:
+    """One self_attn_layers_num entry: a count n (layers 0..n) or a [start, end] pair of integers."""
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        return (0, entry)
+    if (
+        isinstance(entry, Sequence) and not isinstance(entry, (str, bytes)) and len(entry) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in entry)
+    ):
+        return tuple(entry)
+    raise ConfigError(f"self_attn_layers_num entries must be a count or a [start, end] pair, got {entry!r} in {layers!r}")
 
 
 def _steps_from(data: Mapping) -> int:
@@ -411,9 +423,12 @@ def _guider_from_dict(entry: object, num_steps: int) -> GuiderConfig:
     if not isinstance(entry, Mapping) or "name" not in entry:
         raise ConfigError(f"each guider must be a mapping with a 'name', got {entry!r}")
     name = entry["name"]
-    if name not in GUIDER_TYPES:
+    if not isinstance(name, str) or name not in GUIDER_TYPES:
         raise ConfigError(f"guider {name!r} is unknown; known guiders: {sorted(GUIDER_TYPES)}")
-    kwargs = dict(entry.get("kwargs") or {})
+    kwargs = entry.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"guider {name!r}: kwargs must be a mapping, got {kwargs!r}")
+    kwargs = dict(kwargs)
     scale = entry.get("g_scale", 1.0)
     try:
         if name == "cfg":

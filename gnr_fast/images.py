@@ -5,6 +5,14 @@ as it is. Otherwise each side is rounded to the nearest multiple of 64 (at least
 resized to that working size with Lanczos filtering, edited, and the result is resized back to the
 input's size. RGBA images are composited over white; greyscale and palette images become RGB;
 EXIF orientation is applied first.
+
+Encoded images are untrusted input (the server decodes what clients send). Decoding refuses,
+with an :class:`~gnr_fast.errors.InputError`, before any pixel is decoded: formats other than
+PNG, JPEG and WebP (:data:`DECODED_FORMATS`; no other PIL decoder runs) and a header declaring
+more than ``max_pixels`` pixels (a decompression bomb: a small file declaring 30000×30000).
+Truncated or corrupt files and oversized metadata chunks (PIL's text-chunk limits) are refused
+while decoding. Of an animated or multi-frame file (APNG, animated WebP, MPO) the first frame is
+used, as PIL opens it.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ MIN_SIDE = 64
 DEFAULT_MAX_PIXELS = 1024 * 1024
 """Default upper bound on width × height; pass ``max_pixels`` to raise it."""
 
+DECODED_FORMATS = ("PNG", "JPEG", "WEBP")
+"""The only formats an encoded image is decoded from (PIL tries no other plugin)."""
+
 
 @dataclass(frozen=True)
 class PreparedImage:
@@ -51,15 +62,19 @@ class PreparedImage:
         return self.original_size != self.working_size
 
 
-def read_image(image: ImageInput) -> Image.Image:
-    """Return ``image`` as an RGB PIL image (EXIF orientation applied, alpha composited over white)."""
+def read_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Return ``image`` as an RGB PIL image (EXIF orientation applied, alpha composited over white).
+
+    An encoded image (path or bytes) whose header declares more than ``max_pixels`` pixels is
+    refused before it is decoded (see the module docstring for what else decoding refuses).
+    """
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise InputError(f"image file {str(path)!r} does not exist")
-        pil = _decode(path, f"image {str(path)!r}")
+        pil = _decode(path, f"image {str(path)!r}", max_pixels)
     elif isinstance(image, bytes):
-        pil = _decode(io.BytesIO(image), f"image bytes ({len(image)} bytes)")
+        pil = _decode(io.BytesIO(image), f"image bytes ({len(image)} bytes)", max_pixels)
     elif isinstance(image, Image.Image):
         pil = ImageOps.exif_transpose(image) or image
     elif isinstance(image, np.ndarray):
@@ -71,13 +86,29 @@ def read_image(image: ImageInput) -> Image.Image:
     return to_rgb(pil)
 
 
-def _decode(source, what: str) -> Image.Image:
+def _decode(source, what: str, max_pixels: int) -> Image.Image:
+    unreadable = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
     try:
-        with Image.open(source) as opened:
-            pil = ImageOps.exif_transpose(opened)  # a loaded copy, orientation applied
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        opened = Image.open(source, formats=DECODED_FORMATS)  # reads the header only
+    except UnidentifiedImageError:
+        raise InputError(f"cannot read {what}: not a PNG, JPEG or WebP file (other formats are refused)") from None
+    except unreadable as exc:
         raise InputError(f"cannot read {what}: {exc}. Use a PNG, JPEG or WebP image.") from exc
-    return pil
+    with opened:
+        check_pixel_count(*opened.size, max_pixels)  # before a pixel is decoded
+        try:
+            return ImageOps.exif_transpose(opened)  # a loaded copy of the first frame, orientation applied
+        except unreadable as exc:
+            raise InputError(f"cannot read {what}: {exc}. Use a PNG, JPEG or WebP image.") from exc
+
+
+def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
+    """Raise :class:`InputError` when a ``width`` × ``height`` image exceeds ``max_pixels``."""
+    if width * height > max_pixels:
+        raise InputError(
+            f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}; downscale it "
+            "or raise max_pixels (Editor(max_pixels=...) / --max-pixels)"
+        )
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
@@ -116,15 +147,11 @@ def working_size(width: int, height: int) -> tuple[int, int]:
 
 def prepare_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """Read, validate and normalise ``image`` per the module's resize policy."""
-    pil = read_image(image)
+    pil = read_image(image, max_pixels)
     width, height = pil.size
     if min(width, height) < MIN_SIDE:
         raise InputError(f"image is {width}x{height}; both sides must be at least {MIN_SIDE} pixels")
-    if width * height > max_pixels:
-        raise InputError(
-            f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}; downscale it "
-            "or raise max_pixels (Editor(max_pixels=...) / --max-pixels)"
-        )
+    check_pixel_count(width, height, max_pixels)
     rgb = np.asarray(pil, dtype=np.uint8)
     content_hash = hashlib.sha256(f"{width}x{height}".encode() + rgb.tobytes()).hexdigest()
     size = working_size(width, height)

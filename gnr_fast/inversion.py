@@ -104,57 +104,74 @@ class Inversion:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Inversion:
-        """Read an inversion written by :meth:`save`; raises :class:`InputError` for anything else."""
+        """Read an inversion written by :meth:`save`; raises :class:`InputError` for anything else.
+
+        The file is untrusted: its header (tensor names, dtype, shape, metadata) is checked before
+        the tensor is read, the metadata must agree with the tensor and the resize policy, and the
+        latents must be finite float32 values.
+        """
         path = Path(path)
         if not path.is_file():
             raise InputError(f"inversion file {str(path)!r} does not exist")
+        what = repr(str(path))
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-            tensors = load_file(str(path), device=str(device))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"{str(path)!r} is not a gnr-fast inversion file: {exc}") from exc
-        if metadata.get("format") != FORMAT or "latents" not in tensors:
-            raise InputError(f"{str(path)!r} is not a gnr-fast inversion file (write one with `gnr-fast invert`)")
-        if metadata.get("version") != FORMAT_VERSION:
-            raise InputError(
-                f"{str(path)!r} has inversion format version {metadata.get('version')!r}, but this gnr-fast reads "
-                f"version {FORMAT_VERSION!r}; invert the image again with `gnr-fast invert`"
-            )
-        fields = _metadata_fields(path, metadata)
-        _check_latents(path, tensors["latents"], fields["num_steps"], fields["working_size"])
-        return cls(latents=tensors["latents"], **fields)
+                names = set(handle.keys())
+                if metadata.get("format") != FORMAT or names != {"latents"}:
+                    raise InputError(f"{what} is not a gnr-fast inversion file (write one with `gnr-fast invert`)")
+                if metadata.get("version") != FORMAT_VERSION:
+                    raise InputError(f"{what} has inversion format version {metadata.get('version')}; expected {FORMAT_VERSION}")
+                fields = _metadata_fields(metadata, what)
+                _check_latents_header(handle.get_slice("latents"), fields, what)
+            latents = load_file(str(path), device=str(device))["latents"]
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{what} is not a gnr-fast inversion file: {exc}") from exc
+        if not torch.isfinite(latents).all():
+            raise InputError(f"{what} is corrupt: its latents hold NaN or infinite values")
+        return cls(latents=latents, **fields)
 
 
-def _metadata_fields(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
-    """The Inversion fields stored in a version-1 header; InputError naming the first bad one."""
-    try:
-        num_steps = int(metadata["num_steps"])
-        sizes = {key: tuple(json.loads(metadata[key])) for key in ("original_size", "working_size")}
-        fields = dict(
-            source_prompt=metadata["source_prompt"], num_steps=num_steps, model_id=metadata["model_id"],
-            content_hash=metadata["content_hash"], model_dtype=metadata.get("model_dtype"), **sizes,
+def _metadata_fields(metadata: dict[str, str], what: str) -> dict[str, Any]:
+    """The constructor fields of an inversion file's metadata; :class:`InputError` when one is
+    missing or malformed, or the working size is not the resize policy's for the original size."""
+    from .images import working_size
+
+    missing = sorted({"source_prompt", "num_steps", "model_id", "original_size", "working_size", "content_hash"} - set(metadata))
+    if missing:
+        raise InputError(f"{what} is corrupt: its metadata lacks {missing}")
+    if not metadata["num_steps"].isdigit() or not 1 <= int(metadata["num_steps"]) <= 10_000:
+        raise InputError(f"{what} is corrupt: num_steps {metadata['num_steps']!r} is not a step count")
+    sizes = {}
+    for name in ("original_size", "working_size"):
+        try:
+            size = json.loads(metadata[name])
+        except json.JSONDecodeError:
+            size = None
+        if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
+            raise InputError(f"{what} is corrupt: {name} {metadata[name]!r} is not [width, height]")
+        sizes[name] = tuple(size)
+    if working_size(*sizes["original_size"]) != sizes["working_size"]:
+        raise InputError(
+            f"{what} is corrupt: working_size {list(sizes['working_size'])} is not the working size of an "
+            f"image of {list(sizes['original_size'])}"
         )
-    except KeyError as exc:
-        raise InputError(f"{str(path)!r} is corrupt: its header lacks {exc.args[0]!r}; invert the image again") from exc
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"{str(path)!r} is corrupt: unreadable header value ({exc}); invert the image again") from exc
-    if num_steps < 1:
-        raise InputError(f"{str(path)!r} is corrupt: num_steps {num_steps}; invert the image again")
-    for key in ("original_size", "working_size"):
-        size = fields[key]
-        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-            raise InputError(f"{str(path)!r} is corrupt: {key} {list(size)} is not (width, height); invert the image again")
-    return fields
+    return {
+        "source_prompt": metadata["source_prompt"], "num_steps": int(metadata["num_steps"]),
+        "model_id": metadata["model_id"], "content_hash": metadata["content_hash"],
+        "model_dtype": metadata.get("model_dtype"), **sizes,
+    }
 
 
-def _check_latents(path: Path, latents: torch.Tensor, num_steps: int, working_size: tuple[int, int]) -> None:
-    """A trajectory [num_steps + 1, 1, C, h, w] of finite floats whose (w, h) divide working_size by one factor."""
-    shape = tuple(latents.shape)
-    width, height = working_size
+def _check_latents_header(latents, fields: dict[str, Any], what: str) -> None:
+    """The latents tensor (not yet read) is float32 [num_steps + 1, 1, C, h, w] with (w, h) dividing the
+    working size by one factor (the VAE's; 8 for Stable Diffusion)."""
+    width, height = fields["working_size"]
+    shape = list(latents.get_shape())
     ok = (
-        latents.ndim == 5
-        and shape[0] == num_steps + 1
+        latents.get_dtype() == "F32"
+        and len(shape) == 5
+        and shape[0] == fields["num_steps"] + 1
         and shape[1] == 1
         and shape[3] > 0 and shape[4] > 0
         and width % shape[4] == 0 and height % shape[3] == 0
@@ -162,12 +179,10 @@ def _check_latents(path: Path, latents: torch.Tensor, num_steps: int, working_si
     )
     if not ok:
         raise InputError(
-            f"{str(path)!r} is corrupt: latents shape {shape} does not fit {num_steps} steps of a "
-            f"{width}x{height} image (expected [{num_steps + 1}, 1, C, h, w] with the working size a multiple "
-            "of (w, h)); invert the image again"
+            f"{what} is corrupt: latents are {latents.get_dtype()} {shape}; expected F32 "
+            f"[{fields['num_steps'] + 1}, 1, C, h, w] for {fields['num_steps']} steps of a {width}x{height} image "
+            "(the working size a multiple of (w, h)); invert the image again"
         )
-    if not latents.is_floating_point() or not torch.isfinite(latents).all():
-        raise InputError(f"{str(path)!r} is corrupt: its latents are not finite floats; invert the image again")
 
 
 def invert_many(

@@ -55,7 +55,7 @@ class GoldenRun:
         folder = Path(folder)
         meta = json.loads((folder / "golden.json").read_text())
         return cls(
-            tensors=torch.load(folder / "golden.pt", map_location="cpu"),
+            tensors=torch.load(folder / "golden.pt", map_location="cpu", weights_only=True),
             source_prompt=meta["source_prompt"],
             target_prompt=meta["target_prompt"],
             preset=meta["preset"],

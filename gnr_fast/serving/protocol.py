@@ -1,6 +1,7 @@
 """The wire protocol of the ``gnr_edit`` and ``gnr_invert`` Triton models, shared by servers and client.
 
-Every tensor holds one element per request (shape ``[1]``; ``[B, 1]`` where a model batches):
+Every tensor holds one element per request, with a batch dimension: shape ``[1, 1]`` on
+``gnr-fast serve`` (batches of one), ``[B, 1]`` on an exported repository's dynamic batcher:
 
 =============  =====  ==========================================================================
 gnr_edit in    type   meaning

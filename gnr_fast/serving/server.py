@@ -10,10 +10,25 @@ Batching is the service's own queue (:class:`~gnr_fast.serving.service.EditServi
 runs ``gnr_edit`` with as many instances as edits may share a batch, each instance hands its one
 request to the queue, and the engine thread runs up to ``max_batch`` compatible edits through
 :func:`~gnr_fast.batch.edit_batch`. Unlike Triton's dynamic batcher (which fails every request of a
-batch when one fails), a bad request is answered with its own error. Health, readiness and metrics
-are Triton's endpoints. SIGTERM/SIGINT stop the server gracefully: Triton stops taking requests and
-waits up to ``exit_timeout_s`` for the ones in flight, which the engine thread finishes. A start
-whose model load hits pytriton's race between a model's instances is retried (:func:`start_triton`).
+batch when one fails), a bad request is answered with its own error. Triton's scheduler, with
+batches of one, only bounds the waiting requests (:func:`model_config`).
+
+Readiness: ``GET /v2/models/gnr_edit/ready`` is the probe. ``/v2/health/ready`` is not: pytriton
+starts Triton in explicit model-control mode with no model and loads the models over the
+repository API, and strict readiness counts loaded models only, so it answers 200 before
+``gnr_edit`` exists. (Triton loading the models before it opens its endpoints — pytriton's local
+model store — would fix that, but then pytriton's instance-handshake race, below, kills Triton at
+start and pytriton waits 120 s before it notices; measured: 1 of 2 starts.)
+
+SIGTERM/SIGINT stop the server gracefully: the service refuses requests it has not accepted yet
+("shutting down", :class:`~gnr_fast.errors.ServiceBusyError`), Triton stops taking requests and
+waits up to ``exit_timeout_s`` for the ones in flight, which the engine thread finishes. A client
+that disconnects does not stop its edit: pytriton 0.7.0 hands the model no cancellation, so an
+accepted edit runs to the end and its answer is dropped; a request still queued when its
+``request_timeout_s`` passes is refused without running. A start whose model load hits pytriton's
+race between a model's instances is retried (:func:`start_triton`). Triton's model-control,
+repository, shared-memory, statistics, trace and logging APIs stay behind pytriton's generated
+access token (its default security config), so clients can neither load nor unload models.
 """
 
 from __future__ import annotations
@@ -101,7 +116,7 @@ class EditModel:
         outcome = self.service.wait(job)
         png = encode_png(outcome.result.image)
         info = json.dumps(outcome.info(job)).encode()
-        return {"edited_image": bytes_tensor(png), "info": bytes_tensor(info)}
+        return {"edited_image": bytes_tensor(png, batched=True), "info": bytes_tensor(info, batched=True)}
 
 
 class InvertModel:
@@ -119,7 +134,7 @@ class InvertModel:
         outcome = self.service.wait(job)
         info = outcome.info(job)
         info["cache"] = _cache_info(self.service)
-        return {"info": bytes_tensor(json.dumps(info).encode())}
+        return {"info": bytes_tensor(json.dumps(info).encode(), batched=True)}
 
 
 def check_addresses(config: ServerConfig) -> None:
@@ -154,6 +169,23 @@ def _tensors(fields: tuple[Field, ...]) -> list:
     return [Tensor(name=f.name, dtype=f.numpy_dtype, shape=(1,), optional=f.optional) for f in fields]
 
 
+def model_config(service_config: ServiceConfig):
+    """The Triton config of both models: batches of one request (each instance hands its request
+    to the service's own batching queue), behind Triton's queue holding at most
+    ``service_config.max_queue`` requests — one more is refused at once ("Exceeds maximum queue
+    size", :class:`~gnr_fast.errors.ServiceBusyError` in the client) — where a request that waits
+    longer than ``request_timeout_s`` is rejected without running."""
+    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, TimeoutAction
+
+    policy = QueuePolicy(
+        timeout_action=TimeoutAction.REJECT,
+        default_timeout_microseconds=int(service_config.request_timeout_s * 1e6),
+        max_queue_size=service_config.max_queue,
+    )
+    batcher = DynamicBatcher(max_queue_delay_microseconds=0, default_queue_policy=policy)
+    return ModelConfig(batching=True, max_batch_size=1, batcher=batcher)
+
+
 def serve(
     editor: Editor,
     service_config: ServiceConfig | None = None,
@@ -175,7 +207,6 @@ def serve(
     server_config = server_config or ServerConfig()
     check_addresses(server_config)
     prepare_environment()
-    from pytriton.model_config import ModelConfig
     from pytriton.triton import Triton, TritonConfig
 
     stop = stop or threading.Event()
@@ -203,7 +234,7 @@ def serve(
             infer_func=[EditModel(service) for _ in range(edit_instances)],
             inputs=_tensors(EDIT_INPUTS),
             outputs=_tensors(EDIT_OUTPUTS),
-            config=ModelConfig(batching=False),
+            config=model_config(service_config),
             strict=True,
         )
         triton.bind(
@@ -211,7 +242,7 @@ def serve(
             infer_func=[InvertModel(service) for _ in range(server_config.invert_instances)],
             inputs=_tensors(INVERT_INPUTS),
             outputs=_tensors(INVERT_OUTPUTS),
-            config=ModelConfig(batching=False),
+            config=model_config(service_config),
             strict=True,
         )
         return triton
@@ -230,6 +261,7 @@ def serve(
                 return False
         return True
     finally:
+        service.begin_shutdown()  # requests Triton hands over from now on: "shutting down"
         if triton is not None:
             triton.stop()  # SIGINT to tritonserver: it finishes the requests in flight, then exits
         service.close()

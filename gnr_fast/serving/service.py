@@ -48,8 +48,14 @@ MAX_PROMPT_CHARS = 2000
 """Longer prompts are refused before tokenizing (CLIP reads 77 tokens, a few hundred characters)."""
 
 MAX_IMAGE_BYTES = 32 * 1024**2
-"""Largest encoded image accepted (a 1024² PNG is a few MB)."""
+"""Default largest encoded image accepted (a 1024² PNG is a few MB); ``ServiceConfig.max_image_bytes``."""
 
+MAX_CONFIG_BYTES = 64 * 1024
+"""Longest config JSON accepted (the authors' configs are about 1 KB; a 50-step schedule list per
+guider stays far below this)."""
+
+MAX_CONFIG_DEPTH = 16
+"""Deepest nesting of a config's JSON (the authors' format nests 4 levels)."""
 
 
 @dataclass(frozen=True)
@@ -62,12 +68,13 @@ class ServiceConfig:
     default_steps: int = 50  # steps of a request that names none
     max_steps: int = 200  # more steps are refused as absurd (the paper uses 50)
     max_queue: int = 64  # queued jobs beyond which requests are refused as busy
-    request_timeout_s: float = 600.0  # a request waiting longer is answered with an error
+    request_timeout_s: float = 600.0  # a request waiting longer is answered with an error (and not run)
+    max_image_bytes: int = MAX_IMAGE_BYTES  # largest encoded image of a request
     torch_threads: int | None = None  # intra-op threads of the engine thread; None: torch's setting
 
     def __post_init__(self) -> None:
         optional = ("torch_threads",) if self.torch_threads is not None else ()
-        for name in ("max_batch", "default_steps", "max_steps", "max_queue", *optional):
+        for name in ("max_batch", "default_steps", "max_steps", "max_queue", "max_image_bytes", *optional):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -186,17 +193,10 @@ class EditService:
         return steps
 
     def _config(self, preset: str | None, config_json: str | bytes | None, steps: int | None) -> EditConfig:
-        if config_json is None or not _text(config_json, "config", allow_empty=True).strip():
+        if config_json is None or not _text(config_json, "config", allow_empty=True, limit=MAX_CONFIG_BYTES).strip():
             config = self.editor.resolve_config(preset, num_steps=self.config.default_steps if steps is None else steps)
         else:
-            text = _text(config_json, "config", allow_empty=True)
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"config is not valid JSON: {exc}; send the authors' config format as a JSON object") from exc
-            if not isinstance(data, dict):
-                raise ConfigError(f"config must be a JSON object with a 'guiders' list, got {type(data).__name__}")
-            config = self.editor.resolve_config(config=EditConfig.from_dict(data), num_steps=steps)
+            config = self.editor.resolve_config(config=EditConfig.from_dict(parse_config_json(config_json)), num_steps=steps)
         if config.num_steps > self.config.max_steps:
             raise InputError(f"the config runs {config.num_steps} steps; this server allows at most {self.config.max_steps}")
         return config
@@ -206,8 +206,10 @@ class EditService:
             raise InputError(f"image must be encoded image bytes (PNG/JPEG), got {type(image).__name__}")
         if not image:
             raise InputError("image is empty; send the bytes of a PNG or JPEG file")
-        if len(image) > MAX_IMAGE_BYTES:
-            raise InputError(f"image is {len(image)} bytes; the limit is {MAX_IMAGE_BYTES} bytes")
+        if len(image) > self.config.max_image_bytes:
+            raise InputError(
+                f"image is {len(image)} bytes; this server's limit is {self.config.max_image_bytes} bytes (--max-image-mb)"
+            )
         return prepare_image(bytes(image), max_pixels=self.editor.max_pixels)
 
     def _key(self, image: PreparedImage, source_prompt: str, num_steps: int) -> InversionKey:
@@ -308,17 +310,29 @@ class EditService:
         return job.future
 
     def wait(self, job: Job) -> Outcome:
-        """Submit ``job`` and wait for it (at most ``request_timeout_s``)."""
+        """Submit ``job`` and wait for it (at most ``request_timeout_s``).
+
+        A job that times out before the engine thread took it is cancelled, so no work runs for a
+        caller that is gone; one already running finishes (a batch's UNet calls cannot drop a row)
+        and its result is discarded.
+        """
+        future = self.submit(job)
         try:
-            return self.submit(job).result(timeout=self.config.request_timeout_s)
+            return future.result(timeout=self.config.request_timeout_s)
         except TimeoutError as exc:
+            state = "it was cancelled before it ran" if future.cancel() else "its result will be discarded"
             raise ServiceBusyError(
-                f"the request did not finish within {self.config.request_timeout_s:.0f}s; the server is overloaded"
+                f"the request did not finish within {self.config.request_timeout_s:g}s ({state}); the server is overloaded"
             ) from exc
 
-    def close(self, timeout_s: float = 60.0) -> None:
-        """Finish the queued jobs, then stop the engine thread."""
+    def begin_shutdown(self) -> None:
+        """Refuse every later :meth:`submit` with a "shutting down" :class:`ServiceBusyError`; jobs
+        already submitted still run (:meth:`close` waits for them)."""
         self._closing.set()
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Refuse new jobs, finish the submitted ones, then stop the engine thread."""
+        self.begin_shutdown()
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout_s)
@@ -332,6 +346,9 @@ class EditService:
             if job is None:
                 return
             batch = self._gather(job) if job.is_edit else [job]
+            batch = [job_ for job_ in batch if job_.future.set_running_or_notify_cancel()]  # drop timed-out jobs
+            if not batch:
+                continue
             try:
                 outcomes = self.run(batch)
             except Exception as exc:  # a bug, not a user error: report it to each waiting client, keep serving
@@ -365,8 +382,51 @@ class EditService:
         return batch
 
 
-def _text(value: object, name: str, allow_empty: bool = False) -> str:
-    """A request's text field as a string: UTF-8, bounded, non-empty unless allowed."""
+def parse_config_json(text: str | bytes) -> dict:
+    """The JSON object of a request's config; raises :class:`ConfigError` for anything else: not
+    UTF-8, longer than :data:`MAX_CONFIG_BYTES`, not JSON, nested deeper than :data:`MAX_CONFIG_DEPTH`
+    (checked before parsing, so no deep recursion), or not an object."""
+    size = len(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config is {size} bytes; the limit is {MAX_CONFIG_BYTES} bytes")
+    text = _text(text, "config", allow_empty=True, limit=MAX_CONFIG_BYTES)
+    depth = _json_depth(text)
+    if depth > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"config nests {depth} levels deep; the limit is {MAX_CONFIG_DEPTH}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config is not valid JSON: {exc}; send the authors' config format as a JSON object") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a JSON object with a 'guiders' list, got {type(data).__name__}")
+    return data
+
+
+def _json_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON ``text`` (brackets inside strings not counted)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _text(value: object, name: str, allow_empty: bool = False, limit: int = MAX_PROMPT_CHARS) -> str:
+    """A request's text field as a string: UTF-8 without NUL or other control characters (tab and
+    newlines excepted), at most ``limit`` characters, non-empty unless allowed."""
     if isinstance(value, (bytes, bytearray)):
         try:
             value = bytes(value).decode("utf-8")
@@ -374,8 +434,11 @@ def _text(value: object, name: str, allow_empty: bool = False) -> str:
             raise InputError(f"{name} is not valid UTF-8 text: {exc}") from exc
     if not isinstance(value, str):
         raise InputError(f"{name} must be text, got {type(value).__name__}")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise InputError(f"{name} is {len(value)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    if len(value) > limit:
+        raise InputError(f"{name} is {len(value)} characters long; the limit is {limit}")
+    bad = next((c for c in value if (ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127 or 0xD800 <= ord(c) < 0xE000), None)
+    if bad is not None:
+        raise InputError(f"{name} contains the control character {bad!r}; send plain text")
     if not allow_empty:
         check_prompt(value, name)
     return value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,24 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+SAFE_GLOBALS = [pathlib.PosixPath, pathlib.WindowsPath]
+"""Classes beyond tensors and containers that a checkpoint may hold (the run's ``args`` hold paths)."""
+
+
+def load_torch_file(path: Path) -> Any:
+    """``torch.load`` without pickle's code execution: tensors, containers, numbers, strings and
+    :data:`SAFE_GLOBALS` only (``weights_only=True``); anything else raises ``UnpicklingError``."""
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(out: Path) -> dict[str, Any] | None:
-    """Load ``out/checkpoint.pt`` if it exists, else return None."""
+    """Load ``out/checkpoint.pt`` if it exists, else return None (see :func:`load_torch_file`)."""
     path = out / CHECKPOINT_NAME
     if not path.exists():
         return None
     logger.info("resuming from %s", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_torch_file(path)
 
 
 class RunLog:

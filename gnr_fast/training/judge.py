@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gnr_fast.training.checkpoints import RunLog, load_checkpoint, save_checkpoint
+from gnr_fast.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
 from gnr_fast.training.schedule import warmup_cosine_lr
 from gnr_fast.training.seeds import HELD_OUT_SEED_START, JUDGE_TRAIN_SEED_START
 from gnr_fast.world import generate_scene
@@ -197,7 +197,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     if args.vae is not None:
         pool_file = args.out / "vae_pool.pt"
         if pool_file.exists():
-            pool_images, pool_labels = torch.load(pool_file, weights_only=False)
+            pool_images, pool_labels = load_torch_file(pool_file)
         else:
             pool_images, pool_labels = vae_round_trip_pool(args.vae, args.vae_pool, args.size)
             torch.save((pool_images, pool_labels), pool_file)

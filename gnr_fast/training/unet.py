@@ -31,7 +31,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from gnr_fast.training.checkpoints import RunLog, load_checkpoint, save_checkpoint
+from gnr_fast.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
 from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine_lr
 from gnr_fast.training.seeds import TRAIN_SEED_START
 from gnr_fast.training.vae import to_model_range
@@ -260,7 +260,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     scaling = float(vae.config.scaling_factor)
     pool_path = args.out / "latent_pool.pt"
     if pool_path.exists() and args.resume:
-        pool = torch.load(pool_path, weights_only=False)
+        pool = load_torch_file(pool_path)
     else:
         pool = encode_pool(vae, args.pool, args.size)
         args.out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ pytest.importorskip("pytriton", reason='server tests need pip install "gnr-fast[
 pytest.importorskip("tritonclient", reason='server tests need pip install "gnr-fast[serve]"')
 
 from servers import ServerProcess, free_ports, port_open, serve_argv  # noqa: E402
+from hostile import png_declaring, webp_declaring  # noqa: E402
 
 from gnr_fast import ConfigError, GuidanceError, InputError  # noqa: E402
 from gnr_fast.cli import main  # noqa: E402
@@ -125,6 +126,12 @@ BAD_REQUESTS = {
     "zero steps": (dict(steps=0), InputError, r"steps must be an integer in \[1, 50\]"),
     "absurd steps": (dict(steps=1_000_000), InputError, "steps must be"),
     "unknown preset": (dict(preset="vivid"), ConfigError, "preset 'vivid' is unknown"),
+    "decompression bomb": (dict(image=png_declaring(30000, 30000)), InputError, "pixels"),
+    "webp bomb": (dict(image=webp_declaring(2000, 2000)), InputError, "above the limit"),
+    "truncated image": (dict(image=_png(2)[:300]), InputError, "cannot read image bytes"),
+    "tiff image": (dict(image=_png(2)[:0] + b"II*\x00" + b"\x00" * 64), InputError, "not a PNG, JPEG or WebP"),
+    "NUL in prompt": (dict(target="a green\x00square"), InputError, "control character"),
+    "deeply nested config": (dict(config='{"guiders": ' + "[" * 100 + "]" * 100 + "}"), ConfigError, "nests 101"),
 }
 
 
@@ -142,9 +149,9 @@ def test_malformed_tensors_are_answered(server):
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
-    def tensor(name, value):
-        t = http.InferInput(name, [1], "BYTES")
-        t.set_data_from_numpy(np.array([value], dtype=object))
+    def tensor(name, value):  # [batch 1, one element]: the models batch requests of one
+        t = http.InferInput(name, [1, 1], "BYTES")
+        t.set_data_from_numpy(np.array([[value]], dtype=object))
         return t
 
     raw = http.InferenceServerClient(f"127.0.0.1:{server.http}", connection_timeout=30, network_timeout=CALL_TIMEOUT_S)
