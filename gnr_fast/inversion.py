@@ -121,14 +121,17 @@ class Inversion:
                 if metadata.get("format") != FORMAT or names != {"latents"}:
                     raise InputError(f"{what} is not a gnr-fast inversion file (write one with `gnr-fast invert`)")
                 if metadata.get("version") != FORMAT_VERSION:
-                    raise InputError(f"{what} has inversion format version {metadata.get('version')}; expected {FORMAT_VERSION}")
+                    raise InputError(
+                        f"{what} has inversion format version {metadata.get('version')!r}, but this gnr-fast reads "
+                        f"version {FORMAT_VERSION!r}; invert the image again with `gnr-fast invert`"
+                    )
                 fields = _metadata_fields(metadata, what)
                 _check_latents_header(handle.get_slice("latents"), fields, what)
             latents = load_file(str(path), device=str(device))["latents"]
         except (SafetensorError, OSError) as exc:
             raise InputError(f"{what} is not a gnr-fast inversion file: {exc}") from exc
         if not torch.isfinite(latents).all():
-            raise InputError(f"{what} is corrupt: its latents hold NaN or infinite values")
+            raise InputError(f"{what} is corrupt: its latents are not finite floats (NaN or infinite values); invert the image again")
         return cls(latents=latents, **fields)
 
 
@@ -139,9 +142,9 @@ def _metadata_fields(metadata: dict[str, str], what: str) -> dict[str, Any]:
 
     missing = sorted({"source_prompt", "num_steps", "model_id", "original_size", "working_size", "content_hash"} - set(metadata))
     if missing:
-        raise InputError(f"{what} is corrupt: its metadata lacks {missing}")
+        raise InputError(f"{what} is corrupt: its metadata lacks {missing}; invert the image again")
     if not metadata["num_steps"].isdigit() or not 1 <= int(metadata["num_steps"]) <= 10_000:
-        raise InputError(f"{what} is corrupt: num_steps {metadata['num_steps']!r} is not a step count")
+        raise InputError(f"{what} is corrupt: num_steps {metadata['num_steps']!r} is not a step count; invert the image again")
     sizes = {}
     for name in ("original_size", "working_size"):
         try:
@@ -149,12 +152,12 @@ def _metadata_fields(metadata: dict[str, str], what: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             size = None
         if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
-            raise InputError(f"{what} is corrupt: {name} {metadata[name]!r} is not [width, height]")
+            raise InputError(f"{what} is corrupt: {name} {metadata[name]!r} is not [width, height]; invert the image again")
         sizes[name] = tuple(size)
     if working_size(*sizes["original_size"]) != sizes["working_size"]:
         raise InputError(
             f"{what} is corrupt: working_size {list(sizes['working_size'])} is not the working size of an "
-            f"image of {list(sizes['original_size'])}"
+            f"image of {list(sizes['original_size'])}; invert the image again"
         )
     return {
         "source_prompt": metadata["source_prompt"], "num_steps": int(metadata["num_steps"]),
@@ -164,7 +167,7 @@ def _metadata_fields(metadata: dict[str, str], what: str) -> dict[str, Any]:
 
 
 def _check_latents_header(latents, fields: dict[str, Any], what: str) -> None:
-    """The latents tensor (not yet read) is float32 [num_steps + 1, 1, C, h, w] with (w, h) dividing the
+    """The latents tensor (not yet read) is float32 [num_steps + 1, 1, 4, h, w] with (w, h) dividing the
     working size by one factor (the VAE's; 8 for Stable Diffusion)."""
     width, height = fields["working_size"]
     shape = list(latents.get_shape())
@@ -173,14 +176,15 @@ def _check_latents_header(latents, fields: dict[str, Any], what: str) -> None:
         and len(shape) == 5
         and shape[0] == fields["num_steps"] + 1
         and shape[1] == 1
+        and shape[2] == 4  # SD 1.x/2.x latents
         and shape[3] > 0 and shape[4] > 0
         and width % shape[4] == 0 and height % shape[3] == 0
         and width // shape[4] == height // shape[3]
     )
     if not ok:
         raise InputError(
-            f"{what} is corrupt: latents are {latents.get_dtype()} {shape}; expected F32 "
-            f"[{fields['num_steps'] + 1}, 1, C, h, w] for {fields['num_steps']} steps of a {width}x{height} image "
+            f"{what} is corrupt: latents {latents.get_dtype()} {shape} does not fit; expected F32 "
+            f"[{fields['num_steps'] + 1}, 1, 4, h, w] for {fields['num_steps']} steps of a {width}x{height} image "
             "(the working size a multiple of (w, h)); invert the image again"
         )
 

@@ -271,20 +271,20 @@ def _write_inversion(path, latents=None, **overrides):
     """An inversion file as Inversion.save writes it, with header fields or latents replaced."""
     metadata = {
         "format": FORMAT, "version": FORMAT_VERSION, "source_prompt": "a red circle", "num_steps": "4",
-        "model_id": "m", "original_size": "[64, 48]", "working_size": "[64, 48]", "content_hash": "h",
+        "model_id": "m", "original_size": "[128, 64]", "working_size": "[128, 64]", "content_hash": "h",
     }
     metadata.update(overrides)
     metadata = {k: v for k, v in metadata.items() if v is not None}
-    save_file({"latents": torch.zeros(5, 1, 4, 6, 8) if latents is None else latents}, str(path), metadata=metadata)
+    save_file({"latents": torch.zeros(5, 1, 4, 8, 16) if latents is None else latents}, str(path), metadata=metadata)
     return path
 
 
 def test_inversion_load_accepts_what_save_writes(tmp_path):
-    inversion = Inversion(torch.randn(5, 1, 4, 6, 8), "a red circle", 4, "m", (64, 48), (64, 48), "h")
+    inversion = Inversion(torch.randn(5, 1, 4, 8, 16), "a red circle", 4, "m", (128, 64), (128, 64), "h")
     loaded = Inversion.load(inversion.save(tmp_path / "ok.inv"))
-    assert loaded.working_size == (64, 48) and loaded.num_steps == 4
+    assert loaded.working_size == (128, 64) and loaded.num_steps == 4
     torch.testing.assert_close(loaded.latents, inversion.latents)
-    assert Inversion.load(_write_inversion(tmp_path / "written.inv")).original_size == (64, 48)
+    assert Inversion.load(_write_inversion(tmp_path / "written.inv")).original_size == (128, 64)
 
 
 @pytest.mark.parametrize(
@@ -292,18 +292,18 @@ def test_inversion_load_accepts_what_save_writes(tmp_path):
     [
         (None, {"version": "2"}, "version '2'"),
         (None, {"version": None}, "version None"),
-        (torch.zeros(4, 1, 4, 6, 8), {}, "does not fit 4 steps"),  # one latent short
-        (torch.zeros(5, 2, 4, 6, 8), {}, "does not fit"),  # a batch of two
-        (torch.zeros(5, 4, 6, 8), {}, "does not fit"),  # batch dimension missing
-        (torch.zeros(5, 1, 4, 8, 8), {}, "does not fit"),  # square latent for a 64x48 image
-        (torch.zeros(5, 1, 4, 6, 8), {"working_size": "[65, 48]"}, "does not fit"),
-        (torch.full((5, 1, 4, 6, 8), float("nan")), {}, "not finite"),
-        (torch.zeros(5, 1, 4, 6, 8, dtype=torch.int32), {}, "not finite floats"),
-        (None, {"num_steps": "four"}, "unreadable header value"),
-        (None, {"num_steps": "0"}, "num_steps 0"),
-        (None, {"working_size": "[64]"}, "working_size [64] is not (width, height)"),
-        (None, {"original_size": "{"}, "unreadable header value"),
-        (None, {"model_id": None}, "lacks 'model_id'"),
+        (torch.zeros(4, 1, 4, 8, 16), {}, "does not fit"),  # one latent short
+        (torch.zeros(5, 2, 4, 8, 16), {}, "does not fit"),  # a batch of two
+        (torch.zeros(5, 4, 8, 16), {}, "does not fit"),  # batch dimension missing
+        (torch.zeros(5, 1, 4, 8, 8), {}, "does not fit"),  # square latent for a 128x64 image
+        (torch.zeros(5, 1, 4, 8, 16), {"working_size": "[130, 64]"}, "is not the working size"),
+        (torch.full((5, 1, 4, 8, 16), float("nan")), {}, "not finite"),
+        (torch.zeros(5, 1, 4, 6, 8, dtype=torch.int32), {}, "expected F32"),
+        (None, {"num_steps": "four"}, "is not a step count"),
+        (None, {"num_steps": "0"}, "num_steps '0'"),
+        (None, {"working_size": "[64]"}, "working_size '[64]' is not [width, height]"),
+        (None, {"original_size": "{"}, "original_size '{' is not [width, height]"),
+        (None, {"model_id": None}, "lacks ['model_id']"),
     ],
 )
 def test_inversion_load_rejects_bad_files(tmp_path, latents, overrides, message):
