@@ -153,8 +153,9 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_tensorrt(args: argparse.Namespace) -> int:
-    from .exporting.tensorrt import build_engine, profiles_for_presets
+    from .exporting.tensorrt import build_engine, profiles_for_presets, require_tensorrt
 
+    require_tensorrt("gnr-fast export tensorrt")  # before reading the export: the usual missing piece
     engine = build_engine(
         args.onnx, args.out, fp16=args.fp16, profiles=profiles_for_presets(args.onnx, args.preset, args.steps),
         timing_cache=args.timing_cache, workspace_mb=args.workspace_mb,
