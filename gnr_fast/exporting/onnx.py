@@ -14,7 +14,9 @@ Exporter choice (``exporter=``): ``"torchscript"`` (``torch.onnx.export(..., dyn
 default: on the tiny test UNet it exported in 12.6 s against 120 s for ``"dynamo"`` (torch 2.13,
 diffusers 0.42.1, one run each, 2 busy cores) with the same ε (5.6e-7 vs 6.0e-7 relative to
 eager, batch 1–3). torch marks the TorchScript exporter deprecated; ``"dynamo"`` needs the
-``onnxscript`` package (in the ``export`` extra).
+``onnxscript`` package (in the ``export`` extra) and makes one graph per working size: with
+``Dim.AUTO`` spatial axes it specialised them to the traced size silently (a 16² call of an 8²
+trace failed in ORT), so only its batch axis is dynamic.
 """
 
 from __future__ import annotations
@@ -128,6 +130,11 @@ def check_export_request(
         raise ExportError(f"batch range must be two integers 1 <= min <= max <= 64, got {batch!r}")
     if not latent_sizes:
         raise ExportError("give at least one working size to export for")
+    if exporter == "dynamo" and len(latent_sizes) > 1:
+        raise ExportError(
+            f"exporter='dynamo' makes a graph for one working size, got {len(latent_sizes)}; export each size into "
+            "its own folder, or use exporter='torchscript' (one graph with dynamic height and width)"
+        )
     for h, w in latent_sizes:
         if h < size_multiple or w < size_multiple or h % size_multiple or w % size_multiple:
             raise ExportError(
@@ -259,8 +266,9 @@ def _run_exporter(
         )
         return
     rows = torch.export.Dim("batch", min=batch[0], max=batch[1])
-    auto = torch.export.Dim.AUTO
-    shapes = {"sample": {0: rows, 2: auto, 3: auto}, "timestep": {0: rows}, "context": {0: rows}}
+    # Spatial axes stay static: with Dim.AUTO torch.export specialised them to the traced size
+    # anyway (attention's baddbmm then failed at 16² for a graph traced at 8²).
+    shapes = {"sample": {0: rows}, "timestep": {0: rows}, "context": {0: rows}}
     torch.onnx.export(
         model, args, str(path), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
         opset_version=opset, dynamic_shapes=shapes, dynamo=True, external_data=True,
