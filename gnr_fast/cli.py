@@ -73,6 +73,8 @@ def _add_serving_parsers(sub) -> None:
     serve.add_argument("--exit-timeout", type=int, default=30,
                        help="seconds SIGTERM waits for requests in flight (default 30)")
     serve.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads of the edits (default: torch's)")
+    serve.add_argument("--runtime", default="eager", choices=("eager", "compiled", "onnx"),
+                       help="backend of plain UNet calls; onnx exports the UNet on first use into the cache (default eager)")
     _add_model_args(serve)
 
     client = sub.add_parser("client", help="call a gnr-fast Triton server")
@@ -104,6 +106,8 @@ def _add_serving_parsers(sub) -> None:
     repo.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
     repo.add_argument("--torch-threads", type=int, default=None, help="torch threads per instance (default: torch's)")
     repo.add_argument("--force", action="store_true", help="overwrite an existing repository folder")
+    repo.add_argument("--runtime", default="eager", choices=("eager", "compiled", "onnx"),
+                      help="backend of plain UNet calls; onnx exports the UNet into the repository (default eager)")
     _add_export_engine_parsers(export_sub)
 
 
@@ -290,6 +294,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         source_cache_mb=args.cache_mb,
+        **({} if args.runtime == "eager" else {"runtime": args.runtime}),
     )
 
     def ready(config: ServerConfig) -> None:
@@ -359,6 +364,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         max_pixels=args.max_pixels,
         torch_threads=args.torch_threads,
+        runtime=args.runtime,
     )
     out = write_repository(config, args.out, overwrite=args.force)
     print(f"wrote a Triton model repository to {out}; run it with:\n  tritonserver --model-repository={out}")

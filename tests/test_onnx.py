@@ -278,3 +278,20 @@ def test_dynamo_export_matches_eager(components, unet_id, tmp_path):
     runner = OnnxPlainUNet(unet_id, exports=[tmp_path / "d"])
     latents, context = torch.randn(3, 4, 8, 8), torch.randn(3, 77, 16)
     assert rel(runner(latents, torch.tensor(40), context), eager_eps(components.unet, latents, torch.tensor(40), context)) < PARITY
+
+
+def test_triton_repo_with_onnx_runtime_holds_the_export(tiny_model_path, unet_id, tmp_path):
+    from gnr_fast.cli import main
+    from gnr_fast.serving.triton_repo import ONNX_FOLDER, _runtime_kwargs
+
+    out = tmp_path / "repo"
+    argv = ["export", "triton-repo", "--model", str(tiny_model_path), "--out", str(out), "--max-batch", "3",
+            "--runtime", "onnx"]
+    assert main(argv) == 0
+    info = ExportInfo.read(out / "gnr_edit" / "1" / ONNX_FOLDER)
+    # the tiny UNet's native size (sample_size 8 → 64² images), up to 2 plain rows per edit of a batch of 3
+    assert (info.unet_id, info.latent_sizes, info.max_batch) == (unet_id, ((8, 8),), 6)
+    assert 'key: "runtime" value: { string_value: "onnx" }' in (out / "gnr_edit" / "config.pbtxt").read_text()
+    runner = OnnxPlainUNet(unet_id, exports=[out / "gnr_edit" / "1" / ONNX_FOLDER])
+    assert runner(torch.randn(6, 4, 8, 8), torch.tensor(3), torch.randn(1, 77, 16)).shape == (6, 4, 8, 8)
+    assert _runtime_kwargs("eager", {}) == {} and _runtime_kwargs("compiled", {}) == {"runtime": "compiled"}
