@@ -73,8 +73,6 @@ def _add_serving_parsers(sub) -> None:
     serve.add_argument("--exit-timeout", type=int, default=30,
                        help="seconds SIGTERM waits for requests in flight (default 30)")
     serve.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads of the edits (default: torch's)")
-    serve.add_argument("--runtime", default="eager", choices=("eager", "compiled", "onnx"),
-                       help="backend of plain UNet calls; onnx exports the UNet on first use into the cache (default eager)")
     _add_model_args(serve)
 
     client = sub.add_parser("client", help="call a gnr-fast Triton server")
@@ -294,7 +292,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         source_cache_mb=args.cache_mb,
-        **({} if args.runtime == "eager" else {"runtime": args.runtime}),
     )
 
     def ready(config: ServerConfig) -> None:
