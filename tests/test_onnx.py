@@ -295,3 +295,20 @@ def test_triton_repo_with_onnx_runtime_holds_the_export(tiny_model_path, unet_id
     runner = OnnxPlainUNet(unet_id, exports=[out / "gnr_edit" / "1" / ONNX_FOLDER])
     assert runner(torch.randn(6, 4, 8, 8), torch.tensor(3), torch.randn(1, 77, 16)).shape == (6, 4, 8, 8)
     assert _runtime_kwargs("eager", {}) == {} and _runtime_kwargs("compiled", {}) == {"runtime": "compiled"}
+
+
+def test_backend_factory_reads_the_runtime_config(export_dir, components, tmp_path):
+    """``onnx_plain_runner(unet, config)``: the registry's factory contract (RuntimeConfig fields
+    onnx_exports, onnx_provider, export_cache_dir, plain_dtype)."""
+    from types import SimpleNamespace
+
+    from gnr_fast.runtime.onnx import onnx_plain_runner
+
+    config = SimpleNamespace(plain_dtype=None, onnx_provider="auto", onnx_exports=(export_dir,), export_cache_dir=tmp_path)
+    runner = onnx_plain_runner(components.unet, config)
+    assert runner.name == "onnx" and runner.dtype == "float32" and runner.provider == "cpu"
+    latents, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 16)
+    assert rel(runner(latents, torch.tensor(20), context), eager_eps(components.unet, latents, torch.tensor(20), context)) < PARITY
+    assert not any(tmp_path.iterdir())  # served by the given export, nothing exported lazily
+    with pytest.raises(BackendUnavailableError, match="CPU provider runs float32 exports only, not bfloat16"):
+        onnx_plain_runner(components.unet, SimpleNamespace(**{**vars(config), "plain_dtype": torch.bfloat16}))

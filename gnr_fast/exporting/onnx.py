@@ -34,7 +34,6 @@ from typing import Any, Literal
 
 import torch
 
-from .. import __version__
 from ..errors import BackendUnavailableError, ExportError
 from .info import (
     EXPORT_DTYPES,
@@ -163,6 +162,9 @@ def export_unet_onnx(
     earlier export.
     """
     import onnx
+
+    # imported here: gnr_fast/__init__ imports the runtimes, which import this module
+    from .. import __version__
 
     latent_sizes = tuple(dict.fromkeys((int(h), int(w)) for h, w in latent_sizes))
     size_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
