@@ -140,7 +140,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from .exporting import export_onnx
 
     heights, widths = args.height or [512], args.width or [512]
-    if len(heights) != len(widths):
+    if (args.height is None) != (args.width is None) or len(heights) != len(widths):
         raise InputError(f"give --height and --width in pairs; got {len(heights)} heights and {len(widths)} widths")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
