@@ -135,6 +135,66 @@ def _add_serving_parsers(sub) -> None:
     repo.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
     repo.add_argument("--torch-threads", type=int, default=None, help="torch threads per instance (default: torch's)")
     repo.add_argument("--force", action="store_true", help="overwrite an existing repository folder")
+    repo.add_argument("--runtime", default="eager", choices=("eager", "compiled", "onnx"),
+                      help="backend of plain UNet calls; onnx exports the UNet into the repository (default eager)")
+    _add_export_engine_parsers(export_sub)
+
+
+# --- exported UNets (issue 14): export onnx, export tensorrt ------------------------------------
+
+
+def _add_export_engine_parsers(export_sub) -> None:
+    onnx = export_sub.add_parser("onnx", help="the UNet as ONNX, for plain calls on ONNX Runtime or TensorRT")
+    onnx.add_argument("--model", default=None, help="local diffusers SD 1.x/2.x folder (default: the bundled model)")
+    onnx.add_argument("--out", required=True, help="export folder to write (unet.onnx, export.json)")
+    onnx.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="export precision (default float32)")
+    onnx.add_argument("--height", type=int, action="append", help="image height the export serves; repeat with --width for more sizes (default 512)")
+    onnx.add_argument("--width", type=int, action="append", help="image width, paired with --height in order (default 512)")
+    onnx.add_argument("--min-batch", type=int, default=1, help="fewest rows per call (default 1)")
+    onnx.add_argument("--max-batch", type=int, default=4, help="most rows per call (default 4)")
+    onnx.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"), help="torch.onnx exporter (default torchscript: 10x faster here)")
+    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 18 (default 18)")
+    onnx.add_argument("--force", action="store_true", help="replace an existing export in --out")
+
+    trt = export_sub.add_parser("tensorrt", help="a TensorRT engine from an ONNX export (NVIDIA hosts)")
+    trt.add_argument("--onnx", required=True, help="folder written by `gnr-fast export onnx`")
+    trt.add_argument("--out", required=True, help="engine file to write (its record goes to ENGINE.json)")
+    trt.add_argument("--fp16", action="store_true", help="let TensorRT run layers in float16")
+    trt.add_argument("--preset", default=None, help="plan the profiles for this preset only (default: every preset)")
+    trt.add_argument("--steps", type=int, default=50, help="DDIM steps the plans are made for (default 50)")
+    trt.add_argument("--timing-cache", default=None, help="timing cache file to read and update (default ENGINE.timing)")
+    trt.add_argument("--workspace-mb", type=int, default=4096, help="builder workspace limit in MiB (default 4096)")
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .exporting import export_onnx
+
+    heights, widths = args.height or [512], args.width or [512]
+    if (args.height is None) != (args.width is None) or len(heights) != len(widths):
+        raise InputError(f"give --height and --width in pairs; got {len(heights)} heights and {len(widths)} widths")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise InputError(f"--out {args.out!r} exists and is not empty; choose another folder or pass --force")
+    info = export_onnx(
+        args.model, out, dtype=args.dtype, sizes=tuple(zip(heights, widths)), batch=(args.min_batch, args.max_batch),
+        exporter=args.exporter, opset=args.opset,
+    )
+    sizes = ", ".join(f"{h * 8}x{w * 8}" for h, w in info.latent_sizes)
+    print(f"wrote {out / info.onnx_file} (model {info.model_id}, {info.dtype}, {sizes}, batch {info.min_batch}-{info.max_batch})")
+    return 0
+
+
+def _cmd_export_tensorrt(args: argparse.Namespace) -> int:
+    from .exporting.tensorrt import build_engine, profiles_for_presets, require_tensorrt
+
+    require_tensorrt("gnr-fast export tensorrt")  # before reading the export: the usual missing piece
+    engine = build_engine(
+        args.onnx, args.out, fp16=args.fp16, profiles=profiles_for_presets(args.onnx, args.preset, args.steps),
+        timing_cache=args.timing_cache, workspace_mb=args.workspace_mb,
+    )
+    print(f"wrote {engine.path} ({len(engine.profiles)} optimisation profiles, fp16={engine.fp16})")
+    return 0
 
 
 def _quiet_library_progress() -> None:
@@ -334,6 +394,10 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.export_command == "onnx":
+        return _cmd_export_onnx(args)
+    if args.export_command == "tensorrt":
+        return _cmd_export_tensorrt(args)
     from .serving.triton_repo import RepoConfig, write_repository
 
     config = RepoConfig(
@@ -348,6 +412,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         max_pixels=args.max_pixels,
         torch_threads=args.torch_threads,
+        runtime=args.runtime,
     )
     out = write_repository(config, args.out, overwrite=args.force)
     print(f"wrote a Triton model repository to {out}; run it with:\n  tritonserver --model-repository={out}")

@@ -59,6 +59,10 @@ class ExportError(GnrError, RuntimeError):
     """Exporting a model or a server repository failed."""
 
 
+class ExportMismatchError(ExportError):
+    """An exported UNet (ONNX file, TensorRT engine) was made from another checkpoint, dtype or size."""
+
+
 class GuidanceError(GnrError, RuntimeError):
     """Guidance produced non-finite values during an edit (reported, never retried silently)."""
 

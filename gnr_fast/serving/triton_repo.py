@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+RUNTIMES = ("eager", "compiled", "onnx")  # RuntimeConfig presets (gnr_fast.runtime.config)
+ONNX_FOLDER = "unet-onnx"  # OUT/gnr_edit/1/unet-onnx: the UNet for plain calls (runtime "onnx")
+ONNX_CACHE_FOLDER = "unet-onnx-cache"  # lazy exports of working sizes the repository's export lacks
 
 MODEL_PY = '''"""gnr-fast edit model for Triton's Python backend (written by `gnr-fast export triton-repo`)."""
 
@@ -57,12 +60,15 @@ class RepoConfig:
     max_steps: int = 200
     max_pixels: int | None = None
     torch_threads: int | None = None
+    runtime: str = "eager"  # "onnx": plain calls on ONNX Runtime, the UNet exported into the repository
 
     def __post_init__(self) -> None:
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         for name in ("max_batch", "instances", "default_steps", "max_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -99,8 +105,24 @@ def write_repository(config: RepoConfig, out: str | Path, overwrite: bool = Fals
     version = out / EDIT_MODEL / "1"
     version.mkdir(parents=True)
     (version / "model.py").write_text(MODEL_PY)
+    if config.runtime == "onnx":
+        _export_unet(config, model, version / ONNX_FOLDER)
     (out / EDIT_MODEL / "config.pbtxt").write_text(model_config(RepoConfig(**{**asdict(config), "model": model})))
     return out
+
+
+def _export_unet(config: RepoConfig, model: str | None, folder: Path) -> None:
+    """The UNet as ONNX at the model's native working size, batch up to 2 plain rows per edit of
+    a dynamic batch (other sizes are exported lazily on first use into ``ONNX_CACHE_FOLDER``)."""
+    import torch
+
+    from ..exporting import export_onnx
+    from ..loading import load_components
+
+    components = load_components(model, dtype=torch.float32)
+    side = components.unet.config.sample_size * components.latent_factor
+    onnx_dtype = "float16" if config.dtype == "float16" else "float32"
+    export_onnx(components, folder, dtype=onnx_dtype, sizes=((side, side),), batch=(1, min(64, 2 * config.max_batch)))
 
 
 def model_config(config: RepoConfig) -> str:
@@ -120,6 +142,7 @@ def model_config(config: RepoConfig) -> str:
         "max_steps": str(config.max_steps),
         "max_pixels": "" if config.max_pixels is None else str(config.max_pixels),
         "torch_threads": "" if config.torch_threads is None else str(config.torch_threads),
+        "runtime": config.runtime,
     }
     lines = [
         f'name: "{EDIT_MODEL}"',
@@ -182,6 +205,7 @@ class TritonPythonModel:
             dtype=getattr(torch, params.get("dtype") or "float32"),
             max_pixels=int(params["max_pixels"]) if params.get("max_pixels") else DEFAULT_MAX_PIXELS,
             source_cache_mb=cache_mb,
+            **_runtime_kwargs(params.get("runtime") or "eager", args),
         )
         self.service = EditService(
             editor,
@@ -228,6 +252,22 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.service.cache.clear()
+
+
+def _runtime_kwargs(runtime: str, args: dict) -> dict:
+    """The ``runtime=`` argument of the editor of an instance: none for eager (the default), the
+    preset name for compiled, and for onnx the repository's export plus a lazy-export cache beside it."""
+    if runtime == "eager":
+        return {}
+    if runtime != "onnx":
+        return {"runtime": runtime}
+    from dataclasses import replace
+
+    from ..runtime.config import RuntimeConfig
+
+    version = Path(args["model_repository"]) / str(args.get("model_version") or "1")
+    return {"runtime": replace(RuntimeConfig.resolve("onnx"), onnx_exports=(version / ONNX_FOLDER,),
+                               export_cache_dir=version / ONNX_CACHE_FOLDER)}
 
 
 def _request_data(pb_utils, request) -> dict:

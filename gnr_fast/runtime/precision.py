@@ -1,0 +1,79 @@
+"""Low precision for plain calls only: bfloat16 autocast on CPUs with AVX-512 BF16 / AMX, float16
+autocast on CUDA (issue 14, item 4), independent of the model dtype the capturing and grad calls use.
+
+``RuntimeConfig.plain_dtype`` (proposed field; ``None`` = the model's dtype) selects it; the plain
+runner is wrapped by :func:`with_plain_dtype`. The wrapped runner keeps the plain convention: its
+inputs and ε are float32, only the UNet's matmuls and convolutions run in the low dtype.
+
+Measured (one run, 2 busy cores; ``benchmarks/measure_plain_precision.py``): see
+``benchmarks/README.md`` "Precision of plain calls".
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import BackendUnavailableError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+PLAIN_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """The CPU has native bfloat16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return False
+    flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def check_plain_dtype(dtype: torch.dtype | None, device: torch.device) -> None:
+    """Raise unless plain calls can autocast to ``dtype`` on ``device`` (``None`` always can)."""
+    if dtype is None:
+        return
+    if dtype not in PLAIN_DTYPES:
+        raise ConfigError(f"plain_dtype must be None, torch.bfloat16 or torch.float16, got {dtype!r}")
+    if device.type == "cpu" and dtype is torch.float16:
+        raise ConfigError("plain_dtype=torch.float16 is for CUDA devices; on CPU use torch.bfloat16")
+    if device.type == "cpu" and not cpu_has_bf16():
+        raise BackendUnavailableError(
+            "plain_dtype=torch.bfloat16 on CPU needs AVX-512 BF16 or AMX (not in this CPU's flags); without them "
+            "bfloat16 is emulated and slower than float32: leave plain_dtype=None"
+        )
+    if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise BackendUnavailableError("plain_dtype=torch.bfloat16 needs a GPU with bfloat16 (Ampere or newer); use torch.float16")
+
+
+class AutocastPlainRunner:
+    """A plain runner whose UNet calls run under ``torch.autocast(device_type, dtype)``; ε float32."""
+
+    def __init__(self, inner, dtype: torch.dtype, device_type: str) -> None:
+        self.inner = inner
+        self.dtype = dtype
+        self.device_type = device_type
+        self.name = f"{getattr(inner, 'name', 'plain')}+{str(dtype).removeprefix('torch.')}"
+
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            eps = self.inner(latents, timestep, context)
+        return eps.float()  # [B, 4, h, w]
+
+
+def with_plain_dtype(runner, plain_dtype: torch.dtype | None, model_dtype: torch.dtype, device: torch.device):
+    """``runner`` itself when plain calls run in the model dtype, else wrapped in autocast.
+
+    For the ``onnx`` backend the dtype is the export's instead (a float16 graph), so it is not
+    wrapped; the caller passes ``plain_dtype`` to :func:`~gnr_fast.runtime.onnx.onnx_plain_runner`.
+    """
+    check_plain_dtype(plain_dtype, device)
+    if plain_dtype is None or plain_dtype == model_dtype:
+        return runner
+    logger.info("plain UNet calls autocast to %s on %s", plain_dtype, device.type)
+    return AutocastPlainRunner(runner, plain_dtype, device.type)
