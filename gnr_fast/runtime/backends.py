@@ -17,6 +17,9 @@ from ..errors import BackendUnavailableError
 from .compiled import CompiledCapturingRunner, CompiledPlainRunner
 from .config import RuntimeConfig
 from .eager import EagerCapturingRunner, EagerPlainRunner
+from .onnx import onnx_plain_runner
+from .precision import with_plain_dtype
+from .tensorrt import tensorrt_plain_runner
 
 
 class PlainRunner(Protocol):
@@ -41,7 +44,14 @@ class CapturingRunner(Protocol):
 PlainFactory = Callable[[torch.nn.Module, RuntimeConfig], PlainRunner]
 CapturingFactory = Callable[[torch.nn.Module, RuntimeConfig], CapturingRunner]
 
-PLAIN_BACKENDS: dict[str, PlainFactory] = {"eager": EagerPlainRunner, "compiled": CompiledPlainRunner}
+PLAIN_BACKENDS: dict[str, PlainFactory] = {
+    "eager": EagerPlainRunner,
+    "compiled": CompiledPlainRunner,
+    "onnx": onnx_plain_runner,
+    "tensorrt": tensorrt_plain_runner,
+}
+EXPORTED_BACKENDS = frozenset({"onnx", "tensorrt"})
+"""Plain backends that run an exported graph in its own dtype (``plain_dtype`` picks the export's)."""
 CAPTURING_BACKENDS: dict[str, CapturingFactory] = {"eager": EagerCapturingRunner, "compiled": CompiledCapturingRunner}
 
 
@@ -50,7 +60,11 @@ def make_plain_runner(name: str, unet: torch.nn.Module, config: RuntimeConfig) -
     for an unknown name or a backend that cannot run here)."""
     if name not in PLAIN_BACKENDS:
         raise BackendUnavailableError(f"plain backend {name!r} is unknown; available: {sorted(PLAIN_BACKENDS)}")
-    return PLAIN_BACKENDS[name](unet, config)
+    runner = PLAIN_BACKENDS[name](unet, config)
+    if name in EXPORTED_BACKENDS:
+        return runner
+    weights = next(unet.parameters())
+    return with_plain_dtype(runner, config.plain_dtype, weights.dtype, weights.device)
 
 
 def make_capturing_runner(name: str, unet: torch.nn.Module, config: RuntimeConfig) -> CapturingRunner:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from ..errors import BackendUnavailableError, ConfigError
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -34,6 +36,16 @@ class RuntimeConfig:
             which already persists across processes.
         recompile_limit: dynamo's per-function graph limit while compiled backends run (one graph
             per call kind, batch size and capture spec; an edit needs a handful).
+        plain_dtype: dtype of plain calls when it differs from the model's (``torch.bfloat16`` on
+            CPUs with AVX-512 BF16, ``torch.float16`` on CUDA): eager/compiled plain calls run under
+            autocast, the ``onnx`` backend exports a graph in that dtype. ``None``: the model dtype.
+            Capturing and grad calls keep the model dtype (see docs/precision.md).
+        onnx_exports: folders written by ``gnr-fast export onnx`` for the ``onnx`` backend; working
+            sizes they lack are exported lazily into ``export_cache_dir``.
+        onnx_provider: ONNX Runtime execution provider (``"auto"``: TensorRT, then CUDA, then CPU,
+            as offered).
+        export_cache_dir: where lazy ONNX exports go (``None``: ``$GNR_FAST_CACHE/onnx``).
+        tensorrt_engine: the engine file of ``gnr-fast export tensorrt`` for the ``tensorrt`` backend.
     """
 
     plain: str = "eager"
@@ -44,6 +56,11 @@ class RuntimeConfig:
     cache_dir: Path | None = None
     recompile_limit: int = 64
     compiler: Literal["inductor", "aot_eager"] = "inductor"
+    plain_dtype: torch.dtype | None = None
+    onnx_exports: tuple[Path, ...] = ()
+    onnx_provider: str = "auto"
+    export_cache_dir: Path | None = None
+    tensorrt_engine: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("plain", "capturing"):
@@ -59,6 +76,17 @@ class RuntimeConfig:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         if self.compiler not in ("inductor", "aot_eager"):
             raise ConfigError(f"RuntimeConfig.compiler must be 'inductor' or 'aot_eager', got {self.compiler!r}")
+        if self.plain_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise ConfigError(f"RuntimeConfig.plain_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, "
+                              f"got {self.plain_dtype!r}")
+        if isinstance(self.onnx_exports, (str, Path)) or not all(isinstance(p, (str, Path)) for p in self.onnx_exports):
+            raise ConfigError(f"RuntimeConfig.onnx_exports must be a tuple of folders, got {self.onnx_exports!r}")
+        object.__setattr__(self, "onnx_exports", tuple(Path(p) for p in self.onnx_exports))
+        if self.onnx_provider not in ("auto", "cpu", "cuda", "tensorrt"):
+            raise ConfigError(f"RuntimeConfig.onnx_provider must be 'auto', 'cpu', 'cuda' or 'tensorrt', got {self.onnx_provider!r}")
+        for name in ("export_cache_dir", "tensorrt_engine"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         limit = self.recompile_limit
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"RuntimeConfig.recompile_limit must be a positive integer, got {limit!r}")
@@ -100,5 +128,6 @@ class RuntimeConfig:
 RUNTIME_PRESETS: dict[str, RuntimeConfig] = {
     "eager": RuntimeConfig("eager", "eager"),
     "compiled": RuntimeConfig("compiled", "compiled"),
+    "onnx": RuntimeConfig("onnx", "eager"),  # plain calls on ONNX Runtime, capturing/grad calls eager
 }
 RUNTIME_NAMES = tuple(RUNTIME_PRESETS)

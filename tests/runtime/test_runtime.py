@@ -42,8 +42,8 @@ def test_presets_and_validation():
 
 
 def test_unknown_backend_is_unavailable(tiny_model_path):
-    with pytest.raises(BackendUnavailableError, match="plain backend 'onnx' is unknown"):
-        Editor.from_pretrained(tiny_model_path, runtime=RuntimeConfig(plain="onnx"))
+    with pytest.raises(BackendUnavailableError, match="plain backend 'nosuch' is unknown"):
+        Editor.from_pretrained(tiny_model_path, runtime=RuntimeConfig(plain="nosuch"))
     with pytest.raises(BackendUnavailableError, match="capturing backend 'tensorrt' is unknown"):
         Editor.from_pretrained(tiny_model_path, runtime=RuntimeConfig(capturing="tensorrt"))
 
