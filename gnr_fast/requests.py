@@ -97,7 +97,9 @@ def resolve_request(editor: Editor, request: EditRequest, index: int | None = No
             )
         steps = inversion.num_steps if request.num_steps is None else request.num_steps
         config = resolve_config(editor, request.preset, request.config, steps)
-        inversion.check_compatible(editor.model_id, config.num_steps)
+        precision = editor.components.precision
+        inversion.check_compatible(editor.model_id, config.num_steps, dtype=editor.components.dtype,
+                                   allow_dtype_mismatch=precision.allow_dtype_mismatch)
         return ResolvedRequest(position, request, config, inversion=inversion)
     if request.source_prompt is None:
         raise InputError(f"{prefix}source_prompt is required when editing an image (it describes the input image)")

@@ -9,8 +9,10 @@ plain rows in one call, the source row once per distinct inversion, and every gr
 call. Energies and γ are per image; one backward of Σ_b E_b gives every image's gradient at once
 (UNet rows do not interact, so row b of ∂(Σ_b E_b)/∂z is ∂E_b/∂z_b). A single edit is a batch of one.
 
-Host syncs: none here. γ, the energies and the |E| ≤ atol test are 0-dim tensors; which rows run
-is decided by the plan (static per step and config), not by tensor values.
+Host syncs: none here for float32/bfloat16 models. γ, the energies and the |E| ≤ atol test are
+0-dim tensors; which rows run is decided by the plan (static per step and config), not by tensor
+values. A float16 model's loss-scaled backward checks the scaled gradient for overflow (one sync
+per guided step, :func:`~gnr_fast.precision.energy_grad_to_latent`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..attention.capture import CaptureSpec, PassCapture
 from ..config import FeatureSite, GuiderConfig, LatentsDiff, Role, scale_at
 from ..editing import EditContext, StepTerms, combine_terms
 from ..guiders import guider_energy, latents_diff
+from ..precision import energy_grad_to_latent
 from ..runtime.executor import CallKind
 from .plan import Latent, Prompt, Row, StepPlan, cfg_guider, energies_vanish, plan_step
 
@@ -182,7 +185,9 @@ def batch_step(
                 value = torch.where(value.abs() > ctxs[b].config.energy_atol, value, torch.zeros_like(value))
                 energies[b] = value if energies[b] is None else energies[b] + value
         active = [e for e in energies if e is not None]
-        grads = torch.autograd.grad(torch.stack(active).sum(), z_cur)[0] if active else None  # [B, 4, h, w]
+        # Loss-scaled for float16 grad calls (docs/precision.md); scale 1, a plain autograd.grad, otherwise.
+        loss_scale = ctx0.components.precision.grad_loss_scale
+        grads = energy_grad_to_latent(torch.stack(active).sum(), z_cur, loss_scale).grad if active else None  # [B, 4, h, w]
 
     # 4. Per-image CFG, direct terms and noise rescaling.
     terms = []
