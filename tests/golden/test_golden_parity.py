@@ -69,7 +69,7 @@ def reference_rows64(golden_editor_fp64, golden):
 # Three distances per guided step (relative L2 of the guider gradient): ours float32 vs golden ("g32"), ours
 # float64 vs golden ("g64": the golden run's own float32 error, taking our float64 result as the truth) and ours
 # float32 vs ours float64 ("floor": our float32 error). Measured 2026-12-01 (torch 2.13.0 CPU, one thread),
-# guided steps 1-28: on most steps all three are 1e-6-1e-5. On a few steps some |Φ_cur − Φ_inv| lies within
+# guided steps 1-29: on most steps all three are 1e-6-1e-5. On a few steps some |Φ_cur − Φ_inv| lies within
 # rounding of zero and its sign flips move a float32 gradient by ~1e-3: at step 1 the golden's (g64 2.2e-3; ours
 # agrees with golden, g32 1.3e-5, floor 2.2e-3), at step 15 ours (floor 2.9e-3, g32 2.9e-3; g64 4.9e-6).
 # Only on such float32-unstable steps does the bound widen to the FlashAttention rule (our error at most twice
