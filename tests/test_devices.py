@@ -4,6 +4,7 @@ itself is mocked where it is only called; the one test that needs a GPU skips wi
 
 import threading
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from gnr_fast.serving.triton_repo import RepoConfig, instance_device, model_conf
 class _Recorder:
     """Stands in for ``torch.cuda.device``: records the device and the thread that entered it."""
 
-    entered: list = []
+    entered: ClassVar[list] = []
 
     def __init__(self, device):
         self.device = device

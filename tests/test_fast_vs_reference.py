@@ -44,7 +44,7 @@ MEASURED = {
     "appearance-conv-norm-out": 5.5e-6,
     "features-mid": 3.4e-6,
     "authors-yaml": 5.9e-6,
-    "v-prediction": 0.0,
+    "v-prediction": 6.1e-6,
 }
 BOUND = 1e-4
 
