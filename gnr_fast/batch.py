@@ -27,6 +27,7 @@ from .editing import (
     StepCallback,
     run_edit_loop,
 )
+from .devices import synchronize
 from .errors import GnrError, InputError
 from .fast.step import batch_step
 from .images import decode_latent, to_output_image
@@ -102,6 +103,7 @@ def _invert_images(editor: Editor, resolved: list[ResolvedRequest], progress: bo
         start = time.perf_counter()
         try:
             inversions = editor.invert_prepared([p.image for p in group], [p.source_prompt for p in group], num_steps, progress)
+            synchronize(editor.components.device)
         except GnrError as exc:
             failures.extend((p.index, exc) for p in group)
             continue
@@ -143,6 +145,7 @@ def _run_group(
     before = _Counts(editor.runner.calls, editor.runner.rows)
     start = time.perf_counter()
     outcomes = run_edit_loop(items, step_fn, progress=progress, callback=callback)
+    synchronize(components.device)  # CUDA runs asynchronously: wait for the loop's kernels before reading the clock
     editing_s = time.perf_counter() - start
     calls, rows = editor.runner.calls - before.calls, editor.runner.rows - before.rows
     results: list[EditResult | GnrError] = []
@@ -151,7 +154,7 @@ def _run_group(
             results.append(outcome)
             continue
         start = time.perf_counter()
-        array = decode_latent(components.vae, outcome, components.scaling_factor)[0]
+        array = decode_latent(components.vae, outcome, components.scaling_factor)[0]  # on the host: synchronised
         image = to_output_image(array, item.inversion.original_size)
         timings = Timings(inversion_s=item.inversion_s, editing_s=editing_s, decoding_s=time.perf_counter() - start)
         results.append(EditResult(

@@ -33,7 +33,7 @@ import torch
 
 from ..batch import BatchRequest, edit_batch
 from ..config import PRESET_NAMES, EditConfig
-from ..devices import on_device
+from ..devices import on_device, retry_on_oom
 from ..editor import Editor
 from ..errors import ConfigError, GnrError, InputError, ServiceBusyError
 from ..images import PreparedImage, prepare_image
@@ -243,7 +243,13 @@ class EditService:
         edits = [i for i, (job, out) in enumerate(zip(jobs, outcomes)) if job.is_edit and isinstance(out, Outcome)]
         if edits:
             requests = [BatchRequest(outcomes[i].inversion, jobs[i].target_prompt, config=jobs[i].config) for i in edits]
-            results = edit_batch(self.editor, requests, return_exceptions=True)
+            results = retry_on_oom(
+                lambda batch: edit_batch(self.editor, batch, return_exceptions=True),
+                requests,
+                self.editor.components.device,
+                drop_caches=lambda: _drop_source_caches(requests),
+                describe=lambda request: f"the edit toward {request.target_prompt!r}",
+            )
             for i, result in zip(edits, results):
                 self.cache.refresh(jobs[i].key)  # the edit filled the inversion's source cache
                 if isinstance(result, GnrError):
@@ -449,3 +455,9 @@ def encode_png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _drop_source_caches(requests: list[BatchRequest]) -> None:
+    """Free the source-pass caches of the requests' inversions (rebuilt by their next edit)."""
+    for request in requests:
+        request.source.source_cache = None

@@ -212,3 +212,28 @@ def test_the_engine_thread_runs_with_the_configured_torch_threads(tiny_editor, m
     assert calls == [("gnr-engine", 3)]
     with pytest.raises(ConfigError, match="torch_threads must be a positive integer"):
         ServiceConfig(torch_threads=0)
+
+
+def test_out_of_memory_in_a_batch_drops_source_caches_and_retries_singly(service, monkeypatch):
+    """torch.OutOfMemoryError for the whole batch: the inversions' source caches are dropped and each
+    edit runs alone; one that still does not fit is a clear error in its own slot (issue 20)."""
+    import torch
+
+    from gnr_fast.errors import DeviceOutOfMemoryError
+    from gnr_fast.serving import service as service_module
+
+    real = service_module.edit_batch
+    calls: list[int] = []
+
+    def edit_batch(editor, requests, return_exceptions=False):
+        calls.append(len(requests))
+        if len(requests) > 1 or requests[0].target_prompt == "too big":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(editor, requests, return_exceptions=return_exceptions)
+
+    monkeypatch.setattr(service_module, "edit_batch", edit_batch)
+    jobs = [service.edit_job(_png(seed), "a red circle", target) for seed, target in ((40, "a green square"), (41, "too big"))]
+    outcomes = service.run(jobs)
+    assert calls == [2, 1, 1]
+    assert outcomes[0].result is not None and outcomes[0].inversion.source_cache is not None  # rebuilt by its edit
+    assert isinstance(outcomes[1], DeviceOutOfMemoryError) and "'too big'" in str(outcomes[1])
