@@ -74,11 +74,12 @@ class Components:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, advice: str = "Re-export or re-download the checkpoint.") -> dict:
+    """A JSON config file; :class:`ModelLoadError` naming the file, the cause and ``advice`` if unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}. Re-export or re-download the checkpoint.") from exc
+        raise ModelLoadError(f"cannot read {path}: {exc}. {advice}") from exc
 
 
 def check_pipeline_folder(path: Path) -> dict:
@@ -110,7 +111,7 @@ def check_pipeline_folder(path: Path) -> dict:
             f"{str(path)!r} is not a diffusers pipeline folder: model_index.json is missing. Pass the folder that "
             "holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/."
         )
-    index = _read_json(index_path)
+    index = read_json(index_path)
     class_name = str(index.get("_class_name", ""))
     if "XL" in class_name or "text_encoder_2" in index or "StableDiffusion3" in class_name or "Flux" in class_name:
         raise UnsupportedArchitectureError(
@@ -134,7 +135,7 @@ def check_pipeline_folder(path: Path) -> dict:
                 f"{str(path)!r}: weights of '{component}' are missing (expected {folder / weights[0]}). "
                 "The checkpoint folder is incomplete; re-export it with save_pretrained()."
             )
-    unet_config = _read_json(path / "unet" / "config.json")
+    unet_config = read_json(path / "unet" / "config.json")
     if unet_config.get("addition_embed_type") is not None or unet_config.get("_class_name") != "UNet2DConditionModel":
         raise UnsupportedArchitectureError(
             f"{str(path)!r}: UNet {unet_config.get('_class_name')} with addition_embed_type="
@@ -234,9 +235,9 @@ def _load_folder(path: Path, dtype: torch.dtype, precision: PrecisionPolicy) -> 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    vae_config = _read_json(path / "vae" / "config.json")
+    vae_config = read_json(path / "vae" / "config.json")
     vae_dtype = precision.vae_dtype(bool(vae_config.get("force_upcast", True)))
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     try:
         quiet = {"local_files_only": True, "low_cpu_mem_usage": False}
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, **quiet)

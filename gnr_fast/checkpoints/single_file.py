@@ -8,7 +8,6 @@ needs is checked against the file first, because diffusers loads with ``strict=F
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..errors import (
     NotACheckpointError,
     UnsupportedArchitectureError,
 )
+from ..loading import read_json
 from .families import (
     Detection,
     check_prediction_type,
@@ -61,10 +61,7 @@ class SingleFileModules:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}. Fix or replace the file.") from exc
+    return read_json(path, advice="Fix or replace the file.")
 
 
 def check_config_dir(config: Path) -> None:
