@@ -84,12 +84,15 @@ def test_low_precision_edit_is_finite_and_near_fp32(tiny_model_path, image, fp32
 
 BUNDLED_STEPS = 20
 BUNDLED_CASES = (("colour", 9_000_000), ("shape", 9_000_001), ("background", 9_000_002))
-# Measured (colour case 9000000, 20 steps, `shapes`; fast / reference; of the shape case only fast
-# fp16 finished: success, kept PSNR 35.93 vs fp32 36.04 dB, cosine 0.99945; the background case did
-# not run before the deadline): fp32 judged a success, kept-region PSNR 31.35 dB;
-#   fp16: success, kept PSNR 38.7 / 38.0 dB, step-1 cosine 0.99967 / 0.99952 (final latent 37 % from fp32)
-#   bf16: success, kept PSNR 33.8 / 32.8 dB, cosine 0.99543 / 0.99594 (final latent 19 % / 14 %)
-# Low precision preserved at most 0.1 dB less than fp32; the bound allows 3 dB less (2× the kept MSE).
+# Measured (20 steps, `shapes`; judge verdict, kept-region PSNR to the source; fast / reference;
+# this branch's code; † = last session's run, not repeated):
+#   colour 9000000:     fp32 success 31.35 / 31.35 dB; fp16 success 38.66 / 38.0† dB; bf16 success 34.14 / 32.8† dB
+#   shape 9000001:      fp32 success 36.04 / 36.04 dB; fp16 success 35.93† / 35.41 dB; bf16 success 36.60 / 37.00 dB
+#   background 9000002: fp32 fails 6.92 / 6.92 dB;     fp16 fails 6.97 / 6.94 dB;       bf16 fails 7.23 / 7.36 dB
+#   step-1 cosine to fp32: colour fp16 0.99967 / 0.99952†, bf16 0.99543 / 0.99594†; shape fp16 fast 0.99945†;
+#   the other cases' values were not extracted (all above the bounds below: all four runs passed).
+#   fp16 fast: each case's loss scale backed off once (2^10 -> 2^6). Final latents 14-37 % from fp32 (colour).
+# Verdicts all equal fp32's; the largest PSNR drop is 0.62 dB (MSE x 1.15); the bound allows 3 dB (MSE x 2).
 BUNDLED_PSNR_DROP_DB = 3.0
 BUNDLED_COSINE = {torch.float16: 0.995, torch.bfloat16: 0.95}  # 1 − cosine ≈ 10× the measured
 
