@@ -89,12 +89,12 @@ BUNDLED_CASES = (("colour", 9_000_000), ("shape", 9_000_001), ("background", 9_0
 #   colour 9000000:     fp32 success 31.35 / 31.35 dB; fp16 success 38.66 / 38.0† dB; bf16 success 34.14 / 32.8† dB
 #   shape 9000001:      fp32 success 36.04 / 36.04 dB; fp16 success 35.93† / 35.41 dB; bf16 success 36.60 / 37.00 dB
 #   background 9000002: fp32 fails 6.92 / 6.92 dB;     fp16 fails 6.97 / 6.94 dB;       bf16 fails 7.23 / 7.36 dB
-#   step-1 cosine to fp32: colour fp16 0.99967 / 0.99952†, bf16 0.99543 / 0.99594†; shape fp16 fast 0.99945†;
-#   the other cases' values were not extracted (all above the bounds below: all four runs passed).
+#   step-1 cosine to fp32, fp16: colour 0.99974 / 0.99952†, shape 0.99945† / 0.99955, background 0.99944 / 0.99952;
+#                           bf16: colour 0.99574 / 0.99594†, shape 0.99009 / 0.99024, background 0.99023 / 0.99000.
 #   fp16 fast: each case's loss scale backed off once (2^10 -> 2^6). Final latents 14-37 % from fp32 (colour).
 # Verdicts all equal fp32's; the largest PSNR drop is 0.62 dB (MSE x 1.15); the bound allows 3 dB (MSE x 2).
 BUNDLED_PSNR_DROP_DB = 3.0
-BUNDLED_COSINE = {torch.float16: 0.995, torch.bfloat16: 0.95}  # 1 − cosine ≈ 10× the measured
+BUNDLED_COSINE = {torch.float16: 0.995, torch.bfloat16: 0.9}  # 1 − cosine ≈ 10× the worst measured (5.6e-4, 1e-2)
 
 
 @pytest.fixture(scope="module")
