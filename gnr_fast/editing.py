@@ -38,6 +38,7 @@ class EditContext:
     timesteps: list[int] = field(default_factory=list)
     timestep_tensors: tuple[torch.Tensor, ...] = ()  # the same as 0-dim long tensors on the device
     source_cache: object = None  # gnr_fast.fast.SourceCache of the inversion being edited, if any
+    loss_scale: float | None = None  # float16 grad calls: the scale that last worked (None: the policy's)
 
     @classmethod
     def build(

@@ -20,6 +20,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, prepare_image
 from .inversion import Inversion, invert_many
 from .loading import Components, load_components
 from .model_defaults import ModelDefaults, load_model_defaults
+from .precision import PrecisionPolicy
 from .prompts import check_prompt, encode_prompt, warn_if_outside_grammar
 from .requests import EditRequest, check_steps, resolve_config
 from .results import EditResult, Timings
@@ -75,6 +76,7 @@ class Editor:
         runtime: RuntimeConfig | str | None = None,
         prediction_type: str | None = None,
         config: str | Path | None = None,
+        precision: PrecisionPolicy | None = None,
     ) -> Editor:
         """Load a local diffusers SD 1.x/2.x folder or single-file checkpoint (``None``: the bundled model).
 
@@ -90,8 +92,12 @@ class Editor:
         ``runtime`` is a :class:`~gnr_fast.runtime.RuntimeConfig` or a preset name (``"eager"``,
         the default, or ``"compiled"``); an unavailable backend raises
         :class:`~gnr_fast.errors.BackendUnavailableError` naming what is missing.
+        ``precision`` (:class:`~gnr_fast.precision.PrecisionPolicy`, docs/precision.md) sets the VAE
+        upcast, the float16 loss scale and whether inversions of another dtype may be edited; its
+        ``model_dtype`` must equal ``dtype`` (default: ``PrecisionPolicy(model_dtype=dtype)``).
         """
-        components = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type, config=config)
+        components = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type, config=config,
+                                     precision=precision)
         return cls(
             components,
             max_pixels=max_pixels,

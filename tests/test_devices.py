@@ -167,3 +167,92 @@ def test_source_cache_round_trips_through_pinned_memory_on_cuda():
     got = cache.get(0, torch.float32)
     assert got.queries[0].device == cap.queries[0].device and got.lse[0].dtype == torch.float32
     torch.testing.assert_close(got.queries[0], cap.queries[0], rtol=1e-3, atol=1e-3)
+
+
+class _FakeKernel:
+    """Stands in for a ``@triton.jit`` kernel: records, at each launch, the devices entered around it."""
+
+    def __init__(self, name: str, launches: list, guards: list) -> None:
+        self.name, self.launches, self.guards = name, launches, guards
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.name, list(self.guards)))
+
+        return launch
+
+
+@pytest.fixture
+def spied_triton_launches(monkeypatch):
+    """The Triton ops' kernels replaced by :class:`_FakeKernel` and their ``on_device`` by a spy that
+    records the device it guards (``on_device`` itself: test_on_device_guards_cuda_devices_only)."""
+    import contextlib
+    import importlib
+
+    # the modules (the package re-exports functions of these names)
+    attention_lse = importlib.import_module("gnr_fast.ops.attention_lse")
+    attn_map_energy = importlib.import_module("gnr_fast.ops.attn_map_energy")
+    launches, guards = [], []
+
+    @contextlib.contextmanager
+    def spy(device):
+        guards.append(torch.device(device))
+        try:
+            yield
+        finally:
+            guards.pop()
+
+    names = ("_attn_map_energy_fwd_kernel", "_attn_map_energy_bwd_dq_kernel", "_attn_map_energy_bwd_dk_kernel",
+             "_attention_lse_fwd_kernel")
+    kernels = SimpleNamespace(**{name: _FakeKernel(name, launches, guards) for name in names})
+    for module in (attention_lse, attn_map_energy):
+        monkeypatch.setattr(module, "on_device", spy)
+    monkeypatch.setattr(attn_map_energy, "_kernel_module", lambda: kernels)
+    monkeypatch.setattr(attention_lse, "kernel_module", lambda name: kernels)
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
+    return launches
+
+
+def test_triton_kernels_launch_under_the_tensors_device(spied_triton_launches):
+    """Triton launches on the thread's current CUDA device, not the tensors': every launch of the
+    attention-map energy (forward, dq, dk) and attention-lse ops runs inside ``on_device(q.device)``."""
+    q, k, q_ref, k_ref = (torch.randn(1, 2, 16, 8) for _ in range(4))
+    lse_ref = torch.randn(1, 2, 16)
+    row = torch.randn(1, 2, 16)
+    torch.ops.gnr_fast.attn_map_energy_fwd(q, k, q_ref, k_ref, lse_ref, 0.35)
+    torch.ops.gnr_fast.attn_map_energy_bwd(q, k, q_ref, k_ref, lse_ref, row, row, row, 0.35)
+    torch.ops.gnr_fast.attention_lse_fwd(q, k, k, 0.35)
+    assert [name for name, _ in spied_triton_launches] == [
+        "_attn_map_energy_fwd_kernel", "_attn_map_energy_bwd_dq_kernel", "_attn_map_energy_bwd_dk_kernel",
+        "_attention_lse_fwd_kernel",
+    ]
+    assert all(guards == [q.device] for _, guards in spied_triton_launches)
+
+
+def test_source_cache_pins_its_host_copies_of_cuda_captures(monkeypatch):
+    """A CUDA capture is copied into pinned host memory, asynchronously (mocked: no CUDA here; the
+    round trip through real pinned memory is the GPU test below)."""
+
+    class CudaLooking(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    requests = []
+    empty = torch.empty
+
+    def recording_empty(*args, pin_memory=False, **kwargs):
+        requests.append(pin_memory)
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    cache = SourceCache(KEY, storage_dtype=torch.float16, device=torch.device("cuda:0"))
+    cap = _capture()
+    for group in (cap.queries, cap.keys, cap.lse):
+        group[0] = group[0].as_subclass(CudaLooking)
+    cap.features = {site: t.as_subclass(CudaLooking) for site, t in cap.features.items()}
+    assert cache.put(0, cap)
+    assert requests == [True] * 4  # q, k, lse, features: each into pinned memory
+    stored = cache.steps[0]
+    assert stored.queries[0].dtype == torch.float16 and stored.lse[0].dtype == torch.float32
+    assert torch.equal(stored.lse[0].as_subclass(torch.Tensor), cap.lse[0].as_subclass(torch.Tensor))

@@ -84,14 +84,17 @@ def test_low_precision_edit_is_finite_and_near_fp32(tiny_model_path, image, fp32
 
 BUNDLED_STEPS = 20
 BUNDLED_CASES = (("colour", 9_000_000), ("shape", 9_000_001), ("background", 9_000_002))
-# Measured (colour case 9000000, 20 steps, `shapes`; fast / reference; of the shape case only fast
-# fp16 finished: success, kept PSNR 35.93 vs fp32 36.04 dB, cosine 0.99945; the background case did
-# not run before the deadline): fp32 judged a success, kept-region PSNR 31.35 dB;
-#   fp16: success, kept PSNR 38.7 / 38.0 dB, step-1 cosine 0.99967 / 0.99952 (final latent 37 % from fp32)
-#   bf16: success, kept PSNR 33.8 / 32.8 dB, cosine 0.99543 / 0.99594 (final latent 19 % / 14 %)
-# Low precision preserved at most 0.1 dB less than fp32; the bound allows 3 dB less (2× the kept MSE).
+# Measured (20 steps, `shapes`; judge verdict, kept-region PSNR to the source; fast / reference;
+# this branch's code; † = last session's run, not repeated):
+#   colour 9000000:     fp32 success 31.35 / 31.35 dB; fp16 success 38.66 / 38.0† dB; bf16 success 34.14 / 32.8† dB
+#   shape 9000001:      fp32 success 36.04 / 36.04 dB; fp16 success 35.93† / 35.41 dB; bf16 success 36.60 / 37.00 dB
+#   background 9000002: fp32 fails 6.92 / 6.92 dB;     fp16 fails 6.97 / 6.94 dB;       bf16 fails 7.23 / 7.36 dB
+#   step-1 cosine to fp32, fp16: colour 0.99974 / 0.99952†, shape 0.99945† / 0.99955, background 0.99944 / 0.99952;
+#                           bf16: colour 0.99574 / 0.99594†, shape 0.99009 / 0.99024, background 0.99023 / 0.99000.
+#   fp16 fast: each case's loss scale backed off once (2^10 -> 2^6). Final latents 10-45 % from fp32.
+# Verdicts all equal fp32's; the largest PSNR drop is 0.62 dB (MSE x 1.15); the bound allows 3 dB (MSE x 2).
 BUNDLED_PSNR_DROP_DB = 3.0
-BUNDLED_COSINE = {torch.float16: 0.995, torch.bfloat16: 0.95}  # 1 − cosine ≈ 10× the measured
+BUNDLED_COSINE = {torch.float16: 0.995, torch.bfloat16: 0.9}  # 1 − cosine ≈ 10× the worst measured (5.6e-4, 1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -101,31 +104,43 @@ def judge():
     return load_judge()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fast", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_bundled_model_edits_in_low_precision(judge, dtype, mode):
-    """The ``shapes`` preset on three held-out cases: the judge's verdicts, the kept region's PSNR to
-    the source and the step-1 gradient's cosine stay within the measured bounds of fp32's."""
+@pytest.fixture(scope="module")
+def bundled_edits(judge):
+    """(success, kept-region PSNR, step-1 gradients) of each (dtype, mode, case), computed once."""
     from gnr_fast.evaluation.cases import make_case
     from gnr_fast.evaluation.quality import judge_success
 
-    editors = {d: Editor.from_pretrained(None, dtype=d) for d in (torch.float32, dtype)}
-    successes = {d: 0 for d in editors}
-    for kind, seed in BUNDLED_CASES:
-        case = make_case(kind, seed)
-        out = {}
-        for d, editor in editors.items():
+    editors: dict = {}
+    done: dict = {}
+
+    def edit(dtype, mode, kind, seed):
+        if (dtype, mode, kind) not in done:
+            editor = editors.setdefault(dtype, Editor.from_pretrained(None, dtype=dtype))
+            case = make_case(kind, seed)
             result, grads = edit_with_first_gradient(
                 editor, case.source.image, mode, preset="shapes", steps=BUNDLED_STEPS,
                 source=case.source.caption, target=case.target.caption,
             )
-            assert torch.isfinite(result.latents).all()
+            assert torch.isfinite(result.latents).all(), (dtype, mode, kind)
             image = np.asarray(result.image)
-            successes[d] += judge_success(judge, image, case)
-            out[d] = (masked_psnr(image, case.source.image, case.keep_mask), grads)
-        (psnr32, grads32), (psnr, grads) = out[torch.float32], out[dtype]
-        assert math.isfinite(psnr) and psnr > psnr32 - BUNDLED_PSNR_DROP_DB
+            done[dtype, mode, kind] = (judge_success(judge, image, case), masked_psnr(image, case.source.image, case.keep_mask), grads)
+        return done[dtype, mode, kind]
+
+    return edit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_bundled_model_edits_in_low_precision(bundled_edits, dtype, mode):
+    """The ``shapes`` preset on three held-out cases: the judge's verdicts, the kept region's PSNR to
+    the source and the step-1 gradient's cosine stay within the measured bounds of fp32's."""
+    successes = {torch.float32: 0, dtype: 0}
+    for kind, seed in BUNDLED_CASES:
+        (ok32, psnr32, grads32), (ok, psnr, grads) = (bundled_edits(d, mode, kind, seed) for d in (torch.float32, dtype))
+        successes[torch.float32] += ok32
+        successes[dtype] += ok
+        assert math.isfinite(psnr) and psnr > psnr32 - BUNDLED_PSNR_DROP_DB, (kind, psnr, psnr32)
         (step,) = grads32
-        assert cosine(grads[step], grads32[step]) > BUNDLED_COSINE[dtype]
+        assert cosine(grads[step], grads32[step]) > BUNDLED_COSINE[dtype], kind
     assert successes[dtype] >= successes[torch.float32] - 1

@@ -264,6 +264,40 @@ def test_inverted_in_fp32_edits_in_fp16(tiny_model_path, sample_image):
     assert torch.isfinite(result.latents).all()
 
 
+def test_fp16_editor_with_a_strict_policy_refuses_an_fp32_inversion(tiny_model_path, sample_image):
+    from gnr_fast import Editor
+
+    inversion = Editor.from_pretrained(tiny_model_path).invert(sample_image, "a red circle", num_steps=2, progress=False)
+    strict = PrecisionPolicy(model_dtype=torch.float16, allow_dtype_mismatch=False)
+    editor = Editor.from_pretrained(tiny_model_path, dtype=torch.float16, precision=strict)
+    with pytest.raises(InversionMismatchError, match="computed in float32 but the editor runs in float16"):
+        editor.edit(inversion, "a blue circle", progress=False)
+    with pytest.raises(ConfigError, match="differs from dtype"):
+        Editor.from_pretrained(tiny_model_path, dtype=torch.float32, precision=strict)
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_fp16_model_keeps_latents_and_guidance_terms_in_float32(tiny_model_path, sample_image, mode):
+    """UNet and text encoder in float16; the trajectory, every step's latent, ε terms, ∂E/∂z and γ in
+    float32; the VAE upcast (the tiny VAE's config says force_upcast, diffusers' default)."""
+    from gnr_fast import Editor
+
+    editor = Editor.from_pretrained(tiny_model_path, dtype=torch.float16)
+    assert editor.components.unet.dtype == editor.components.text_encoder.dtype == torch.float16
+    assert editor.components.vae.dtype == torch.float32
+    inversion = editor.invert(sample_image, "a red circle", num_steps=3, progress=False)
+    assert inversion.latents.dtype == torch.float32 and inversion.model_dtype == "float16"
+    seen = []
+
+    def record(step, t, z, terms):
+        tensors = [z, terms.eps_u, terms.delta_cfg, terms.eps_final, terms.gamma]
+        tensors += [terms.guider_grad] if terms.guider_grad is not None else []
+        seen.append({x.dtype for x in tensors})
+
+    result = editor.edit(inversion, "a blue circle", preset="nonstyle", mode=mode, progress=False, callback=record)
+    assert seen == [{torch.float32}] * 3 and result.latents.dtype == torch.float32
+
+
 def test_stored_probes_equal_the_fp32_modules_weights(tiny_model_path):
     from gnr_fast.loading import module_probes, stored_probes
 

@@ -186,8 +186,13 @@ def batch_step(
                 energies[b] = value if energies[b] is None else energies[b] + value
         active = [e for e in energies if e is not None]
         # Loss-scaled for float16 grad calls (docs/precision.md); scale 1, a plain autograd.grad, otherwise.
-        loss_scale = ctx0.components.precision.grad_loss_scale
-        grads = energy_grad_to_latent(torch.stack(active).sum(), z_cur, loss_scale).grad if active else None  # [B, 4, h, w]
+        # The scale that worked is carried to the next step, so an overflow is not retried every step.
+        grads = None
+        if active:
+            loss_scale = ctx0.loss_scale if ctx0.loss_scale is not None else ctx0.components.precision.grad_loss_scale
+            grads, loss_scale = energy_grad_to_latent(torch.stack(active).sum(), z_cur, loss_scale)  # [B, 4, h, w]
+            for ctx in ctxs:
+                ctx.loss_scale = loss_scale
 
     # 4. Per-image CFG, direct terms and noise rescaling.
     terms = []

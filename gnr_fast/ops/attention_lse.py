@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gnr_fast.devices import on_device
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops.attn_map_energy import attention_lse as chunked_attention_lse
 from gnr_fast.ops.triton_kernels import (
@@ -329,8 +330,9 @@ def _attention_lse_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tupl
     config = _launch_config(keys, max(block_d, block_dv), q.dtype)
     grid = (-(-tokens // config["BLOCK_M"]), batch * heads)
     kernel = torch.library.wrap_triton(kernel_module("attention_lse")._attention_lse_fwd_kernel)
-    kernel[grid](
-        q, k, v, out, lse, scale, tokens, keys, head_dim, value_dim,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=_DOT_PRECISION, **config,
-    )
+    with on_device(q.device):  # Triton launches on the current CUDA device, not q's
+        kernel[grid](
+            q, k, v, out, lse, scale, tokens, keys, head_dim, value_dim,
+            BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=_DOT_PRECISION, **config,
+        )
     return out, lse

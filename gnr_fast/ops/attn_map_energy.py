@@ -49,6 +49,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from gnr_fast.devices import on_device
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops import native
 from gnr_fast.ops.triton_kernels import (
@@ -672,10 +673,11 @@ def _attn_map_energy_fwd_op(
     row_sq, lse, row_dot = _attn_map_energy_fwd_fake(q, k, q_ref, k_ref, lse_ref, scale)
     config = _launch_config(tokens, head_dim, q.dtype)
     grid = (_cdiv(tokens, config["BLOCK_M"]), batch * heads)
-    _kernel_module()._attn_map_energy_fwd_kernel[grid](
-        q, k, q_ref, k_ref, lse_ref, lse, row_sq, row_dot, scale, tokens, head_dim,
-        DOT_PRECISION=_DOT_PRECISION, **config,
-    )
+    with on_device(q.device):  # Triton launches on the current CUDA device, not q's
+        _kernel_module()._attn_map_energy_fwd_kernel[grid](
+            q, k, q_ref, k_ref, lse_ref, lse, row_sq, row_dot, scale, tokens, head_dim,
+            DOT_PRECISION=_DOT_PRECISION, **config,
+        )
     return row_sq, lse, row_dot
 
 
@@ -708,12 +710,13 @@ def _attn_map_energy_bwd_op(
     config = _launch_config(tokens, head_dim, q.dtype)
     inputs = (q, k, q_ref, k_ref, lse_ref, lse, row_dot, grad_row_sq)
     kernels = _kernel_module()
-    kernels._attn_map_energy_bwd_dq_kernel[(_cdiv(tokens, config["BLOCK_M"]), batch * heads)](
-        *inputs, dq, scale, tokens, head_dim, DOT_PRECISION=_DOT_PRECISION, **config
-    )
-    kernels._attn_map_energy_bwd_dk_kernel[(_cdiv(tokens, config["BLOCK_N"]), batch * heads)](
-        *inputs, dk, scale, tokens, head_dim, DOT_PRECISION=_DOT_PRECISION, **config
-    )
+    with on_device(q.device):  # Triton launches on the current CUDA device, not q's
+        kernels._attn_map_energy_bwd_dq_kernel[(_cdiv(tokens, config["BLOCK_M"]), batch * heads)](
+            *inputs, dq, scale, tokens, head_dim, DOT_PRECISION=_DOT_PRECISION, **config
+        )
+        kernels._attn_map_energy_bwd_dk_kernel[(_cdiv(tokens, config["BLOCK_N"]), batch * heads)](
+            *inputs, dk, scale, tokens, head_dim, DOT_PRECISION=_DOT_PRECISION, **config
+        )
     return dq, dk
 
 
