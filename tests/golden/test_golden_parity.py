@@ -160,6 +160,7 @@ def golden_editor_compiled(golden_dir, one_thread, tmp_path_factory) -> Editor:
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_compiled_fast_step_terms_teacher_forced(golden_editor_compiled, golden):
     assert teacher_forced_inversion(golden_editor_compiled, golden) <= 1e-5
     rows = teacher_forced_edit(golden_editor_compiled, golden, fast_step)
@@ -171,6 +172,7 @@ def test_compiled_fast_step_terms_teacher_forced(golden_editor_compiled, golden)
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_compiled_free_running(golden_editor_compiled, golden):
     result = free_running(golden_editor_compiled, golden, mode="fast")
     assert result.inversion_rel <= 5e-5

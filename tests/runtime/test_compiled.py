@@ -105,6 +105,7 @@ def inductor_cache(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_inductor_edit_equals_eager(tiny_model_path, tiny_editor, inductor_cache):
     reason = inductor_unavailable_reason("cpu")
     if reason:
