@@ -14,8 +14,15 @@ import pytest
 import torch
 
 from gnr_fast import Editor
-from gnr_fast.parity import GoldenRun, free_running, rel_err, summarize, teacher_forced_edit, teacher_forced_inversion
 from gnr_fast.fast.step import fast_step
+from gnr_fast.parity import (
+    GoldenRun,
+    free_running,
+    rel_err,
+    summarize,
+    teacher_forced_edit,
+    teacher_forced_inversion,
+)
 from gnr_fast.reference.step import reference_step
 
 
