@@ -8,7 +8,9 @@ Environment: ``GNR_BENCH_MODELS`` (comma list of ``tiny``, ``bundled`` (128²), 
 ``sd15`` (SD 1.5 architecture, random weights, 256²); default ``tiny``), ``GNR_BENCH_ROUNDS``
 (timed rounds per variant, default 5), ``GNR_BENCH_STEPS`` (DDIM steps of the edit cases,
 default 10), ``GNR_BENCH_WARMUP`` (untimed rounds per variant first, default 1; compiled variants
-compile there), ``GNR_BENCH_COMPILER`` (``inductor``; ``aot_eager`` for a smoke run). A smoke run:
+compile there), ``GNR_BENCH_COMPILER`` (``inductor``; ``aot_eager`` for a smoke run), ``GNR_BENCH_INDUCTOR_CACHE``
+(the timed editors' inductor cache folder; default inductor's own), ``GNR_BENCH_FREEZING``,
+``GNR_BENCH_CPP_WRAPPER`` (0/1) and ``GNR_BENCH_COMPILE_MODE`` (override the preset). A smoke run:
 ``GNR_BENCH_ROUNDS=1 GNR_BENCH_STEPS=2 GNR_BENCH_COMPILER=aot_eager ... --benchmark-disable``.
 
 Every case times its variants alternately (eager, compiled, eager, compiled, ...) after the
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,10 +47,22 @@ WARMUP = int(os.environ.get("GNR_BENCH_WARMUP", "1"))
 STEPS = int(os.environ.get("GNR_BENCH_STEPS", "10"))
 MODELS = [m for m in os.environ.get("GNR_BENCH_MODELS", "tiny").split(",") if m]
 COMPILER = os.environ.get("GNR_BENCH_COMPILER", "inductor")  # "aot_eager": a smoke run without code generation
+CACHE = Path(os.environ["GNR_BENCH_INDUCTOR_CACHE"]) if os.environ.get("GNR_BENCH_INDUCTOR_CACHE") else None
 
 
 def _compiled(cache_dir: Path | None = None) -> RuntimeConfig:
-    return RuntimeConfig("compiled", "compiled", compiler=COMPILER, cache_dir=cache_dir)
+    """The ``compiled`` preset with this run's compiler, cache folder and option overrides
+    (``GNR_BENCH_FREEZING``/``GNR_BENCH_CPP_WRAPPER`` = 0/1, ``GNR_BENCH_COMPILE_MODE``)."""
+    options: dict = {"compiler": COMPILER, "cache_dir": cache_dir}
+    for name in ("freezing", "cpp_wrapper"):
+        value = os.environ.get(f"GNR_BENCH_{name.upper()}")
+        if value is not None:
+            options[name] = value == "1"
+    if os.environ.get("GNR_BENCH_COMPILE_MODE"):
+        options["compile_mode"] = os.environ["GNR_BENCH_COMPILE_MODE"]
+    return replace(RuntimeConfig.preset("compiled"), **options)
+
+
 RUNTIMES = ("eager", "compiled")
 
 
@@ -128,7 +143,7 @@ def editors(request):
         pytest.skip(reason)
     torch._dynamo.reset()
     eager, size = _load(request.param, RuntimeConfig.preset("eager"))
-    compiled = Editor(eager.components, runtime=_compiled())
+    compiled = Editor(eager.components, runtime=_compiled(CACHE))
     image = Image.new("RGB", (size, size), (40, 60, 200))
     image.paste((220, 30, 30), (size // 4, size // 4, size // 2, size // 2))
     return {"name": request.param, "eager": eager, "compiled": compiled, "image": image, "size": size}

@@ -14,8 +14,15 @@ import pytest
 import torch
 
 from gnr_fast import Editor
-from gnr_fast.parity import GoldenRun, free_running, rel_err, summarize, teacher_forced_edit, teacher_forced_inversion
 from gnr_fast.fast.step import fast_step
+from gnr_fast.parity import (
+    GoldenRun,
+    free_running,
+    rel_err,
+    summarize,
+    teacher_forced_edit,
+    teacher_forced_inversion,
+)
 from gnr_fast.reference.step import reference_step
 
 
@@ -160,6 +167,7 @@ def golden_editor_compiled(golden_dir, one_thread, tmp_path_factory) -> Editor:
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_compiled_fast_step_terms_teacher_forced(golden_editor_compiled, golden):
     assert teacher_forced_inversion(golden_editor_compiled, golden) <= 1e-5
     rows = teacher_forced_edit(golden_editor_compiled, golden, fast_step)
@@ -171,6 +179,7 @@ def test_compiled_fast_step_terms_teacher_forced(golden_editor_compiled, golden)
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_compiled_free_running(golden_editor_compiled, golden):
     result = free_running(golden_editor_compiled, golden, mode="fast")
     assert result.inversion_rel <= 5e-5
