@@ -105,6 +105,10 @@ def attention_with_lse(
     if not need_lse:
         return F.scaled_dot_product_attention(q, k, v, scale=scale), None
     path = _choose(q, k, v, backend)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # No gradient wanted (e.g. the source pass): the path's forward alone, no autograd node;
+        # on CPU the very flash call a direct caller makes, which torch.compile traces as one op.
+        return _forward(path, q, k, v, scale)
     out, lse = _AttentionWithLse.apply(q, k, v, scale, path)
     return out, lse
 
@@ -208,7 +212,8 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Path:
         if reason is not None:
             raise BackendUnavailableError(f"attention_with_lse: backend={backend!r} is unavailable: {reason}")
         path, why = backend, "forced"  # type: ignore[assignment]
-    if (path, why) not in _logged:
+    # Not while torch.compile traces (a logging call would break its graph); eager calls log it.
+    if (path, why) not in _logged and not torch.compiler.is_compiling():
         _logged.add((path, why))
         logger.info("attention_with_lse uses the %s path (%s)", path, why)
     return path

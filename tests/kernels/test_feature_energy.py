@@ -7,10 +7,11 @@ started with it when triton was imported in compiled mode first.
 
 Tolerances: the kernel and the reference both compute in float32 from the same inputs; they differ
 only in summation order (4096-value partials) and in 2·d·(1/M) vs autograd's order of the same
-products. Measured worst relative errors over these shapes: energy 2e-7, gradient 0 (l1) and
-1.2e-7 (l2) in float32; in float16/bfloat16 the gradient is rounded once to the input dtype on
-both sides, worst 1 ulp apart (≤ 4e-3 relative for bfloat16). Bounds: 1e-5 (float32 and the
-float32 energies of half inputs), 1e-2 for half gradients.
+products. Measured worst relative errors over these shapes: energy 1.7e-7 (every dtype);
+gradient 0 in float32 (both kinds) and for float16 L1, 2.6e-4 float16 L2, 4.6e-3 bfloat16 — the
+gradient is rounded once to the input dtype on both sides, at most one ulp apart (bfloat16: up
+to 2^-7 relative). Bounds: 1e-5 (float32, and the float32 energies of half inputs); 2e-2 for
+half gradients (one bfloat16 ulp is at most 7.8e-3 of the largest entry; 10× the float16 error).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from gnr_fast.ops.feature_energy import (
 from gnr_fast.ops.triton_kernels import triton_importable
 
 FP32_RTOL = 1e-5
-HALF_GRAD_RTOL = 1e-2
+HALF_GRAD_RTOL = 2e-2
 INTERPRETER_NOT_READY = "the Triton interpreter is not usable in this process"
 
 

@@ -5,7 +5,7 @@ test_feature_energy.py for how the interpreter is chosen and the fresh-process f
 
 Tolerances: both sides accumulate squares in float32 from the same inputs and differ only in
 summation order (the kernel: 1024 lanes, then a tree; ``vector_norm``: its own blocking).
-Measured worst relative error of the norms and γ over these shapes: 2.4e-7; bound 1e-5. Where γ
+Measured worst relative error of the norms and γ over these shapes: 3.7e-7; bound 1e-5. Where γ
 is clipped the bound applies to γ = clip/ratio, which inherits the ratio's error.
 """
 
@@ -107,7 +107,7 @@ def test_reference_equals_the_rescalers_formula():
     cfg, grad = make_terms((3, 4, 9, 9))
     config = RescaleConfig(kind="range_other_on_cfg_norm", lo=0.33, hi=3.0)
     gamma, _ = rescale_gammas_ref(cfg, grad, 0.33, 3.0)
-    for b in range(3):  # the same float32 sums in another order: bound 1e-6, measured ≤ 1.2e-7
+    for b in range(3):  # the same float32 sums, perhaps in another order: bound 1e-6, measured 0
         assert rel_err(gamma[b], rescale_gamma(config, cfg[b : b + 1], grad[b : b + 1])) <= 1e-6
 
 
