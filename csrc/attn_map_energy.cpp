@@ -14,8 +14,9 @@
 // Energy kernels (fused_tile): per head, keys are copied once into transposed, 16-padded buffers;
 // query rows are processed in register tiles of 8 rows × 16 keys (GCC/Clang vector extensions:
 // one AVX-512 register per 16 lanes with -march=native), three sweeps over the keys per tile —
-// scores and row max; exp, A_ref, the difference and the row statistics; P, dk += Pᵀ q and
-// dq = P k — without BLAS and without any [N, N] buffer (two [8, N] rows of scratch).
+// scores and row max; exp, A_ref, the difference and the row statistics; P and dk += Pᵀ q —
+// then dq = P k in head-dim chunks of 48 floats × 8 rows (dq_chunk), without BLAS and without
+// any [N, N] buffer (two [32, N] tiles of scratch).
 // at::parallel_for (OpenMP) runs over (batch·head, row-group) work items; when there are fewer
 // batch·heads than threads, rows of one head are split into groups whose dk partial sums are
 // reduced afterwards (a fixed split, so results do not depend on scheduling). attention_lse uses
