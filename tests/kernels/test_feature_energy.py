@@ -16,6 +16,7 @@ half gradients (one bfloat16 ulp is at most 7.8e-3 of the largest entry; 10× th
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import subprocess
@@ -29,7 +30,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 from gnr_fast.errors import BackendUnavailableError, InputError
-from gnr_fast.ops import feature_energy as ops
 from gnr_fast.ops.feature_energy import (
     feature_energy,
     feature_energy_ref,
@@ -37,6 +37,9 @@ from gnr_fast.ops.feature_energy import (
     mean_feature_energy,
 )
 from gnr_fast.ops.triton_kernels import triton_importable
+
+# The module, not the function of the same name that ``gnr_fast.ops`` re-exports.
+ops = importlib.import_module("gnr_fast.ops.feature_energy")
 
 FP32_RTOL = 1e-5
 HALF_GRAD_RTOL = 2e-2
