@@ -10,13 +10,15 @@ it) and ``recompute`` (``recompute=True``: backward recomputes the maps) — ``n
 CPU kernels of csrc/, fused gradient) and ``triton`` (CUDA).
 
 ``test_native_vs_torch`` times the native and the chunked torch path (both fused, the default
-a guided step uses) side by side at the self-attention layer shapes of the bundled model and of
-SD 1.5 at 256² and 512² images: ROUNDS alternated rounds (torch, native, torch, native, …) after
-one warm-up each; it reports the median and min–max of each and the ratio of the medians
-(target of issue 15: ≥ 2×). Run just those:
+a guided step uses) side by side at the self-attention layer shapes of the bundled model (128²,
+its own size, 256² and 512² images) and of SD 1.5 at 256² and 512²: ``--warmup`` calls each,
+then max(``--rounds``, GNR_BENCH_ROUNDS) alternated rounds (benchmarks/alternating.py); the
+table gives each median with its min–max and the ratio of the medians (target of issue 15:
+≥ 2×). ``test_guided_step_native_vs_torch`` times one guided step of the bundled model with
+either energy path. Run just those:
 
-    python -m pytest benchmarks/bench_attn_map_energy.py -k native_vs_torch -s   (add
-    OMP_NUM_THREADS=1 for one core; GNR_BENCH_ROUNDS=N for more rounds)
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_attn_map_energy.py -k "native_vs_torch" -s \
+        --rounds 5 --warmup 1
 
 Reported side by side in one run (STYLE.md rule 12):
 - time: pytest-benchmark's table, one group per size; the parenthesised numbers are ratios to
@@ -33,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,9 @@ IMPLS: dict[str, tuple[Callable[..., torch.Tensor], dict[str, object]]] = {
 # block_out_channels 32/64/64 → head dims 8/16/16, attention at latent/1, /2, /4) and SD 1.5
 # (8 heads, 320/640/1280 channels → head dims 40/80/160, plus the mid block at latent/8).
 LAYER_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "bundled-128-N256-D8": (1, 4, 256, 8),  # the bundled model's own image size (16² latents)
+    "bundled-128-N64-D16": (1, 4, 64, 16),
+    "bundled-128-N16-D16": (1, 4, 16, 16),
     "bundled-256-N1024-D8": (1, 4, 1024, 8),
     "bundled-256-N256-D16": (1, 4, 256, 16),
     "bundled-256-N64-D16": (1, 4, 64, 16),
@@ -82,7 +86,10 @@ LAYER_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "sd15-512-N256-D160": (1, 8, 256, 160),
     "sd15-512-N64-D160": (1, 8, 64, 160),
 }
-ROUNDS = int(os.environ.get("GNR_BENCH_ROUNDS", "7"))
+ROUNDS = int(os.environ.get("GNR_BENCH_ROUNDS", "3"))
+# Pointing the native library variable at a missing file makes native_unsupported_reason() name
+# it, so the energy takes the chunked torch path (the library stays loaded; nothing is patched).
+NATIVE_OFF = "/nonexistent/native-off-for-this-benchmark.so"
 
 
 def make_inputs(batch: int, heads: int, tokens: int, head_dim: int, device: str = DEVICE) -> tuple[torch.Tensor, ...]:
@@ -168,25 +175,83 @@ def test_attn_map_energy_forward_backward(benchmark, results, size: str, impl: s
 
 
 @pytest.mark.parametrize("layer", list(LAYER_SHAPES))
-def test_native_vs_torch(record, layer: str) -> None:
-    """Alternated rounds of the chunked torch path and the native kernels (both fused fwd+bwd)."""
+def test_native_vs_torch(record, rounds, warmup, layer: str) -> None:
+    """Alternated rounds (``--warmup`` untimed calls each, then ``--rounds`` rounds in the order
+    torch native, native torch, …; benchmarks/alternating.py) of the chunked torch path and the
+    native kernels, both fused fwd+bwd."""
+    from benchmarks.alternating import alternate
     from gnr_fast.ops.attn_map_energy import native_supported, native_unsupported_reason
 
     inputs = make_inputs(*LAYER_SHAPES[layer], device="cpu")
     if not native_supported(inputs[0]):
         pytest.skip(f"native ops unavailable: {native_unsupported_reason(inputs[0])}")
-    times: dict[str, list[float]] = {"fused": [], "native": []}
-    for impl in times:  # warm-up
-        forward_backward(impl, inputs)
-    for _ in range(ROUNDS):
-        for impl, samples in times.items():
-            start = time.perf_counter()
-            forward_backward(impl, inputs)
-            samples.append(time.perf_counter() - start)
-    torch_s, native_s = statistics.median(times["fused"]), statistics.median(times["native"])
-    spread = {impl: f"{min(v) * 1e3:.1f}-{max(v) * 1e3:.1f} ms" for impl, v in times.items()}
-    record(f"attn_map_energy {layer}", "reference", seconds=torch_s, torch_range=spread["fused"])
-    record(f"attn_map_energy {layer}", "fast", seconds=native_s, native_range=spread["native"], rounds=ROUNDS,
+    samples = alternate({impl: (lambda i=impl: forward_backward(i, inputs)) for impl in ("fused", "native")},
+                        max(rounds, ROUNDS), warmup)
+    record(f"attn_map_energy {layer}", "reference", samples=samples["fused"])
+    record(f"attn_map_energy {layer}", "fast", samples=samples["native"], threads=torch.get_num_threads())
+
+
+@contextmanager
+def _native_lib(path: str | None) -> Iterator[None]:
+    """``GNR_FAST_NATIVE_LIB`` set to ``path`` (None: left as it is) for the block."""
+    from gnr_fast.ops.native import LIBRARY_ENV
+
+    before = os.environ.get(LIBRARY_ENV)
+    if path is not None:
+        os.environ[LIBRARY_ENV] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LIBRARY_ENV, None)
+        else:
+            os.environ[LIBRARY_ENV] = before
+
+
+def test_guided_step_native_vs_torch(record, rounds, warmup) -> None:
+    """One guided step of the bundled model (128² image, non-stylisation preset, step 5 of 50) with
+    the attention-map energy on the native kernels vs the chunked torch path, alternated rounds
+    (``--rounds``/``--warmup``); everything else in the step is the same code. The saving per
+    step is the difference of the medians."""
+    from PIL import Image
+
+    from benchmarks.alternating import alternate
+    from gnr_fast import Editor
+    from gnr_fast.config import EditConfig
+    from gnr_fast.editing import EditContext
+    from gnr_fast.fast.step import fast_step
+    from gnr_fast.loading import BUNDLED_MODEL
+    from gnr_fast.ops.attn_map_energy import native_unsupported_reason
+
+    if not (BUNDLED_MODEL / "model_index.json").is_file():
+        pytest.skip(f"bundled model absent at {BUNDLED_MODEL}")
+    reason = native_unsupported_reason(torch.empty(1, 1, 1, 8))
+    if reason is not None:
+        pytest.skip(f"native ops unavailable: {reason}")
+    steps, step, size = 50, 5, 128
+    editor = Editor.from_pretrained(BUNDLED_MODEL)
+    image = Image.new("RGB", (size, size), (40, 60, 200))
+    image.paste((220, 30, 30), (size // 4, size // 4, size // 2, size // 2))
+    inversion = editor.invert(image, "a red square on a blue background", num_steps=steps, progress=False)
+    config = EditConfig.nonstyle(steps)
+    ctx = EditContext.build(editor.components, editor.runner, config, editor.self_attn_layers, editor.embed(""),
+                            editor.embed(inversion.source_prompt), editor.embed("a green square on a blue background"))
+    z_star = inversion.latents[steps - step]
+    z = z_star + 0.05 * torch.randn(z_star.shape, generator=torch.Generator().manual_seed(step))
+
+    def run(lib: str | None) -> Callable[[], object]:
+        def guided() -> object:
+            with _native_lib(lib):
+                return fast_step(ctx, z, z_star, step)
+        return guided
+
+    with _native_lib(NATIVE_OFF):
+        assert native_unsupported_reason(z) is not None  # the torch variant really is the torch path
+    samples = alternate({"torch": run(NATIVE_OFF), "native": run(None)}, rounds, warmup)
+    saving = samples["torch"].median - samples["native"].median
+    case = f"bundled {size}²: one guided step, attention-map energy torch vs native"
+    record(case, "reference", samples=samples["torch"])
+    record(case, "fast", samples=samples["native"], saving_s_per_step=round(saving, 4),
            threads=torch.get_num_threads())
 
 

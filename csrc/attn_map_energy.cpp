@@ -14,8 +14,9 @@
 // Energy kernels (fused_tile): per head, keys are copied once into transposed, 16-padded buffers;
 // query rows are processed in register tiles of 8 rows × 16 keys (GCC/Clang vector extensions:
 // one AVX-512 register per 16 lanes with -march=native), three sweeps over the keys per tile —
-// scores and row max; exp, A_ref, the difference and the row statistics; P, dk += Pᵀ q and
-// dq = P k — without BLAS and without any [N, N] buffer (two [8, N] rows of scratch).
+// scores and row max; exp, A_ref, the difference and the row statistics; P and dk += Pᵀ q —
+// then dq = P k in head-dim chunks of 48 floats × 8 rows (dq_chunk), without BLAS and without
+// any [N, N] buffer (two [32, N] tiles of scratch).
 // at::parallel_for (OpenMP) runs over (batch·head, row-group) work items; when there are fewer
 // batch·heads than threads, rows of one head are split into groups whose dk partial sums are
 // reduced afterwards (a fixed split, so results do not depend on scheduling). attention_lse uses
@@ -154,40 +155,46 @@ struct Scratch {
         kT(D * Np), krT(D * Np), kp(Np * Dp), a(kSuper * kRows * (Np + kLanes)), t(kSuper * kRows * (Np + kLanes)), dkT(D * Np) {}
 };
 
-// dq rows r0 … r0+rows−1: dq_r = Σ_j P_rj k_j with P in s.t and k in s.kp ([Np, Dp]). DV = Dp / 16
-// vectors per row are kept in registers for RC rows at a time (RC·DV + DV ≤ 32 zmm registers).
-template <int DV>
-void dq_rows(const Scratch& s, int64_t N, int64_t D, int64_t r0, int64_t rows, float* dq) {
-  constexpr int64_t RC = DV >= 8 ? 2 : DV >= 4 ? 4 : 8;
-  for (int64_t rb = 0; rb < rows; rb += RC) {
-    v16 acc[RC][DV] = {};
-    const int64_t rn = std::min(RC, rows - rb);
-    for (int64_t j = 0; j < N; ++j) {
-      v16 kv[DV];
-      for (int c = 0; c < DV; ++c) kv[c] = load16(&s.kp[j * s.Dp + c * kLanes]);
-      for (int64_t r = 0; r < RC; ++r) {
-        const float pj = s.t[(rb + r) * s.ld + j];  // rows past `rows` hold P = 0
-        for (int c = 0; c < DV; ++c) acc[r][c] += pj * kv[c];
-      }
-    }
-    for (int64_t r = 0; r < rn; ++r) {
-      float out[DV * kLanes];
-      for (int c = 0; c < DV; ++c) store16(out + c * kLanes, acc[r][c]);
-      std::memcpy(dq + (r0 + rb + r) * D, out, sizeof(float) * D);
+// dq rows r0 … r0+rows−1: dq_r = Σ_j P_rj k_j with P in s.t and k in s.kp ([Np, Dp]). The head
+// dim is swept in chunks of W ≤ kDqChunk vectors (48 floats); for each chunk, 8 rows at a time
+// keep 8·W accumulators plus W key vectors in registers (≤ 27 zmm) while j runs over all keys.
+// So each key chunk is read once per 8 rows (4 times per 32-row super-tile) whatever D is —
+// a whole-row register tile at D = 160 held only 2 rows and re-read all keys every 2 rows.
+// The sum over j runs in key order, as before: results are unchanged bit for bit.
+constexpr int64_t kDqChunk = 3;
+
+template <int W>
+void dq_chunk(const Scratch& s, int64_t N, int64_t c0, int64_t row0, float* out /* [kRows, Dp] */) {
+  v16 acc[kRows][W] = {};
+  const float* kbase = &s.kp[c0 * kLanes];
+  const float* pbase = &s.t[row0 * s.ld];
+  for (int64_t j = 0; j < N; ++j) {
+    v16 kv[W];
+    for (int c = 0; c < W; ++c) kv[c] = load16(kbase + j * s.Dp + c * kLanes);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const float pj = pbase[r * s.ld + j];  // rows past the tile's valid rows hold P = 0
+      for (int c = 0; c < W; ++c) acc[r][c] += pj * kv[c];
     }
   }
-}
-
-template <int... DVs>
-void dq_rows_table(const Scratch& s, int64_t N, int64_t D, int64_t r0, int64_t rows, float* dq,
-                   std::integer_sequence<int, DVs...>) {
-  using Fn = void (*)(const Scratch&, int64_t, int64_t, int64_t, int64_t, float*);
-  static constexpr Fn table[] = {&dq_rows<DVs + 1>...};
-  table[s.Dp / kLanes - 1](s, N, D, r0, rows, dq);
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int c = 0; c < W; ++c) store16(out + r * s.Dp + (c0 + c) * kLanes, acc[r][c]);
 }
 
 void dq_rows_dispatch(const Scratch& s, int64_t N, int64_t D, int64_t r0, int64_t rows, float* dq) {
-  dq_rows_table(s, N, D, r0, rows, dq, std::make_integer_sequence<int, 16>{});
+  const int64_t DV = s.Dp / kLanes, tiles = (rows + kRows - 1) / kRows;
+  std::vector<float> out(static_cast<size_t>(kRows * s.Dp));
+  for (int64_t tt = 0; tt < tiles; ++tt) {
+    for (int64_t c0 = 0; c0 < DV; c0 += kDqChunk) {
+      switch (std::min(kDqChunk, DV - c0)) {
+        case 3: dq_chunk<3>(s, N, c0, tt * kRows, out.data()); break;
+        case 2: dq_chunk<2>(s, N, c0, tt * kRows, out.data()); break;
+        default: dq_chunk<1>(s, N, c0, tt * kRows, out.data()); break;
+      }
+    }
+    const int64_t valid = std::min(kRows, rows - tt * kRows);
+    for (int64_t r = 0; r < valid; ++r)
+      std::memcpy(dq + (r0 + tt * kRows + r) * D, out.data() + r * s.Dp, sizeof(float) * D);
+  }
 }
 
 // One super-tile of up to kSuper·kRows query rows [r0, r0 + rows) of one head (q/qr: its [N, D]

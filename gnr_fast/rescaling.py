@@ -2,7 +2,9 @@
 
 Norms and γ are computed in float32 whatever the dtype of Δcfg and the gradient (docs/precision.md):
 a float16 norm overflows past 65504. :func:`rescale_gamma` keeps γ on the tensors' device (no host
-sync); :func:`rescale_factor` is the same value as a Python float.
+sync) — on CUDA with Triton both norms and γ come from one kernel launch
+(:func:`gnr_fast.ops.rescale_norms.rescale_gammas`), elsewhere from the torch expressions below;
+:func:`rescale_factor` is the same value as a Python float.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .config import RescaleConfig
+from .ops.rescale_norms import rescale_gammas, rescale_path
 from .precision import compute_dtype_for
 
 
@@ -28,6 +31,10 @@ def rescale_gamma(config: RescaleConfig, delta_cfg: torch.Tensor, guider_grad: t
     dtype = compute_dtype_for(delta_cfg.dtype)
     if config.kind == "identity_rescaler" or guider_grad is None:
         return torch.ones((), dtype=dtype, device=delta_cfg.device)
+    if rescale_path(delta_cfg, guider_grad) == "triton":
+        # One launch for both norms and γ; the whole tensor is one "image" (as the norms below).
+        gamma, _ = rescale_gammas(delta_cfg.reshape(1, -1), guider_grad.reshape(1, -1), config.lo, config.hi)
+        return gamma.reshape(())
     return range_gamma(tensor_norm(delta_cfg), tensor_norm(guider_grad).to(delta_cfg.device), config.lo, config.hi)
 
 

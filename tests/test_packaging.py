@@ -47,7 +47,7 @@ def _import_from(site: Path, code: str) -> str:
 def test_wheel_ships_kernel_sources(tmp_path):
     wheel = _build_wheel(tmp_path, native=False)
     names = set(zipfile.ZipFile(wheel).namelist())
-    for kernel in ("__init__", "attn_map_energy", "attention_lse"):
+    for kernel in ("__init__", "attn_map_energy", "attention_lse", "feature_energy", "rescale_norms"):
         assert f"gnr_fast/kernels/{kernel}.py" in names, sorted(n for n in names if "kernel" in n)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

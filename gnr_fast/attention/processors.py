@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedArchitectureError
+from ..ops.attention_lse import attention_with_lse
+from ..ops.attn_map_energy import attention_lse
 from .capture import CaptureMode, Recorder, SelfAttnLayer, install_feature_taps
 
 
@@ -20,8 +22,9 @@ class CaptureAttnProcessor:
 
     In a :attr:`CaptureMode.MAPS` call every attention module computes softmax(scale · Q Kᵀ) V
     explicitly, with the reference implementation's arithmetic, and captured layers keep the map;
-    in :attr:`CaptureMode.QK` the output uses
-    ``F.scaled_dot_product_attention`` and only Q and K are kept — never an N×N map.
+    in :attr:`CaptureMode.QK` the output comes from
+    :func:`~gnr_fast.ops.attention_lse.attention_with_lse` (also the log-sum-exp when the call
+    records it; plain SDPA otherwise) and only Q, K (and lse) are kept — never an N×N map.
     """
 
     def __init__(self, layer: SelfAttnLayer | None = None) -> None:
@@ -60,21 +63,19 @@ class CaptureAttnProcessor:
         key = key.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, H, M, D]
         value = value.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, H, M, D]
         scale = None if attn.scale == head_dim**-0.5 else attn.scale
-        lse = None
         with_lse = records and recorder.spec.with_lse
-        if with_lse and flash_cpu_lse_supported(query, attention_mask):
-            # The CPU flash kernel returns each query row's log-sum-exp alongside the output.
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, scale=scale)
+        if attention_mask is None:
+            # The one attention op (gnr_fast.ops.attention_lse): with the lse for a recorded source
+            # pass (CPU: the flash kernel, which returns it; CUDA: Triton / xformers / SDPA), else SDPA.
+            out, lse = attention_with_lse(query, key, value, scale=scale, need_lse=with_lse)
         else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
+            out, lse = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale), None
         if records:
             rows = recorder.spec.row_slice
             index = self.layer.index
             recorder.queries[index], recorder.keys[index] = query[rows], key[rows]
             if with_lse:
-                if lse is None:
-                    from ..ops.attn_map_energy import attention_lse
-
+                if lse is None:  # a masked self-attention (SD UNets have none): the chunked lse
                     lse = attention_lse(query[rows], key[rows], scale=attn.scale)
                 else:
                     lse = lse[rows]
@@ -88,16 +89,6 @@ class CaptureAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
-
-
-def flash_cpu_lse_supported(query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
-    """Whether the CPU flash-attention op (which also returns the log-sum-exp) can serve this call."""
-    return (
-        query.device.type == "cpu"
-        and attention_mask is None
-        and query.dtype in (torch.float32, torch.float64, torch.bfloat16)
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    )
 
 
 def _check_supported(name: str, attn) -> None:

@@ -6,13 +6,15 @@ import torch
 
 from ..attention.capture import PassCapture
 from ..config import FeatureSite
-from ..precision import to_compute
+from ..ops.feature_energy import mean_feature_energy
 
 
 def appearance_l1(cur: PassCapture, inv: PassCapture, site: FeatureSite) -> torch.Tensor:
     """Mean absolute difference of the features recorded at ``site`` in the two passes.
 
     Computed in float32 whatever the capture dtype (docs/precision.md): a float16 sum of |Δ| over a
-    feature map overflows past 65504. Returns a 0-dim float32 tensor (float64 for float64 inputs).
+    feature map overflows past 65504. On CUDA with Triton one fused kernel computes the energy and its gradient
+    (:func:`~gnr_fast.ops.feature_energy.mean_feature_energy`); elsewhere the plain torch expression.
+    Returns a 0-dim float32 tensor (float64 for float64 inputs).
     """
-    return torch.mean(torch.abs(to_compute(cur.features[site]) - to_compute(inv.features[site])))
+    return mean_feature_energy(cur.features[site], inv.features[site], "l1")

@@ -6,13 +6,15 @@ import torch
 
 from ..attention.capture import PassCapture
 from ..config import FeatureSite
-from ..precision import to_compute
+from ..ops.feature_energy import mean_feature_energy
 
 
 def features_map_l2(cur: PassCapture, inv: PassCapture, site: FeatureSite) -> torch.Tensor:
     """Mean squared difference of the features recorded at ``site`` in the two passes.
 
     Computed in float32 whatever the capture dtype (docs/precision.md): in float16 a square would
-    overflow once |Φ_trg − Φ_inv| > 256. Returns a 0-dim float32 tensor (float64 for float64 inputs).
+    overflow once |Φ_trg − Φ_inv| > 256. On CUDA with Triton one fused kernel computes the energy and its gradient
+    (:func:`~gnr_fast.ops.feature_energy.mean_feature_energy`); elsewhere the plain torch expression.
+    Returns a 0-dim float32 tensor (float64 for float64 inputs).
     """
-    return torch.mean((to_compute(cur.features[site]) - to_compute(inv.features[site])) ** 2)
+    return mean_feature_energy(cur.features[site], inv.features[site], "l2")

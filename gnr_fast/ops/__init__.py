@@ -8,6 +8,12 @@ from gnr_fast.ops.attn_map_energy import (
     native_supported,
     triton_supported,
 )
+from gnr_fast.ops.feature_energy import (
+    feature_energy,
+    feature_energy_ref,
+    mean_feature_energy,
+)
+from gnr_fast.ops.rescale_norms import rescale_gammas, rescale_gammas_ref
 
 __all__ = [
     "attention_lse",
@@ -15,6 +21,11 @@ __all__ = [
     "attention_with_lse_ref",
     "attn_map_energy",
     "attn_map_energy_ref",
+    "feature_energy",
+    "feature_energy_ref",
+    "mean_feature_energy",
     "native_supported",
+    "rescale_gammas",
+    "rescale_gammas_ref",
     "triton_supported",
 ]

@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 Path = Literal["cpu_flash", "xformers", "triton", "sdpa"]
 Backend = Literal["auto", "cpu_flash", "xformers", "triton", "sdpa"]
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # Triton and xformers
 _TRITON_MAX_HEAD_DIM = 256
 _DOT_PRECISION = "tf32x3"  # fp32 dots at about fp32 accuracy on tensor cores (see attn_map_energy)
 
@@ -84,15 +85,17 @@ def attention_with_lse(
     """Attention output and per-row log-sum-exp of the scores.
 
     Args:
-        q: [B, H, N, D]; k: [B, H, L, D]; v: [B, H, L, DV] — one dtype (float32/float16/bfloat16)
-            and device.
-        scale: softmax scale; ``None`` means ``D ** -0.5``.
+        q: [B, H, N, D]; k: [B, H, L, D]; v: [B, H, L, DV] — one dtype (float32/float16/bfloat16;
+            float64 on the ``"cpu_flash"`` and ``"sdpa"`` paths) and device.
+        scale: softmax scale; ``None`` means ``D ** -0.5`` (passed on as ``None`` to the CPU flash
+            kernel and to SDPA, which then use their own default, bit for bit as a direct call).
         need_lse: ``False`` returns ``(out, None)`` through plain SDPA (no lse work at all).
         backend: ``"auto"`` picks by :func:`attention_lse_path`; a named path forces it
             (:class:`BackendUnavailableError` with the reason when it cannot run here).
 
     Returns:
-        ``(out, lse)``: out [B, H, N, DV] in q's dtype; lse [B, H, N] float32, natural log.
+        ``(out, lse)``: out [B, H, N, DV] in q's dtype; lse [B, H, N] float32 (float64 for float64
+        inputs), natural log.
         Both are differentiable w.r.t. q, k, v (first order); equal to
         :func:`attention_with_lse_ref` up to the path's rounding.
 
@@ -100,10 +103,13 @@ def attention_with_lse(
         InputError: shapes, dtypes, devices or ``scale``/``need_lse``/``backend`` are invalid.
     """
     _check_inputs(q, k, v, scale, need_lse, backend)
-    scale = _resolve_scale(q, scale)
     if not need_lse:
         return F.scaled_dot_product_attention(q, k, v, scale=scale), None
     path = _choose(q, k, v, backend)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # No gradient wanted (e.g. the source pass): the path's forward alone, no autograd node;
+        # on CPU the very flash call a direct caller makes, which torch.compile traces as one op.
+        return _forward(path, q, k, v, scale)
     out, lse = _AttentionWithLse.apply(q, k, v, scale, path)
     return out, lse
 
@@ -130,6 +136,8 @@ def path_unavailable_reason(path: Path, q: Tensor, k: Tensor, v: Tensor) -> str 
             return f"v's head dim {v.shape[-1]} differs from q's {q.shape[-1]} (the CPU flash kernel needs one)"
         return None
     if path == "xformers":
+        if q.dtype not in _KERNEL_DTYPES:
+            return f"dtype {q.dtype} is not one of {_KERNEL_DTYPES}"
         if q.device.type != "cuda":
             return f"tensors are on {q.device.type}; xformers runs on CUDA"
         if importlib.util.find_spec("xformers") is None:
@@ -141,6 +149,8 @@ def path_unavailable_reason(path: Path, q: Tensor, k: Tensor, v: Tensor) -> str 
 
 
 def _triton_unavailable_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not one of {_KERNEL_DTYPES}"
     if not triton_importable():
         return "triton is not installed (pip install 'gnr-fast[kernels]')"
     if not kernel_module_present("attention_lse"):
@@ -203,7 +213,8 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Path:
         if reason is not None:
             raise BackendUnavailableError(f"attention_with_lse: backend={backend!r} is unavailable: {reason}")
         path, why = backend, "forced"  # type: ignore[assignment]
-    if (path, why) not in _logged:
+    # Not while torch.compile traces (a logging call would break its graph); eager calls log it.
+    if (path, why) not in _logged and not torch.compiler.is_compiling():
         _logged.add((path, why))
         logger.info("attention_with_lse uses the %s path (%s)", path, why)
     return path
@@ -218,17 +229,22 @@ def _resolve_scale(q: Tensor, scale: float | None) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _forward(path: Path, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _forward(path: Path, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
+    """``scale=None``: the kernels' own default D**-0.5 (the CPU flash kernel and SDPA are called
+    exactly as a direct call would; the other paths resolve it here)."""
     if path == "cpu_flash":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
-        return out, lse.float()
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out, lse if lse.dtype == torch.float64 else lse.float()
+    if scale is None:
+        scale = _resolve_scale(q, scale)
     if path == "xformers":
         return _xformers_forward(q, k, v, scale)
     if path == "triton":
         out, lse = torch.ops.gnr_fast.attention_lse_fwd(q.contiguous(), k.contiguous(), v.contiguous(), scale)
         return out, lse
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out, chunked_attention_lse(q, k, scale=scale).float()
+    lse = chunked_attention_lse(q, k, scale=scale)
+    return out, lse if lse.dtype == torch.float64 else lse.float()
 
 
 def _xformers_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -252,37 +268,45 @@ class _AttentionWithLse(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, path: str):  # type: ignore[override]
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float | None, path: str):  # type: ignore[override]
         out, lse = _forward(path, q, k, v, scale)  # type: ignore[arg-type]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.path = scale, path
+        # An output nobody differentiates (the lse of a grad call whose energy recomputes it)
+        # gets grad None, not zeros: its backward terms are skipped.
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        scale = ctx.scale
-        dq = torch.zeros_like(q, dtype=torch.float32)
-        dk = torch.zeros_like(k, dtype=torch.float32)
-        dv = torch.zeros_like(v, dtype=torch.float32)
+        if grad_out is not None and ctx.path == "cpu_flash":
+            # The flash backward with the forward's own arguments (scale None stays None), as
+            # autograd of a direct call runs it.
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out.contiguous(), q, k, v, out, lse, 0.0, False, scale=ctx.scale
+            )
+            if grad_lse is None:
+                return gq, gk, gv, None, None
+        scale = _resolve_scale(q, ctx.scale)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.zeros_like(q, dtype=acc)
+        dk = torch.zeros_like(k, dtype=acc)
+        dv = torch.zeros_like(v, dtype=acc)
         if grad_out is not None:
-            if ctx.path == "cpu_flash":
-                gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    grad_out.contiguous(), q, k, v, out, lse, 0.0, False, scale=scale
-                )
-            else:
+            if ctx.path != "cpu_flash":
                 gq, gk, gv = _sdpa_vjp(q, k, v, grad_out, scale)
-            dq += gq.float()
-            dk += gk.float()
-            dv += gv.float()
+            dq += gq.to(acc)
+            dk += gk.to(acc)
+            dv += gv.to(acc)
         if grad_lse is not None:
-            g = grad_lse.float()[..., None]  # [B, H, N, 1]
+            g = grad_lse.to(acc)[..., None]  # [B, H, N, 1]
             with torch.no_grad():
                 attn_k = F.scaled_dot_product_attention(q, k, k, scale=scale)  # A k, [B, H, N, D]
-            dq += scale * g * attn_k.float()
-            _, _, gk_v = _sdpa_vjp(q, k, k, (g * q.float()).to(q.dtype), scale, values_only=True)
-            dk += scale * gk_v.float()
+            dq += scale * g * attn_k.to(acc)
+            _, _, gk_v = _sdpa_vjp(q, k, k, (g * q.to(acc)).to(q.dtype), scale, values_only=True)
+            dk += scale * gk_v.to(acc)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
