@@ -192,6 +192,8 @@ def spied_triton_launches(monkeypatch):
     # the modules (the package re-exports functions of these names)
     attention_lse = importlib.import_module("gnr_fast.ops.attention_lse")
     attn_map_energy = importlib.import_module("gnr_fast.ops.attn_map_energy")
+    feature_energy = importlib.import_module("gnr_fast.ops.feature_energy")
+    rescale_norms = importlib.import_module("gnr_fast.ops.rescale_norms")
     launches, guards = [], []
 
     @contextlib.contextmanager
@@ -203,28 +205,32 @@ def spied_triton_launches(monkeypatch):
             guards.pop()
 
     names = ("_attn_map_energy_fwd_kernel", "_attn_map_energy_bwd_dq_kernel", "_attn_map_energy_bwd_dk_kernel",
-             "_attention_lse_fwd_kernel")
+             "_attention_lse_fwd_kernel", "_feature_energy_kernel", "_rescale_gamma_kernel")
     kernels = SimpleNamespace(**{name: _FakeKernel(name, launches, guards) for name in names})
-    for module in (attention_lse, attn_map_energy):
+    for module in (attention_lse, attn_map_energy, feature_energy, rescale_norms):
         monkeypatch.setattr(module, "on_device", spy)
     monkeypatch.setattr(attn_map_energy, "_kernel_module", lambda: kernels)
-    monkeypatch.setattr(attention_lse, "kernel_module", lambda name: kernels)
+    for module in (attention_lse, feature_energy, rescale_norms):
+        monkeypatch.setattr(module, "kernel_module", lambda name: kernels)
     monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
     return launches
 
 
 def test_triton_kernels_launch_under_the_tensors_device(spied_triton_launches):
     """Triton launches on the thread's current CUDA device, not the tensors': every launch of the
-    attention-map energy (forward, dq, dk) and attention-lse ops runs inside ``on_device(q.device)``."""
+    attention-map energy (forward, dq, dk), attention-lse, feature-energy and rescale ops runs inside
+    ``on_device`` of its tensors' device."""
     q, k, q_ref, k_ref = (torch.randn(1, 2, 16, 8) for _ in range(4))
     lse_ref = torch.randn(1, 2, 16)
     row = torch.randn(1, 2, 16)
     torch.ops.gnr_fast.attn_map_energy_fwd(q, k, q_ref, k_ref, lse_ref, 0.35)
     torch.ops.gnr_fast.attn_map_energy_bwd(q, k, q_ref, k_ref, lse_ref, row, row, row, 0.35)
     torch.ops.gnr_fast.attention_lse_fwd(q, k, k, 0.35)
+    torch.ops.gnr_fast.feature_energy_fwd(q, k_ref, True)
+    torch.ops.gnr_fast.rescale_gamma(q, k, 0.3, 3.0)
     assert [name for name, _ in spied_triton_launches] == [
         "_attn_map_energy_fwd_kernel", "_attn_map_energy_bwd_dq_kernel", "_attn_map_energy_bwd_dk_kernel",
-        "_attention_lse_fwd_kernel",
+        "_attention_lse_fwd_kernel", "_feature_energy_kernel", "_rescale_gamma_kernel",
     ]
     assert all(guards == [q.device] for _, guards in spied_triton_launches)
 

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from gnr_fast.devices import on_device
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops.triton_kernels import (
     interpreter_ready,
@@ -222,7 +223,8 @@ def _feature_energy_fwd_op(cur: Tensor, inv: Tensor, squared: bool) -> tuple[Ten
     partial = cur.new_empty(batch, blocks, dtype=torch.float32)
     grad = torch.empty_like(cur_c)
     kernel = torch.library.wrap_triton(kernel_module("feature_energy")._feature_energy_kernel)
-    kernel[(blocks, batch)](
-        cur_c, inv_c, partial, grad, values, 1.0 / values, blocks, BLOCK=_BLOCK, SQUARED=squared
-    )
+    with on_device(cur.device):  # Triton launches on the current CUDA device, not the tensors'
+        kernel[(blocks, batch)](
+            cur_c, inv_c, partial, grad, values, 1.0 / values, blocks, BLOCK=_BLOCK, SQUARED=squared
+        )
     return partial.sum(dim=1) / values, grad

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from gnr_fast.devices import on_device
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops.triton_kernels import (
     interpreter_ready,
@@ -184,5 +185,6 @@ def _rescale_gamma_op(delta_cfg: Tensor, grad: Tensor, lo: float, hi: float) -> 
     gamma = delta_cfg.new_empty(batch, dtype=torch.float32)
     norms = delta_cfg.new_empty(batch, 2, dtype=torch.float32)
     kernel = torch.library.wrap_triton(kernel_module("rescale_norms")._rescale_gamma_kernel)
-    kernel[(batch,)](delta_cfg.contiguous(), grad.contiguous(), gamma, norms, values, lo, hi, BLOCK=_BLOCK)
+    with on_device(delta_cfg.device):  # Triton launches on the current CUDA device, not the tensors'
+        kernel[(batch,)](delta_cfg.contiguous(), grad.contiguous(), gamma, norms, values, lo, hi, BLOCK=_BLOCK)
     return gamma, norms
