@@ -188,7 +188,9 @@ def test_identical_passes_give_zero_energy_and_gradient():
     q_ref, k_ref = q.detach().clone(), k.detach().clone()
     energy, dq, dk = energy_and_grads(attn_map_energy, q, k, q_ref, k_ref, attention_lse(q_ref, k_ref), chunk=9)
     assert energy.abs().item() < 1e-12
-    assert dq.abs().max().item() < 1e-5 and dk.abs().max().item() < 1e-5
+    # Measured max |dq|, |dk|: 1.8e-5 on the torch path (the P - P* rounding summed over keys), below
+    # 1e-5 natively; ≈ 10× that. Inputs that differ give gradients of order 1e-1 (the other tests).
+    assert dq.abs().max().item() < 2e-4 and dk.abs().max().item() < 2e-4
 
 
 @GRAD_MODES
