@@ -2,10 +2,10 @@
 tritonserver on ``gnr-fast export triton-repo --runtime onnx``, and ``gnr-fast serve --runtime onnx``.
 
 Each served ONNX edit is held to the local eager edit of the same request (the eager served
-edit equals the local eager edit to ≤ 1 uint8 level: tests/serving/test_server.py). Bound:
-measured 2026-12-02 on the tiny pipeline, 4 steps, 64² image: max |Δ| ≤ MEASURED_MAX levels, mean
-≤ MEASURED_MEAN (ONNX ε is within ~6e-7 relative of eager: tests/test_onnx.py); the bound is a
-couple of levels at most and a mean ~10x the measured one.
+edit equals the local eager edit to ≤ 1 uint8 level: tests/serving/test_server.py). Measured
+2026-12-02 on the tiny pipeline, 4 steps, 64² images: max |Δ| 1 level, mean 0.0006 (tritonserver)
+and 0.0001 (``gnr-fast serve``) levels (ONNX ε is within ~6e-7 relative of eager:
+tests/test_onnx.py). Bounds: 2 levels, mean 0.01 (≈ 10x the worst measured mean).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ SOURCE = "a red circle"
 TARGET = "a green square"
 CALL_TIMEOUT_S = 120.0
 MAX_LEVELS = 2  # measured max |Δ|: see the module docstring
-MEAN_LEVELS = 0.05
+MEAN_LEVELS = 0.01
 
 
 def _png(seed: int) -> bytes:
