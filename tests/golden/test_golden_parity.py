@@ -193,7 +193,9 @@ def golden_editor_onnx(golden_dir, one_thread, tmp_path_factory) -> Editor:
 
 def test_onnx_free_running(golden_editor_onnx, golden):
     """Inversion and ε_u / ε_trg on ONNX Runtime (exported lazily on the first call), capturing and
-    grad calls eager."""
+    grad calls eager. Measured 2026-12-02 (onnxruntime CPU provider, one thread): inversion 1.1e-5,
+    final latent 6.0e-3 relative, image 55.2 dB; ~50 s with the export on an idle machine, so it
+    stays in the default suite."""
     result = free_running(golden_editor_onnx, golden, mode="fast")
     assert result.inversion_rel <= 5e-5
     assert result.final_latent_rel <= 5e-2
