@@ -87,13 +87,14 @@ def test_auto_plain_dtype_resolves_per_unet_and_splits_the_source_row(monkeypatc
     from gnr_fast.runtime import RuntimeConfig
 
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
-    auto = RuntimeConfig()
-    assert auto.plain_dtype == "auto" and not auto.split_source
+    assert RuntimeConfig().plain_dtype is None  # the default: the model dtype
+    auto = RuntimeConfig(plain_dtype="auto")
+    assert not auto.split_source
     sd = precision.resolve_plain_dtype(auto, _Unet(precision.SD_SIZE_CHANNELS))
     assert sd.plain_dtype is torch.bfloat16 and sd.split_source  # ε_u/ε_trg in bf16, the source row float32
     small = precision.resolve_plain_dtype(auto, _Unet(64))
     assert small.plain_dtype is None and not small.split_source
     onnx = precision.resolve_plain_dtype(RuntimeConfig("onnx", "eager"), _Unet(precision.SD_SIZE_CHANNELS))
     assert onnx.plain_dtype is None  # exported backends run their export's dtype
-    explicit = RuntimeConfig(plain_dtype=None)
+    explicit = RuntimeConfig()
     assert precision.resolve_plain_dtype(explicit, _Unet(precision.SD_SIZE_CHANNELS)) is explicit

@@ -38,10 +38,12 @@ class RuntimeConfig:
             per call kind, batch size and capture spec; an edit needs a handful).
         plain_dtype: dtype of plain calls when it differs from the model's (``torch.bfloat16`` on
             CPUs with AVX-512 BF16, ``torch.float16`` on CUDA): eager/compiled plain calls run under
-            autocast, the ``onnx`` backend exports a graph in that dtype. ``None``: the model dtype.
-            ``"auto"`` (the default): bfloat16 where
+            autocast, the ``onnx`` backend exports a graph in that dtype. ``None`` (the default):
+            the model dtype. ``"auto"``: bfloat16 where
             :func:`~gnr_fast.runtime.precision.bf16_plain_calls_pay_off` (a float32 SD-size UNet on
-            a CPU with native bfloat16; measured in benchmarks/README.md), else the model dtype.
+            a CPU with native bfloat16: 1.23–1.53x faster plain calls on SD 1.5's architecture,
+            benchmarks/README.md), else the model dtype. Not the default: its edit quality was not
+            measured, and ONNX Runtime in float32 was faster still.
             Capturing and grad calls keep the model dtype (see docs/precision.md); a low plain
             dtype gives the source row a call of its own (``split_source``).
         onnx_exports: folders written by ``gnr-fast export onnx`` for the ``onnx`` backend; working
@@ -60,7 +62,7 @@ class RuntimeConfig:
     cache_dir: Path | None = None
     recompile_limit: int = 64
     compiler: Literal["inductor", "aot_eager"] = "inductor"
-    plain_dtype: torch.dtype | Literal["auto"] | None = "auto"
+    plain_dtype: torch.dtype | Literal["auto"] | None = None
     onnx_exports: tuple[Path, ...] = ()
     onnx_provider: str = "auto"
     export_cache_dir: Path | None = None

@@ -1,7 +1,7 @@
 """Low precision for plain calls only: bfloat16 autocast on CPUs with AVX-512 BF16 / AMX, float16
 autocast on CUDA (issue 14, item 4), independent of the model dtype the capturing and grad calls use.
 
-``RuntimeConfig.plain_dtype`` (``None`` = the model's dtype; ``"auto"``, the default, =
+``RuntimeConfig.plain_dtype`` (``None``, the default, = the model's dtype; ``"auto"`` =
 :func:`default_plain_dtype`) selects it; the plain runner is wrapped by :func:`with_plain_dtype`. The wrapped runner keeps the plain convention: its
 inputs and ε are float32, only the UNet's matmuls and convolutions run in the low dtype.
 
