@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         editor = editor_for(components, runtime)
         seconds = (timed_edit(editor, args.latent, args.steps) if real
                    else estimated_edit(editor, args.latent, args.steps, args.repeats))
-        print(f"| gnr-fast, runtime {runtime}{'' if real else ' (estimate)'} | {seconds:.2f} | {where} |", flush=True)
+        plain = editor.runner.runtime.plain_dtype  # "auto" resolved for this UNet (gnr_fast.runtime.precision)
+        label = f"runtime {runtime}, plain calls {str(plain or components.dtype).removeprefix('torch.')}"
+        print(f"| gnr-fast, {label}{'' if real else ' (estimate)'} | {seconds:.2f} | {where} |", flush=True)
     for method, seconds in PAPER_TABLE_1.items():
         print(f"| {method} | {seconds:.2f} | A100 (paper Table 1) |")
     return 0

@@ -1,21 +1,35 @@
-"""Plain UNet calls: eager PyTorch vs ONNX Runtime (float32) vs bfloat16 autocast, one run (issue 14, item 6).
+"""Plain UNet calls and whole edits: eager float32 vs ONNX Runtime (float32) vs bfloat16, one run
+(issue 14, item 6). Every case alternates its variants round by round (:mod:`benchmarks.alternating`:
+``--warmup`` untimed calls, then ``--rounds`` timed rounds A B C, C B A, …) and records each as a
+ratio of medians to eager float32 measured in the same rounds.
 
-    OMP_NUM_THREADS=2 python -m pytest benchmarks/bench_runtime_onnx.py -s -k "bundled or golden"
-    python -m pytest benchmarks/bench_runtime_onnx.py -s -k sd15_256      # SD 1.5 architecture, 256²
-    python -m pytest benchmarks/bench_runtime_onnx.py -s -k tiny --benchmark-disable   # smoke run
+    /work/team/bench python -m pytest benchmarks/bench_runtime_onnx.py -s -k "plain and sd15_256"
+    /work/team/bench python -m pytest benchmarks/bench_runtime_onnx.py -s -k "edit and sd15_256" --rounds 2
+    python -m pytest benchmarks/bench_runtime_onnx.py -s -k tiny --rounds 1 --warmup 0   # smoke run
 
-Cases (each a ratio to eager float32 in the same run, "reference" column = eager):
-plain call at batch 1 and 2, a 10-step DDIM inversion (batch-1 plain calls + the DDIM update),
-the export itself (seconds, once), and a whole first edit through ``Editor(runtime=...)`` where
-the editor takes a runtime (the execution core, issue 13). Eager calls use a UNet with diffusers'
-default attention processors, the same graph the export holds. Models: ``tiny`` (test pipeline,
-8² latent), ``bundled`` (16²), ``golden`` (32², needs ../shared), ``sd15_256`` (SD 1.5
-architecture, random weights, 32²) and ``sd15_512`` (64², plain calls only).
+Variants. Plain calls and the inversion (``test_plain_call``, ``test_inversion``): ``eager`` (a UNet
+with diffusers' default attention processors, the graph the export holds), ``onnx`` (ONNX Runtime's
+CPU provider on that export, made once per module), ``bf16`` (``torch.autocast("cpu",
+torch.bfloat16)`` around the eager call; AVX-512 BF16 / AMX CPUs only). A whole first edit
+(``test_whole_first_edit``, ``Editor.edit`` of a fresh image, inversion included): ``eager``;
+``onnx`` (``runtime="onnx"``: plain calls on ONNX Runtime); ``bf16-plain``
+(``RuntimeConfig(plain_dtype=torch.bfloat16)``: plain calls under bf16 autocast, capturing and grad
+calls float32); ``bf16-model`` (the UNet and text encoder in bfloat16 — every UNet call bf16 — with
+latents, energies, gradients and γ float32 and the VAE float32, as docs/precision.md has it).
+``GNR_BENCH_EDIT_VARIANTS=eager,bf16-model`` picks a subset (each adds one edit per round).
+
+Models: ``tiny`` (test pipeline, 8² latent), ``bundled`` (16²), ``golden`` (32², needs ../shared),
+``sd15_256`` (SD 1.5 architecture with random weights, 32² latent), ``sd15_512`` (64², plain calls
+only). Edits on SD 1.5 run ``SD15_EDIT_STEPS`` steps (the cost per step is what matters), the
+small models 10.
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
+import dataclasses
+import functools
+import os
 import sys
 import tempfile
 import time
@@ -28,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchmarks.conftest import mean_seconds
+from benchmarks.alternating import alternate
 from gnr_fast.exporting.info import unet_fingerprint
 from gnr_fast.exporting.onnx import export_unet_onnx, fresh_unet
 from gnr_fast.runtime.onnx import OnnxPlainUNet
@@ -38,46 +52,76 @@ from gnr_fast.schedules import ddim_step_up, ddim_timesteps
 MODELS = {"tiny": 8, "bundled": 16, "golden": 32, "sd15_256": 32, "sd15_512": 64}  # name → latent side
 PLAIN_ONLY = {"sd15_512"}
 INVERSION_STEPS = 10
+EDIT_STEPS = 10
+SD15_EDIT_STEPS = 6
+EDIT_VARIANTS = ("eager", "onnx", "bf16-plain", "bf16-model")
 
 
 def load_model(name: str):
-    """(components or None, diffusers UNet) of a benchmark model."""
+    """The float32 :class:`~gnr_fast.loading.Components` of a benchmark model."""
     from gnr_fast.loading import load_components
 
     if name == "tiny":
         from tiny_pipeline import build_tiny_pipeline
 
-        components = load_components(build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny"))
-    elif name == "bundled":
-        components = load_components(None)
-    elif name == "golden":
+        return load_components(build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny"))
+    if name == "bundled":
+        return load_components(None)
+    if name == "golden":
         from benchmarks.models import GOLDEN
 
         if not (GOLDEN / "tiny-sd").is_dir():
             pytest.skip(f"the golden model is not at {GOLDEN / 'tiny-sd'}")
-        components = load_components(GOLDEN / "tiny-sd")
-    else:
-        from benchmarks.models import sd15_editor
+        return load_components(GOLDEN / "tiny-sd")
+    from benchmarks.models import sd15_editor
 
-        components = sd15_editor().components
-    return components
+    return sd15_editor().components
+
+
+def bf16_components(components):
+    """``components`` with the UNet and text encoder copied to bfloat16 (the VAE stays float32, as
+    :func:`~gnr_fast.loading.load_components` keeps a ``force_upcast`` VAE)."""
+    return dataclasses.replace(
+        components, unet=copy.deepcopy(components.unet).to(torch.bfloat16),
+        text_encoder=copy.deepcopy(components.text_encoder).to(torch.bfloat16), dtype=torch.bfloat16, precision=None,
+    )
 
 
 class Bench:
-    """One model's eager and ONNX plain runners, built once per module."""
+    """One model's plain runners (eager, bf16 autocast, ONNX Runtime made on first use)."""
 
     def __init__(self, name: str, export_root: Path) -> None:
         self.name = name
         self.latent = MODELS[name]
         self.components = load_model(name)
-        self.unet = fresh_unet(self.components.unet, torch.float32)
-        start = time.perf_counter()
-        info, self.export_timings = export_unet_onnx(
-            self.components.unet, export_root / name, latent_sizes=((self.latent, self.latent),), batch=(1, 4))
-        self.export_s = time.perf_counter() - start
-        self.external_data = info.external_data
-        self.onnx = OnnxPlainUNet(unet_fingerprint(self.components.unet), exports=[export_root / name])
+        self.export_root = export_root
         self.context = torch.randn(2, 77, self.components.unet.config.cross_attention_dim)
+        self._onnx: OnnxPlainUNet | None = None
+
+    @functools.cached_property
+    def unet(self) -> torch.nn.Module:
+        """A float32 copy with diffusers' default attention processors (made on first use: the
+        whole-edit case needs none, and SD 1.5 copies are 3.4 GB)."""
+        return fresh_unet(self.components.unet, torch.float32)
+
+    @property
+    def onnx(self) -> OnnxPlainUNet:
+        if self._onnx is None:
+            start = time.perf_counter()
+            info, self.export_timings = export_unet_onnx(
+                self.components.unet, self.export_root / self.name, latent_sizes=((self.latent, self.latent),),
+                batch=(1, 4))
+            self.export_s = time.perf_counter() - start
+            self.external_data = info.external_data
+            self._onnx = OnnxPlainUNet(unet_fingerprint(self.components.unet), exports=[self.export_root / self.name])
+        return self._onnx
+
+    def runner(self, variant: str):
+        if variant == "onnx":
+            return self.onnx
+        if variant == "bf16":
+            return self.bf16
+        return self.eager
 
     def eager(self, latents, timestep, context):
         with torch.no_grad():
@@ -93,86 +137,101 @@ def bench(request, tmp_path_factory):
     return Bench(request.param, tmp_path_factory.mktemp("onnx-bench"))
 
 
-RUNNERS = ("eager", "onnx", "bf16")  # eager runs first: the others are recorded as ratios to it
-EAGER_S: dict[str, float] = {}
+def plain_variants() -> tuple[str, ...]:
+    return ("eager", "onnx", "bf16") if cpu_has_bf16() else ("eager", "onnx")
 
 
-def record_ratio(record, case: str, runner: str, seconds: float) -> None:
-    """Eager is the reference of ``case``; every other runner a row of its own against it."""
-    if runner == "eager":
-        EAGER_S[case] = seconds
-        return
-    record(f"{case} {runner}", "reference", seconds=EAGER_S.get(case))
-    record(f"{case} {runner}", "fast", seconds=seconds)
+def record_against_eager(record, case: str, samples: dict, **extra) -> None:
+    """One table row per non-eager variant: eager's samples as the reference, the variant's as fast."""
+    for variant, s in samples.items():
+        if variant != "eager":
+            record(f"{case} {variant}", "reference", samples=samples["eager"])
+            record(f"{case} {variant}", "fast", samples=s, **extra)
 
 
-@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("rows", [1, 2])
-def test_plain_call(benchmark, record, bench, runner, rows):
-    if runner == "bf16" and not cpu_has_bf16():
-        pytest.skip("no AVX-512 BF16 / AMX on this CPU")
-    call = getattr(bench, runner)
+def test_plain_call(benchmark, record, bench, rows, rounds, warmup):
     latents = torch.randn(rows, 4, bench.latent, bench.latent)
     t, context = torch.tensor(500), bench.context[:rows]
-    benchmark.pedantic(call, args=(latents, t, context), rounds=5 if bench.name.startswith("sd15") else 20,
-                       warmup_rounds=1)
-    if benchmark.stats is not None:
-        record_ratio(record, f"plain b{rows} {bench.name}", runner, mean_seconds(benchmark))
+    runners = {v: bench.runner(v) for v in plain_variants()}
+    calls = {v: (lambda r=r: r(latents, t, context)) for v, r in runners.items()}
+    samples: dict = {}
+    per_round = 2 if bench.name.startswith("sd15") else 20  # calls per timed sample (noise of single calls)
+
+    def run():
+        samples.update(alternate({v: (lambda c=c: [c() for _ in range(per_round)]) for v, c in calls.items()},
+                                 rounds=rounds, warmup=warmup))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    record_against_eager(record, f"plain b{rows} {bench.name} (x{per_round} calls)", samples)
 
 
-@pytest.mark.parametrize("runner", RUNNERS)
-def test_inversion(benchmark, record, bench, runner):
+def test_inversion(benchmark, record, bench, rounds, warmup):
     if bench.name in PLAIN_ONLY:
         pytest.skip("plain calls only at this size")
-    if runner == "bf16" and not cpu_has_bf16():
-        pytest.skip("no AVX-512 BF16 / AMX on this CPU")
-    call, schedule = getattr(bench, runner), bench.components.schedule
+    schedule = bench.components.schedule
     timesteps = ddim_timesteps(INVERSION_STEPS, schedule.num_train_timesteps)
     z0, c = torch.randn(1, 4, bench.latent, bench.latent), bench.context[:1]
 
-    def invert() -> torch.Tensor:
+    def invert(call) -> torch.Tensor:
         z = z0
         for t in reversed(timesteps):  # DESIGN.md §2: t = 0, 20, …
             z = ddim_step_up(schedule, call(z, torch.tensor(t), c), t, z, INVERSION_STEPS)
         return z
 
-    benchmark.pedantic(invert, rounds=3, warmup_rounds=1)
-    if benchmark.stats is not None:
-        record_ratio(record, f"inversion {INVERSION_STEPS} steps {bench.name}", runner, mean_seconds(benchmark))
+    samples: dict = {}
+    runners = {v: bench.runner(v) for v in plain_variants()}
+    variants = {v: (lambda r=r: invert(r)) for v, r in runners.items()}
+    benchmark.pedantic(lambda: samples.update(alternate(variants, rounds=rounds, warmup=warmup)), rounds=1, iterations=1)
+    record_against_eager(record, f"inversion {INVERSION_STEPS} steps {bench.name}", samples)
 
 
 def test_export_time(record, bench):
     """Seconds of one export (trace, save, onnx.checker), measured when the module's export ran."""
+    bench.onnx  # noqa: B018 (exports on first use)
     t = bench.export_timings
     record(f"export {bench.name}", "fast", seconds=bench.export_s, trace_s=round(t.trace_s, 2),
            save_s=round(t.save_s, 2), check_s=round(t.check_s, 2), external_data=bench.external_data)
 
 
-def editor_takes_runtime() -> bool:
+def edit_variants() -> tuple[str, ...]:
+    chosen = os.environ.get("GNR_BENCH_EDIT_VARIANTS")
+    names = tuple(v.strip() for v in chosen.split(",")) if chosen else EDIT_VARIANTS
+    unknown = [v for v in names if v not in EDIT_VARIANTS]
+    if unknown or "eager" not in names:
+        raise ValueError(f"GNR_BENCH_EDIT_VARIANTS must list 'eager' and some of {EDIT_VARIANTS}, got {chosen!r}")
+    return tuple(v for v in names if cpu_has_bf16() or not v.startswith("bf16"))
+
+
+def make_editor(components, variant: str, cache_dir: Path):
     from gnr_fast import Editor
+    from gnr_fast.runtime import RuntimeConfig
 
-    return "runtime" in inspect.signature(Editor.__init__).parameters
+    if variant == "eager":  # float32 plain calls whatever plain_dtype="auto" would choose
+        return Editor(components, runtime=RuntimeConfig(plain_dtype=None))
+    if variant == "onnx":
+        return Editor(components, runtime=RuntimeConfig("onnx", "eager", export_cache_dir=cache_dir))
+    if variant == "bf16-plain":
+        return Editor(components, runtime=RuntimeConfig(plain_dtype=torch.bfloat16))
+    return Editor(bf16_components(components))
 
 
-@pytest.mark.parametrize("runtime", ["eager", "onnx"])
-def test_whole_first_edit(benchmark, record, bench, runtime):
-    if bench.name in PLAIN_ONLY or bench.name.startswith("sd15"):
-        pytest.skip("whole edits on the small models only (SD 1.5: bench_paper_timing.py)")
-    if not editor_takes_runtime():
-        pytest.skip("Editor(runtime=...) arrives with the execution core (issue 13)")
+def test_whole_first_edit(benchmark, record, bench, rounds, warmup, tmp_path):
+    if bench.name in PLAIN_ONLY:
+        pytest.skip("plain calls only at this size")
     from PIL import Image
 
-    from gnr_fast import Editor
-
-    editor = Editor(bench.components, runtime=runtime)
+    steps = SD15_EDIT_STEPS if bench.name.startswith("sd15") else EDIT_STEPS
+    editors = {v: make_editor(bench.components, v, tmp_path / "onnx-cache") for v in edit_variants()}
     side = 8 * bench.latent
-    config = editor.resolve_config("nonstyle", num_steps=10)
+    config = editors["eager"].resolve_config("nonstyle", num_steps=steps)
     counter = iter(range(10**6))
 
-    def edit():
+    def edit(editor):
         image = Image.new("RGB", (side, side), (40, 60, next(counter) % 256))  # never a cached inversion
         return editor.edit(image, "a green circle", source_prompt="a red circle", config=config, progress=False)
 
-    benchmark.pedantic(edit, rounds=2, warmup_rounds=1)
-    if benchmark.stats is not None:
-        record_ratio(record, f"first edit 10 steps {bench.name}", runtime, mean_seconds(benchmark))
+    samples: dict = {}
+    variants = {v: (lambda e=e: edit(e)) for v, e in editors.items()}
+    benchmark.pedantic(lambda: samples.update(alternate(variants, rounds=rounds, warmup=warmup)), rounds=1, iterations=1)
+    record_against_eager(record, f"first edit {steps} steps {bench.name}", samples)

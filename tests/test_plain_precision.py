@@ -62,3 +62,39 @@ def test_bf16_plain_calls_stay_close_to_fp32(tiny_model_path):
         error = ((eps - ref).norm() / ref.norm()).item()
         # measured on the tiny UNet: 1.5e-2 median, 2.2e-2 max over 10-step inversions; float32 gives 0
         assert 1e-4 < error < 0.2, error
+
+
+class _Unet(torch.nn.Module):
+    """Just what the default predicate reads: the config's block widths and a weight's device/dtype."""
+
+    def __init__(self, widest: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"block_out_channels": (320, 640, widest)})()
+        self.weight = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_plain_dtype_is_bf16_only_for_float32_sd_size_unets_on_bf16_cpus(monkeypatch, native_bf16):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native_bf16)
+    sd = _Unet(precision.SD_SIZE_CHANNELS)
+    assert precision.bf16_plain_calls_pay_off(sd) is native_bf16
+    assert precision.default_plain_dtype(sd) is (torch.bfloat16 if native_bf16 else None)
+    assert not precision.bf16_plain_calls_pay_off(_Unet(precision.SD_SIZE_CHANNELS // 2))  # the small models
+    assert not precision.bf16_plain_calls_pay_off(_Unet(precision.SD_SIZE_CHANNELS, torch.bfloat16))  # already low
+
+
+def test_auto_plain_dtype_resolves_per_unet_and_splits_the_source_row(monkeypatch):
+    from gnr_fast.runtime import RuntimeConfig
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert RuntimeConfig().plain_dtype is None  # the default: the model dtype
+    auto = RuntimeConfig(plain_dtype="auto")
+    assert not auto.split_source
+    sd = precision.resolve_plain_dtype(auto, _Unet(precision.SD_SIZE_CHANNELS))
+    assert sd.plain_dtype is torch.bfloat16 and sd.split_source  # ε_u/ε_trg in bf16, the source row float32
+    small = precision.resolve_plain_dtype(auto, _Unet(64))
+    assert small.plain_dtype is None and not small.split_source
+    onnx = precision.resolve_plain_dtype(RuntimeConfig("onnx", "eager"), _Unet(precision.SD_SIZE_CHANNELS))
+    assert onnx.plain_dtype is None  # exported backends run their export's dtype
+    explicit = RuntimeConfig()
+    assert precision.resolve_plain_dtype(explicit, _Unet(precision.SD_SIZE_CHANNELS)) is explicit

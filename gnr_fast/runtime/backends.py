@@ -18,7 +18,7 @@ from .compiled import CompiledCapturingRunner, CompiledPlainRunner
 from .config import RuntimeConfig
 from .eager import EagerCapturingRunner, EagerPlainRunner
 from .onnx import onnx_plain_runner
-from .precision import with_plain_dtype
+from .precision import resolve_plain_dtype, with_plain_dtype
 from .tensorrt import tensorrt_plain_runner
 
 
@@ -60,6 +60,7 @@ def make_plain_runner(name: str, unet: torch.nn.Module, config: RuntimeConfig) -
     for an unknown name or a backend that cannot run here)."""
     if name not in PLAIN_BACKENDS:
         raise BackendUnavailableError(f"plain backend {name!r} is unknown; available: {sorted(PLAIN_BACKENDS)}")
+    config = resolve_plain_dtype(config, unet)
     runner = PLAIN_BACKENDS[name](unet, config)
     if name in EXPORTED_BACKENDS:
         return runner

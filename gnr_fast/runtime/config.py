@@ -38,8 +38,14 @@ class RuntimeConfig:
             per call kind, batch size and capture spec; an edit needs a handful).
         plain_dtype: dtype of plain calls when it differs from the model's (``torch.bfloat16`` on
             CPUs with AVX-512 BF16, ``torch.float16`` on CUDA): eager/compiled plain calls run under
-            autocast, the ``onnx`` backend exports a graph in that dtype. ``None``: the model dtype.
-            Capturing and grad calls keep the model dtype (see docs/precision.md).
+            autocast, the ``onnx`` backend exports a graph in that dtype. ``None`` (the default):
+            the model dtype. ``"auto"``: bfloat16 where
+            :func:`~gnr_fast.runtime.precision.bf16_plain_calls_pay_off` (a float32 SD-size UNet on
+            a CPU with native bfloat16: 1.23–1.53x faster plain calls on SD 1.5's architecture,
+            benchmarks/README.md), else the model dtype. Not the default: its edit quality was not
+            measured, and ONNX Runtime in float32 was faster still.
+            Capturing and grad calls keep the model dtype (see docs/precision.md); a low plain
+            dtype gives the source row a call of its own (``split_source``).
         onnx_exports: folders written by ``gnr-fast export onnx`` for the ``onnx`` backend; working
             sizes they lack are exported lazily into ``export_cache_dir``.
         onnx_provider: ONNX Runtime execution provider (``"auto"``: TensorRT, then CUDA, then CPU,
@@ -56,7 +62,7 @@ class RuntimeConfig:
     cache_dir: Path | None = None
     recompile_limit: int = 64
     compiler: Literal["inductor", "aot_eager"] = "inductor"
-    plain_dtype: torch.dtype | None = None
+    plain_dtype: torch.dtype | Literal["auto"] | None = None
     onnx_exports: tuple[Path, ...] = ()
     onnx_provider: str = "auto"
     export_cache_dir: Path | None = None
@@ -76,9 +82,9 @@ class RuntimeConfig:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         if self.compiler not in ("inductor", "aot_eager"):
             raise ConfigError(f"RuntimeConfig.compiler must be 'inductor' or 'aot_eager', got {self.compiler!r}")
-        if self.plain_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
-            raise ConfigError(f"RuntimeConfig.plain_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, "
-                              f"got {self.plain_dtype!r}")
+        if not (self.plain_dtype == "auto" or self.plain_dtype in (None, torch.float32, torch.float16, torch.bfloat16)):
+            raise ConfigError(f"RuntimeConfig.plain_dtype must be 'auto', None, torch.float32, torch.float16 or "
+                              f"torch.bfloat16, got {self.plain_dtype!r}")
         if isinstance(self.onnx_exports, (str, Path)) or not all(isinstance(p, (str, Path)) for p in self.onnx_exports):
             raise ConfigError(f"RuntimeConfig.onnx_exports must be a tuple of folders, got {self.onnx_exports!r}")
         object.__setattr__(self, "onnx_exports", tuple(Path(p) for p in self.onnx_exports))
@@ -93,8 +99,9 @@ class RuntimeConfig:
 
     @property
     def split_source(self) -> bool:
-        """Whether the source row needs a call of its own (plain and capturing backends differ)."""
-        return self.plain != self.capturing
+        """Whether the source row needs a call of its own: plain and capturing backends differ, or
+        plain calls run in a dtype of their own (``"auto"`` is decided per model by the executor)."""
+        return self.plain != self.capturing or self.plain_dtype not in (None, torch.float32, "auto")
 
     @property
     def compiled(self) -> bool:

@@ -29,6 +29,7 @@ from .backends import (
 )
 from .config import RuntimeConfig
 from .eager import EagerCapturingRunner
+from .precision import resolve_plain_dtype
 
 
 class CallKind(str, Enum):
@@ -53,7 +54,8 @@ class UNetExecutor:
         feature_sites: frozenset[FeatureSite],
         runtime: RuntimeConfig,
     ) -> None:
-        self.runtime = runtime
+        self.runtime = resolve_plain_dtype(runtime, unet)  # "auto" decided once, for this UNet
+        runtime = self.runtime
         self.layers = tuple(layers)
         self.feature_sites = feature_sites
         self.plain_runner: PlainRunner = make_plain_runner(runtime.plain, unet, runtime)

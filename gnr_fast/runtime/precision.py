@@ -1,8 +1,8 @@
 """Low precision for plain calls only: bfloat16 autocast on CPUs with AVX-512 BF16 / AMX, float16
 autocast on CUDA (issue 14, item 4), independent of the model dtype the capturing and grad calls use.
 
-``RuntimeConfig.plain_dtype`` (proposed field; ``None`` = the model's dtype) selects it; the plain
-runner is wrapped by :func:`with_plain_dtype`. The wrapped runner keeps the plain convention: its
+``RuntimeConfig.plain_dtype`` (``None``, the default, = the model's dtype; ``"auto"`` =
+:func:`default_plain_dtype`) selects it; the plain runner is wrapped by :func:`with_plain_dtype`. The wrapped runner keeps the plain convention: its
 inputs and ε are float32, only the UNet's matmuls and convolutions run in the low dtype.
 
 Measured (one run, 2 busy cores; ``benchmarks/measure_plain_precision.py``): see
@@ -11,9 +11,11 @@ Measured (one run, 2 busy cores; ``benchmarks/measure_plain_precision.py``): see
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +24,13 @@ from ..errors import BackendUnavailableError, ConfigError
 logger = logging.getLogger(__name__)
 
 PLAIN_DTYPES = (torch.bfloat16, torch.float16)
+SD_SIZE_CHANNELS = 1280
+"""Widest UNet block (``block_out_channels``) from which bfloat16 plain calls pay off on CPU: SD
+1.x/2.x UNets have 1280. Measured (benchmarks/README.md, "Plain calls on ONNX Runtime and in low
+precision"): SD 1.5's architecture (1280) faster in bf16, the bundled (64) and golden (64) models
+slower or even: their casts cost more than their small matmuls save. No width in between was measured."""
+
+_logged: set[str] = set()
 
 
 @functools.cache
@@ -77,3 +86,38 @@ def with_plain_dtype(runner, plain_dtype: torch.dtype | None, model_dtype: torch
         return runner
     logger.info("plain UNet calls autocast to %s on %s", plain_dtype, device.type)
     return AutocastPlainRunner(runner, plain_dtype, device.type)
+
+
+def bf16_plain_calls_pay_off(unet: torch.nn.Module) -> bool:
+    """bfloat16 autocast makes this float32 UNet's plain calls faster than float32: the UNet is on a
+    CPU with native bfloat16 (:func:`cpu_has_bf16`) and of SD size (widest block ≥ ``SD_SIZE_CHANNELS``).
+
+    Not on CUDA: there the default is the model dtype (load the model in float16 for speed); nothing
+    here was measured on a GPU.
+    """
+    weights = next(unet.parameters())
+    widest = max(getattr(unet.config, "block_out_channels", (0,)))
+    return weights.device.type == "cpu" and weights.dtype == torch.float32 and cpu_has_bf16() and widest >= SD_SIZE_CHANNELS
+
+
+def default_plain_dtype(unet: torch.nn.Module) -> torch.dtype | None:
+    """What ``plain_dtype="auto"`` means for ``unet``: ``torch.bfloat16`` where
+    :func:`bf16_plain_calls_pay_off`, else ``None`` (the model dtype). Logged once per answer."""
+    chosen = torch.bfloat16 if bf16_plain_calls_pay_off(unet) else None
+    widest = max(getattr(unet.config, "block_out_channels", (0,)))
+    text = (f"plain UNet calls default to {'bfloat16 autocast' if chosen else 'the model dtype'} "
+            f"(widest block {widest} channels, native CPU bfloat16: {cpu_has_bf16()}); set RuntimeConfig.plain_dtype to choose")
+    if text not in _logged:
+        _logged.add(text)
+        logger.info(text)
+    return chosen
+
+
+def resolve_plain_dtype(config: Any, unet: torch.nn.Module) -> Any:
+    """``config`` (a :class:`~gnr_fast.runtime.config.RuntimeConfig`) with ``plain_dtype="auto"``
+    replaced by :func:`default_plain_dtype` of ``unet``; other configs as they are. Exported
+    backends (``onnx``, ``tensorrt``) run their export's dtype: "auto" is the model dtype there."""
+    if config.plain_dtype != "auto":
+        return config
+    exported = config.plain in ("onnx", "tensorrt")
+    return dataclasses.replace(config, plain_dtype=None if exported else default_plain_dtype(unet))
