@@ -3,8 +3,8 @@
 ``--warmup`` untimed calls, then ``--rounds`` timed rounds A B C, C B A, …) and records each as a
 ratio of medians to eager float32 measured in the same rounds.
 
-    /work/team/bench python -m pytest benchmarks/bench_runtime_onnx.py -s -k "plain and sd15_256"
-    /work/team/bench python -m pytest benchmarks/bench_runtime_onnx.py -s -k "edit and sd15_256" --rounds 2
+    python -m pytest benchmarks/bench_runtime_onnx.py -s -k "plain and sd15_256"
+    python -m pytest benchmarks/bench_runtime_onnx.py -s -k "edit and sd15_256" --rounds 2
     python -m pytest benchmarks/bench_runtime_onnx.py -s -k tiny --rounds 1 --warmup 0   # smoke run
 
 Variants. Plain calls and the inversion (``test_plain_call``, ``test_inversion``): ``eager`` (a UNet
