@@ -53,12 +53,8 @@ from gnr_fast.devices import on_device
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops import native
 from gnr_fast.ops.triton_kernels import (
-    interpreter_ready as _interpreter_ready,
-)
-from gnr_fast.ops.triton_kernels import (
     kernel_module,
-    kernel_module_present,
-    triton_importable,
+    launch_unsupported_reason,
     triton_interpreting,
 )
 
@@ -247,24 +243,9 @@ def triton_unsupported_reason(q: Tensor, allow_interpreter: bool = False) -> str
     ``TRITON_INTERPRET=1`` — dtype float32/float16/bfloat16 (not bfloat16 under the interpreter,
     whose ``tl.dot`` does not support it) and head dim ≤ 256.
     """
-    if not triton_importable():
-        return "triton is not installed (pip install 'gnr-fast[kernels]')"
-    if not kernel_module_present("attn_map_energy"):
-        return "the kernel module gnr_fast.kernels.attn_map_energy is missing (a broken install: reinstall gnr-fast)"
-    if q.device.type == "cpu":
-        if not allow_interpreter:
-            return "tensors are on the CPU; the Triton kernels run on CUDA (on CPU only forced, under TRITON_INTERPRET=1)"
-        if not triton_interpreting():
-            return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
-        if not _interpreter_ready():
-            return (
-                "TRITON_INTERPRET=1 was set after triton.language had been imported in compiled mode; "
-                "set it before the first import of triton (e.g. in the environment)"
-            )
-    elif q.device.type != "cuda":
-        return f"tensors are on {q.device.type}; the Triton kernels run on CUDA"
-    elif triton_interpreting() or _interpreter_ready():
-        return "TRITON_INTERPRET=1 is (or was, when triton was imported) set; interpreted kernels take CPU tensors only"
+    device_reason = launch_unsupported_reason("attn_map_energy", q, allow_interpreter)
+    if device_reason is not None:
+        return device_reason
     if q.dtype not in _TRITON_DTYPES:
         return f"dtype {q.dtype} is not one of {_TRITON_DTYPES}"
     if q.dtype == torch.bfloat16 and triton_interpreting():

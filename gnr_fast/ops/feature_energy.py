@@ -34,11 +34,8 @@ from torch import Tensor
 from gnr_fast.devices import on_device
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops.triton_kernels import (
-    interpreter_ready,
     kernel_module,
-    kernel_module_present,
-    triton_importable,
-    triton_interpreting,
+    launch_unsupported_reason,
 )
 from gnr_fast.precision import to_compute
 
@@ -122,21 +119,9 @@ def feature_energy_unsupported_reason(cur: Tensor, allow_interpreter: bool = Fal
     """Why the Triton kernel cannot take ``cur``, or ``None`` when it can: triton importable, the
     kernel module shipped, a CUDA tensor (a CPU tensor only with ``allow_interpreter`` under
     ``TRITON_INTERPRET=1``) of dtype float32/float16/bfloat16."""
-    if not triton_importable():
-        return "triton is not installed (pip install 'gnr-fast[kernels]')"
-    if not kernel_module_present("feature_energy"):
-        return "the kernel module gnr_fast.kernels.feature_energy is missing (reinstall gnr-fast)"
-    if cur.device.type == "cpu":
-        if not allow_interpreter:
-            return "tensors are on the CPU; the Triton kernel runs on CUDA (on CPU only forced, under TRITON_INTERPRET=1)"
-        if not triton_interpreting():
-            return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
-        if not interpreter_ready():
-            return "TRITON_INTERPRET=1 was set after triton.language had been imported in compiled mode"
-    elif cur.device.type != "cuda":
-        return f"tensors are on {cur.device.type}; the Triton kernel runs on CUDA"
-    elif triton_interpreting():
-        return "TRITON_INTERPRET=1 is set; interpreted kernels take CPU tensors only"
+    device_reason = launch_unsupported_reason("feature_energy", cur, allow_interpreter)
+    if device_reason is not None:
+        return device_reason
     if cur.dtype not in _TRITON_DTYPES:
         return f"dtype {cur.dtype} is not one of {_TRITON_DTYPES}"
     return None

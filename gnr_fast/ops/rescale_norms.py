@@ -31,11 +31,8 @@ from torch import Tensor
 from gnr_fast.devices import on_device
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops.triton_kernels import (
-    interpreter_ready,
     kernel_module,
-    kernel_module_present,
-    triton_importable,
-    triton_interpreting,
+    launch_unsupported_reason,
 )
 
 logger = logging.getLogger(__name__)
@@ -103,23 +100,11 @@ def rescale_unsupported_reason(delta_cfg: Tensor, grad: Tensor, allow_interprete
     """Why the Triton kernel cannot take these tensors, or ``None`` when it can: triton
     importable, the kernel module shipped, both tensors on one CUDA device (CPU only with
     ``allow_interpreter`` under ``TRITON_INTERPRET=1``), dtypes float32/float16/bfloat16."""
-    if not triton_importable():
-        return "triton is not installed (pip install 'gnr-fast[kernels]')"
-    if not kernel_module_present("rescale_norms"):
-        return "the kernel module gnr_fast.kernels.rescale_norms is missing (reinstall gnr-fast)"
     if grad.device != delta_cfg.device:
         return f"the gradient is on {grad.device} but Δcfg on {delta_cfg.device}"
-    if delta_cfg.device.type == "cpu":
-        if not allow_interpreter:
-            return "tensors are on the CPU; the Triton kernel runs on CUDA (on CPU only forced, under TRITON_INTERPRET=1)"
-        if not triton_interpreting():
-            return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
-        if not interpreter_ready():
-            return "TRITON_INTERPRET=1 was set after triton.language had been imported in compiled mode"
-    elif delta_cfg.device.type != "cuda":
-        return f"tensors are on {delta_cfg.device.type}; the Triton kernel runs on CUDA"
-    elif triton_interpreting():
-        return "TRITON_INTERPRET=1 is set; interpreted kernels take CPU tensors only"
+    device_reason = launch_unsupported_reason("rescale_norms", delta_cfg, allow_interpreter)
+    if device_reason is not None:
+        return device_reason
     for name, tensor in (("delta_cfg", delta_cfg), ("grad", grad)):
         if tensor.dtype not in _TRITON_DTYPES:
             return f"{name} has dtype {tensor.dtype}, not one of {_TRITON_DTYPES}"

@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib.util
 import sys
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 KERNEL_PACKAGE = "gnr_fast.kernels"
 _modules: dict[tuple[str, bool], ModuleType] = {}
@@ -59,3 +63,29 @@ def kernel_module(name: str) -> ModuleType:
         own_spec.loader.exec_module(module)
         _modules[key] = module
     return _modules[key]
+
+
+def launch_unsupported_reason(name: str, tensor: Tensor, allow_interpreter: bool = False) -> str | None:
+    """Why the kernels of ``gnr_fast.kernels.<name>`` cannot be launched on ``tensor``'s device, or
+    ``None`` when they can: triton importable, the kernel module shipped, a CUDA tensor (a CPU tensor
+    only with ``allow_interpreter`` while ``TRITON_INTERPRET=1`` is in effect from triton's first
+    import). Each op adds its own dtype and shape conditions."""
+    if not triton_importable():
+        return "triton is not installed (pip install 'gnr-fast[kernels]')"
+    if not kernel_module_present(name):
+        return f"the kernel module {KERNEL_PACKAGE}.{name} is missing (a broken install: reinstall gnr-fast)"
+    if tensor.device.type == "cpu":
+        if not allow_interpreter:
+            return "tensors are on the CPU; the Triton kernels run on CUDA (on CPU only forced, under TRITON_INTERPRET=1)"
+        if not triton_interpreting():
+            return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+        if not interpreter_ready():
+            return (
+                "TRITON_INTERPRET=1 was set after triton.language had been imported in compiled mode; "
+                "set it before the first import of triton (e.g. in the environment)"
+            )
+    elif tensor.device.type != "cuda":
+        return f"tensors are on {tensor.device.type}; the Triton kernels run on CUDA"
+    elif triton_interpreting() or interpreter_ready():
+        return "TRITON_INTERPRET=1 is (or was, when triton was imported) set; interpreted kernels take CPU tensors only"
+    return None

@@ -47,9 +47,9 @@ from gnr_fast.ops.attn_map_energy import (
     attn_map_energy,
     attn_map_energy_ref,
     default_chunk,
-    triton_importable,
     triton_supported,
 )
+from gnr_fast.ops.triton_kernels import triton_importable
 
 # The module, not the function of the same name that ``gnr_fast.ops`` re-exports.
 ops = importlib.import_module("gnr_fast.ops.attn_map_energy")

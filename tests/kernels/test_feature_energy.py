@@ -30,6 +30,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 from gnr_fast.errors import BackendUnavailableError, InputError
+from gnr_fast.ops import triton_kernels
 from gnr_fast.ops.feature_energy import (
     feature_energy,
     feature_energy_ref,
@@ -170,7 +171,7 @@ def test_cpu_dispatch_is_logged_once(caplog):
 
 
 def test_forced_triton_off_the_interpreter_names_why(monkeypatch):
-    monkeypatch.setattr(ops, "triton_importable", lambda: False)
+    monkeypatch.setattr(triton_kernels, "triton_importable", lambda: False)
     cur, inv = make_features((1, 3))
     with pytest.raises(BackendUnavailableError, match="triton is not installed"):
         feature_energy(cur, inv, "l2", backend="triton")

@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
 from gnr_fast.config import RescaleConfig
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops import rescale_norms as ops
+from gnr_fast.ops import triton_kernels
 from gnr_fast.ops.rescale_norms import (
     rescale_gammas,
     rescale_gammas_ref,
@@ -132,7 +133,7 @@ def test_cpu_auto_takes_torch_and_logs_once(caplog):
 
 
 def test_forced_triton_unavailable_names_why(monkeypatch):
-    monkeypatch.setattr(ops, "triton_importable", lambda: False)
+    monkeypatch.setattr(triton_kernels, "triton_importable", lambda: False)
     cfg, grad = make_terms((1, 3))
     with pytest.raises(BackendUnavailableError, match="triton is not installed"):
         rescale_gammas(cfg, grad, 0.33, 3.0, backend="triton")
