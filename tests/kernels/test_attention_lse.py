@@ -12,12 +12,10 @@ inputs, plus 1e-3 for the half rounding of intermediates inside the fused kernel
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_child import run_interpreted_child
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see test_attn_map_energy.py)
@@ -167,9 +165,4 @@ def test_triton_in_fresh_process():
     q, k, v = make_qkv(1, 1, 8, 8, 8)
     if path_unavailable_reason("triton", q, k, v) is None or torch.cuda.is_available():
         pytest.skip("the Triton cases ran in this process")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "triton and not fresh"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600, check=False,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    run_interpreted_child(__file__, "triton and not fresh")

@@ -29,14 +29,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from triton_child import INTERPRETER_NOT_READY, run_interpreted_child
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton; see above
@@ -438,7 +436,6 @@ def test_cpu_dispatches_to_torch_and_logs_once(caplog, monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
-INTERPRETER_NOT_READY = "the Triton interpreter is not usable in this process"
 
 
 @pytest.fixture(params=["cpu", "cuda"])
@@ -535,14 +532,7 @@ def test_triton_kernels_in_fresh_process():
     reason = ops.triton_unsupported_reason(torch.empty(1, 1, 1, 8), allow_interpreter=True)
     if reason is None:
         pytest.skip("the interpreted Triton kernel tests ran in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-rs",
-               "-k", "test_triton and not fresh_process"]
-    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
-                           cwd=Path(__file__).resolve().parents[2])
-    report = child.stdout[-6000:] + child.stderr[-2000:]
-    assert child.returncode == 0, report
-    assert INTERPRETER_NOT_READY not in child.stdout and " passed" in child.stdout, report
+    run_interpreted_child(__file__, "test_triton and not fresh_process")
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_child import INTERPRETER_NOT_READY, run_interpreted_child
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
@@ -36,7 +34,6 @@ from gnr_fast.ops.triton_kernels import triton_importable
 from gnr_fast.rescaling import rescale_gamma
 
 FP32_RTOL = 1e-5
-INTERPRETER_NOT_READY = "the Triton interpreter is not usable in this process"
 
 
 @pytest.fixture(params=["cpu", "cuda"])
@@ -163,11 +160,4 @@ def test_triton_in_fresh_process():
     probe = torch.empty(1)
     if torch.cuda.is_available() or ops.rescale_unsupported_reason(probe, probe, True) is None:
         pytest.skip("the Triton cases ran in this process")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "triton and not fresh"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600, check=False,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    report = child.stdout[-6000:] + child.stderr[-2000:]
-    assert child.returncode == 0, report
-    assert " passed" in child.stdout and INTERPRETER_NOT_READY not in child.stdout, report
+    run_interpreted_child(__file__, "triton and not fresh")
