@@ -20,6 +20,14 @@ either energy path. Run just those:
     OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_attn_map_energy.py -k "native_vs_torch" -s \
         --rounds 5 --warmup 1
 
+``test_fast_paths_vs_reference`` alternates the materialised reference and the chunked torch
+path (fused and recomputing gradients) at ``SIZES`` the same way (the README's table):
+
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_attn_map_energy.py -k "fast_paths" -s --rounds 3 --warmup 1
+
+``test_attn_map_energy_forward_backward`` keeps one pytest-benchmark group per size (each
+implementation timed on its own, for ``--benchmark-compare`` across versions) and peak memory.
+
 Reported side by side in one run (STYLE.md rule 12):
 - time: pytest-benchmark's table, one group per size; the parenthesised numbers are ratios to
   the fastest row of the group. Summary lines give each fast path / ref and fused / recompute.
@@ -172,6 +180,22 @@ def test_attn_map_energy_forward_backward(benchmark, results, size: str, impl: s
     benchmark.extra_info["peak_mib"] = peak
     if benchmark.stats is not None:
         results[size][impl] = (benchmark.stats.stats.mean, peak)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_fast_paths_vs_reference(record, rounds, warmup, size: str) -> None:
+    """Alternated rounds (``--warmup`` untimed calls each, then ``--rounds`` rounds in the order
+    ref fused recompute, recompute fused ref, …) of the materialised reference and the chunked torch
+    path's two gradient strategies, fwd+bwd; two rows per size (fused / ref and recompute / ref)."""
+    from benchmarks.alternating import alternate
+
+    inputs = make_inputs(*SIZES[size])
+    impls = ("ref", "fused", "recompute")
+    samples = alternate({impl: (lambda i=impl: forward_backward(i, inputs)) for impl in impls}, rounds, warmup)
+    for impl in impls[1:]:
+        case = f"attn_map_energy {size} on {DEVICE}: ref vs {impl}"
+        record(case, "reference", samples=samples["ref"])
+        record(case, "fast", samples=samples[impl], threads=torch.get_num_threads())
 
 
 @pytest.mark.parametrize("layer", list(LAYER_SHAPES))
