@@ -40,6 +40,7 @@ from torch import Tensor
 from gnr_fast.devices import on_device
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops.attn_map_energy import attention_lse as chunked_attention_lse
+from gnr_fast.ops.path_choice import log_choice
 from gnr_fast.ops.triton_kernels import (
     interpreter_ready,
     kernel_module,
@@ -200,9 +201,6 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None, need_lse
         raise InputError(f"backend must be 'auto', 'cpu_flash', 'xformers', 'triton' or 'sdpa', got {backend!r}")
 
 
-_logged: set[tuple[str, str]] = set()
-
-
 def _choose(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Path:
     """The path for ``backend`` (raising when a forced one is unavailable), logged once per choice."""
     if backend == "auto":
@@ -213,10 +211,7 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Path:
         if reason is not None:
             raise BackendUnavailableError(f"attention_with_lse: backend={backend!r} is unavailable: {reason}")
         path, why = backend, "forced"  # type: ignore[assignment]
-    # Not while torch.compile traces (a logging call would break its graph); eager calls log it.
-    if (path, why) not in _logged and not torch.compiler.is_compiling():
-        _logged.add((path, why))
-        logger.info("attention_with_lse uses the %s path (%s)", path, why)
+    log_choice(logger, "attention_with_lse", path, why)
     return path
 
 

@@ -52,6 +52,7 @@ from torch import Tensor
 from gnr_fast.devices import on_device
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops import native
+from gnr_fast.ops.path_choice import log_choice
 from gnr_fast.ops.triton_kernels import (
     kernel_module,
     launch_unsupported_reason,
@@ -344,15 +345,12 @@ def _check_lse_inputs(q: Tensor, k: Tensor, scale: float | None, chunk: int | No
 def _check_scale_and_chunk(scale: float | None, chunk: int | None) -> None:
     """Raise :class:`InputError` unless ``scale`` is None or a finite non-zero number and
     ``chunk`` is None or a positive int."""
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
-            raise InputError(f"scale must be a finite non-zero float (or None for D**-0.5), got {scale!r}")
-    if chunk is not None:
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise InputError(f"chunk must be a positive int (or None for the default), got {chunk!r}")
-
-
-_logged_choices: set[tuple[str, str]] = set()
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0
+    ):
+        raise InputError(f"scale must be a finite non-zero float (or None for D**-0.5), got {scale!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise InputError(f"chunk must be a positive int (or None for the default), got {chunk!r}")
 
 
 def _select_backend(q: Tensor, backend: str) -> str:
@@ -375,11 +373,7 @@ def _select_backend(q: Tensor, backend: str) -> str:
 
 
 def _log_choice(path: str, why: str) -> str:
-    """Log ``path`` and ``why`` the first time this pair is chosen; return ``path``."""
-    if (path, why) not in _logged_choices:
-        _logged_choices.add((path, why))
-        logger.info("attn_map_energy uses the %s path (%s)", path, why)
-    return path
+    return log_choice(logger, "attn_map_energy", path, why)
 
 
 def _resolve_scale(q: Tensor, scale: float | None) -> float:

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from gnr_fast.devices import on_device
-from gnr_fast.errors import BackendUnavailableError, InputError
+from gnr_fast.errors import InputError
+from gnr_fast.ops.path_choice import triton_or_torch
 from gnr_fast.ops.triton_kernels import (
     kernel_module,
     launch_unsupported_reason,
@@ -151,23 +152,11 @@ def _check_inputs(cur: Tensor, inv: Tensor, kind: str, backend: str) -> None:
         raise InputError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
 
 
-_logged: set[tuple[str, str]] = set()
-
-
 def _choose(cur: Tensor, backend: str) -> str:
-    """``"triton"`` or ``"torch"`` for ``backend``, logged once per (path, reason); raises
-    :class:`BackendUnavailableError` when a forced Triton path cannot run."""
-    if backend == "torch":
-        path, why = "torch", "backend='torch'"
-    else:
-        reason = feature_energy_unsupported_reason(cur, allow_interpreter=backend == "triton")
-        if backend == "triton" and reason is not None:
-            raise BackendUnavailableError(f"feature_energy: backend='triton' is unavailable: {reason}")
-        path, why = ("triton", "supported") if reason is None else ("torch", f"Triton: {reason}")
-    if (path, why) not in _logged:
-        _logged.add((path, why))
-        logger.info("feature_energy uses the %s path (%s)", path, why)
-    return path
+    """``"triton"`` or ``"torch"`` for ``backend`` (:func:`~gnr_fast.ops.path_choice.triton_or_torch`)."""
+    return triton_or_torch(
+        logger, "feature_energy", backend, lambda allow: feature_energy_unsupported_reason(cur, allow_interpreter=allow)
+    )
 
 
 # --------------------------------------------------------------------------------------------

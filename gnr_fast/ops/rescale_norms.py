@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from gnr_fast.devices import on_device
-from gnr_fast.errors import BackendUnavailableError, InputError
+from gnr_fast.errors import InputError
+from gnr_fast.ops.path_choice import triton_or_torch
 from gnr_fast.ops.triton_kernels import (
     kernel_module,
     launch_unsupported_reason,
@@ -136,24 +137,16 @@ def _check_inputs(delta_cfg: Tensor, grad: Tensor, lo: float, hi: float, backend
         raise InputError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
 
 
-_logged: set[tuple[str, str]] = set()
-
-
 def rescale_path(delta_cfg: Tensor, grad: Tensor, backend: Backend = "auto") -> Literal["triton", "torch"]:
     """``"triton"`` or ``"torch"`` for these tensors and ``backend`` (``"auto"``: Triton when
     :func:`rescale_triton_supported` holds), logged once per (path, reason); raises
     :class:`BackendUnavailableError` when a forced Triton path cannot run."""
-    if backend == "torch":
-        path, why = "torch", "backend='torch'"
-    else:
-        reason = rescale_unsupported_reason(delta_cfg, grad, allow_interpreter=backend == "triton")
-        if backend == "triton" and reason is not None:
-            raise BackendUnavailableError(f"rescale_gammas: backend='triton' is unavailable: {reason}")
-        path, why = ("triton", "supported") if reason is None else ("torch", f"Triton: {reason}")
-    if (path, why) not in _logged:
-        _logged.add((path, why))
-        logger.info("rescale_gammas uses the %s path (%s)", path, why)
-    return path
+    return triton_or_torch(
+        logger,
+        "rescale_gammas",
+        backend,
+        lambda allow: rescale_unsupported_reason(delta_cfg, grad, allow_interpreter=allow),
+    )
 
 
 # --------------------------------------------------------------------------------------------

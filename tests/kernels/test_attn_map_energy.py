@@ -47,6 +47,7 @@ from gnr_fast.ops.attn_map_energy import (
     default_chunk,
     triton_supported,
 )
+from gnr_fast.ops.path_choice import forget_logged_choices
 from gnr_fast.ops.triton_kernels import triton_importable
 
 # The module, not the function of the same name that ``gnr_fast.ops`` re-exports.
@@ -419,7 +420,7 @@ def test_cpu_dispatches_to_torch_and_logs_once(caplog, monkeypatch):
     ``triton`` raises BackendUnavailableError with the reason."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("GNR_FAST_NATIVE_LIB", "/nonexistent/libgnr_fast_native.so")  # no C++ ops either
-    monkeypatch.setattr(ops, "_logged_choices", set())
+    forget_logged_choices()
     inputs = make_inputs(1, 1, 16, 4)
     assert not triton_supported(inputs[0])
     with caplog.at_level(logging.INFO, logger=ops.__name__):

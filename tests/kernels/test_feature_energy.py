@@ -35,6 +35,7 @@ from gnr_fast.ops.feature_energy import (
     feature_energy_triton_supported,
     mean_feature_energy,
 )
+from gnr_fast.ops.path_choice import forget_logged_choices
 from gnr_fast.ops.triton_kernels import triton_importable
 
 # The module, not the function of the same name that ``gnr_fast.ops`` re-exports.
@@ -158,7 +159,7 @@ def test_cpu_auto_is_the_torch_expression_bit_for_bit():
 
 
 def test_cpu_dispatch_is_logged_once(caplog):
-    ops._logged.clear()
+    forget_logged_choices()
     cur, inv = make_features((1, 3))
     with caplog.at_level(logging.INFO, logger="gnr_fast.ops.feature_energy"):
         for _ in range(3):

@@ -27,6 +27,7 @@ from gnr_fast.ops.attn_map_energy import (
     attn_map_energy_ref,
     native_supported,
 )
+from gnr_fast.ops.path_choice import forget_logged_choices
 
 ops = importlib.import_module("gnr_fast.ops.attn_map_energy")
 
@@ -156,7 +157,7 @@ def test_native_ops_pass_opcheck():
 
 @needs_native
 def test_auto_uses_native_on_cpu_and_logs_once(caplog, monkeypatch):
-    monkeypatch.setattr(ops, "_logged_choices", set())
+    forget_logged_choices()
     inputs = make_inputs(1, 1, 16, 4)
     with caplog.at_level(logging.INFO, logger=ops.__name__):
         expected = attn_map_energy(*inputs, backend="native")
@@ -170,7 +171,7 @@ def test_missing_library_gives_reason_and_torch_path(caplog, monkeypatch, tmp_pa
     """A missing library: the reason names the path and the build command; ``auto`` takes the
     torch path and says why once; ``native`` raises BackendUnavailableError."""
     monkeypatch.setenv(native.LIBRARY_ENV, str(tmp_path / "nothing.so"))
-    monkeypatch.setattr(ops, "_logged_choices", set())
+    forget_logged_choices()
     reason = native.native_unavailable_reason()
     assert reason is not None and "nothing.so" in reason and "pip install -e ." in reason
     inputs = make_inputs(1, 1, 16, 4)

@@ -25,6 +25,7 @@ from gnr_fast.config import RescaleConfig
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops import rescale_norms as ops
 from gnr_fast.ops import triton_kernels
+from gnr_fast.ops.path_choice import forget_logged_choices
 from gnr_fast.ops.rescale_norms import (
     rescale_gammas,
     rescale_gammas_ref,
@@ -118,7 +119,7 @@ def test_triton_op_passes_opcheck(triton_device):
 
 
 def test_cpu_auto_takes_torch_and_logs_once(caplog):
-    ops._logged.clear()
+    forget_logged_choices()
     cfg, grad = make_terms((2, 30))
     assert not rescale_triton_supported(cfg, grad)
     with caplog.at_level(logging.INFO, logger="gnr_fast.ops.rescale_norms"):
