@@ -206,7 +206,9 @@ def _quiet_library_progress() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def _editor(args: argparse.Namespace):
+def _editor(args: argparse.Namespace, **options):
+    """The editor the command's model arguments describe (``options``: further ``from_pretrained``
+    keywords of one command)."""
     import torch
 
     from .editor import Editor
@@ -220,6 +222,7 @@ def _editor(args: argparse.Namespace):
         runtime=args.runtime,
         prediction_type=args.prediction_type,
         config=args.model_config,
+        **options,
     )
 
 
@@ -296,8 +299,6 @@ def _cmd_invert(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from .editor import Editor
-    from .images import DEFAULT_MAX_PIXELS
     from .serving.launcher import require_pytriton
     from .serving.server import ServerConfig, check_addresses, serve
     from .serving.service import ServiceConfig
@@ -327,16 +328,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # counts more threads than cores and stops spinning between parallel regions, which made edits
     # about 2.5x slower on 2 cores (benchmarks/README_server.md, "Torch threads in the server").
     torch.set_num_threads(1)
-    editor = Editor.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
-        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        source_cache_mb=args.cache_mb,
-        runtime=args.runtime,
-        prediction_type=args.prediction_type,
-        config=args.model_config,
-    )
+    editor = _editor(args, source_cache_mb=args.cache_mb)
 
     def ready(config: ServerConfig) -> None:
         print(
