@@ -19,6 +19,7 @@ import torch
 from ..attention.capture import CaptureOutputs, CaptureSpec
 from ..errors import BackendUnavailableError
 from .config import RuntimeConfig
+from .decompositions import cache_key_tag, inductor_decompositions
 from .modules import CapturingUNet, PlainUNet
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,10 @@ class CountingBackend:
         from torch._inductor.compile_fx import compile_fx
 
         logger.info("compiling UNet graph %d (inductor, %s)", self.graphs, self.patches)
-        return compile_fx(graph, example_inputs, config_patches=self.patches)
+        # Inductor's decompositions with our overrides for its bugs, under a cache-key tag naming
+        # them so that no graph cached without them is reused (runtime/decompositions.py).
+        with torch.compiler.config.patch(cache_key_tag=cache_key_tag()):
+            return compile_fx(graph, example_inputs, config_patches=self.patches, decompositions=inductor_decompositions())
 
 
 def configure_compilation(config: RuntimeConfig) -> None:

@@ -168,14 +168,34 @@ def golden_editor_compiled(golden_dir, one_thread, tmp_path_factory) -> Editor:
 
 @pytest.mark.slow
 @pytest.mark.inductor
-def test_compiled_fast_step_terms_teacher_forced(golden_editor_compiled, golden):
+def test_compiled_fast_step_terms_teacher_forced(golden_editor_compiled, golden, reference_rows64):
+    """The eager fast step's bounds; on float32-unstable steps (as defined above, by our float64
+    reference) the guider gradient and ε_final get the FlashAttention rule instead of 1e-3.
+    Measured 2026-12-02 (torch 2.13.0 CPU, one thread), after the inductor upsample-backward fix
+    (gnr_fast/runtime/decompositions.py; before it γ was 2.2e-2 and the gradient 2.4-7.1e-2 off on
+    every guided step): ε_u 1.7e-6, Δcfg 2.8e-5, γ 1.9e-5; guider gradient ≤ 1.5e-5 on every guided
+    step but 15, where inductor's reordered float32 flips the sign of near-zero feature differences:
+    3.9e-3 from golden and from our float64 run (eager float32 there: 6.5e-6; the reference step's
+    own float32 error there: 2.9e-3), ε_final 2.0e-3."""
     assert teacher_forced_inversion(golden_editor_compiled, golden) <= 1e-5
     rows = teacher_forced_edit(golden_editor_compiled, golden, fast_step)
     summary = summarize(rows)
     assert summary["grad_presence_mismatches"] == 0
     assert summary["eps_u"] <= 1e-4 and summary["delta_cfg"] <= 1e-4 and summary["gamma"] <= 1e-4
-    assert summary["guider_grad"] <= 1e-3
-    assert summary["eps_final"] <= 1e-3
+    unstable = []
+    for row in rows:
+        if row.guider_grad_value is None:
+            assert row.eps_final <= 1e-3, f"unguided step {row.step}: eps_final {row.eps_final:.2e}"
+            continue
+        d = _distances(row, reference_rows64[row.step])
+        bound = 1e-3
+        if max(d["g64"], d["floor"]) > UNSTABLE:
+            unstable.append(row.step)
+            assert d["g64"] <= UNSTABLE_CAP and d["floor"] <= UNSTABLE_CAP, f"step {row.step}: {d}"
+            bound = max(1e-3, 2 * d["floor"])
+        assert row.guider_grad <= bound, f"step {row.step}: {row.guider_grad:.2e} > {bound:.2e}"
+        assert row.eps_final <= bound, f"step {row.step}: eps_final {row.eps_final:.2e} > {bound:.2e}"
+    assert len(unstable) <= MAX_UNSTABLE_STEPS, f"float32-unstable steps {unstable}"
 
 
 @pytest.mark.slow
