@@ -23,7 +23,9 @@ def log_choice(logger: logging.Logger, op: str, path: str, why: str) -> str:
     """Log ``"<op> uses the <path> path (<why>)"`` on ``logger`` the first time this triple
     occurs (not while torch.compile traces: a logging call would break its graph); return ``path``."""
     key = (op, path, why)
-    if key not in _logged and not torch.compiler.is_compiling():
+    # is_compiling() first: dynamo must not read the shared set while tracing (it would guard on its
+    # contents, and a choice logged later by another op would force a recompile).
+    if not torch.compiler.is_compiling() and key not in _logged:
         _logged.add(key)
         logger.info("%s uses the %s path (%s)", op, path, why)
     return path
