@@ -10,7 +10,9 @@ ratio of medians to eager float32 measured in the same rounds.
 Variants. Plain calls and the inversion (``test_plain_call``, ``test_inversion``): ``eager`` (a UNet
 with diffusers' default attention processors, the graph the export holds), ``onnx`` (ONNX Runtime's
 CPU provider on that export, made once per module), ``bf16`` (``torch.autocast("cpu",
-torch.bfloat16)`` around the eager call; AVX-512 BF16 / AMX CPUs only). A whole first edit
+torch.bfloat16)`` around the eager call; AVX-512 BF16 / AMX CPUs only), ``bf16-model`` (the UNet's
+weights in bfloat16, inputs cast to it: the plain calls of ``Editor.from_pretrained(dtype=torch.bfloat16)``,
+no per-call weight casts). A whole first edit
 (``test_whole_first_edit``, ``Editor.edit`` of a fresh image, inversion included): ``eager``;
 ``onnx`` (``runtime="onnx"``: plain calls on ONNX Runtime); ``bf16-plain``
 (``RuntimeConfig(plain_dtype=torch.bfloat16)``: plain calls under bf16 autocast, capturing and grad
@@ -116,11 +118,18 @@ class Bench:
             self._onnx = OnnxPlainUNet(unet_fingerprint(self.components.unet), exports=[self.export_root / self.name])
         return self._onnx
 
+    @functools.cached_property
+    def unet_bf16(self) -> torch.nn.Module:
+        """The same UNet with bfloat16 weights: the plain calls of a bf16 model (``dtype=torch.bfloat16``)."""
+        return fresh_unet(self.components.unet, torch.bfloat16)
+
     def runner(self, variant: str):
         if variant == "onnx":
             return self.onnx
         if variant == "bf16":
             return self.bf16
+        if variant == "bf16-model":
+            return self.bf16_model
         return self.eager
 
     def eager(self, latents, timestep, context):
@@ -131,6 +140,11 @@ class Bench:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             return self.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)[0].float()
 
+    def bf16_model(self, latents, timestep, context):
+        with torch.no_grad():
+            return self.unet_bf16(latents.bfloat16(), timestep, encoder_hidden_states=context.bfloat16(),
+                                  return_dict=False)[0].float()
+
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def bench(request, tmp_path_factory):
@@ -138,7 +152,7 @@ def bench(request, tmp_path_factory):
 
 
 def plain_variants() -> tuple[str, ...]:
-    return ("eager", "onnx", "bf16") if cpu_has_bf16() else ("eager", "onnx")
+    return ("eager", "onnx", "bf16", "bf16-model") if cpu_has_bf16() else ("eager", "onnx")
 
 
 def record_against_eager(record, case: str, samples: dict, **extra) -> None:

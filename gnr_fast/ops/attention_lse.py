@@ -41,13 +41,7 @@ from gnr_fast.devices import on_device
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops.attn_map_energy import attention_lse as chunked_attention_lse
 from gnr_fast.ops.path_choice import log_choice
-from gnr_fast.ops.triton_kernels import (
-    interpreter_ready,
-    kernel_module,
-    kernel_module_present,
-    triton_importable,
-    triton_interpreting,
-)
+from gnr_fast.ops.triton_kernels import kernel_module, launch_unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -152,21 +146,11 @@ def path_unavailable_reason(path: Path, q: Tensor, k: Tensor, v: Tensor) -> str 
 def _triton_unavailable_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} is not one of {_KERNEL_DTYPES}"
-    if not triton_importable():
-        return "triton is not installed (pip install 'gnr-fast[kernels]')"
-    if not kernel_module_present("attention_lse"):
-        return "the kernel module gnr_fast.kernels.attention_lse is missing (reinstall gnr-fast)"
-    if q.device.type == "cpu":
-        if not triton_interpreting():
-            return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
-        if not interpreter_ready():
-            return "TRITON_INTERPRET=1 was set after triton.language had been imported in compiled mode"
-        if q.dtype == torch.bfloat16:
-            return "the Triton interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584)"
-    elif q.device.type != "cuda":
-        return f"tensors are on {q.device.type}; the Triton kernel runs on CUDA"
-    elif triton_interpreting():
-        return "TRITON_INTERPRET=1 is set; interpreted kernels take CPU tensors only"
+    launch = launch_unsupported_reason("attention_lse", q, allow_interpreter=True)
+    if launch is not None:
+        return launch
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "the Triton interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584)"
     if max(q.shape[-1], v.shape[-1]) > _TRITON_MAX_HEAD_DIM:
         return f"head dim {max(q.shape[-1], v.shape[-1])} exceeds {_TRITON_MAX_HEAD_DIM}"
     return None

@@ -21,6 +21,7 @@ throughput (capped at ``--steps``).
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -223,6 +224,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with a checkpoint")
     p.add_argument("--text-lr-mult", type=float, default=1.0,
                    help="text-encoder learning rate as a multiple of --lr")
+    p.add_argument("--freeze-unet", action="store_true",
+                   help="train the text encoder only (the UNet keeps --init-model's weights)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of a distillation term: the student's ε on each row's caption (full or relaxed) "
+                        "pulled toward the --init-model teacher's ε on the scene's full grammar caption")
+    p.add_argument("--data-weight", type=float, default=1.0, help="weight of the ε-prediction (data) term")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR gamma (paper default)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--ckpt-every", type=int, default=250)
@@ -231,6 +238,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    if (args.distill > 0 or args.freeze_unet) and args.init_model is None:
+        p.error("--distill and --freeze-unet need --init-model (the teacher and the frozen UNet)")
+    if args.data_weight <= 0 and args.distill <= 0:
+        p.error("--data-weight 0 needs --distill > 0 (else nothing is trained)")
     if args.smoke:
         args.steps, args.batch, args.size, args.pool = 3, 2, 32, 4
         args.warmup, args.ckpt_every = 1, 2
@@ -244,6 +255,23 @@ def save_final(out: Path, ema: dict[str, torch.Tensor], shape: DenoiserShape, la
     text_encoder.load_state_dict(ema_state(ema, "text_encoder"))
     unet.save_pretrained(out / "final" / "unet")
     text_encoder.save_pretrained(out / "final" / "text_encoder")
+
+
+def frozen_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> dict[str, torch.nn.Module]:
+    """Frozen copies of the starting UNet and text encoder: the teacher of ``--distill``."""
+    return {"unet": copy.deepcopy(unet).eval().requires_grad_(False),
+            "text_encoder": copy.deepcopy(text_encoder).eval().requires_grad_(False)}
+
+
+def distillation_mse(eps: torch.Tensor, teacher: dict[str, torch.nn.Module], zt: torch.Tensor,
+                     t: torch.Tensor, full_ids: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the student's ``eps`` and the teacher's ε on the same noisy
+    latents with the full grammar captions ``full_ids``: a relaxed caption is taught to mean what
+    its full caption means to the teacher, and a full caption to keep meaning it."""
+    with torch.no_grad():
+        context = teacher["text_encoder"](full_ids).last_hidden_state
+        target = teacher["unet"](zt, t, encoder_hidden_states=context).sample
+    return ((eps - target) ** 2).mean()
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:
@@ -276,13 +304,19 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
         text_encoder.load_state_dict(
             CLIPTextModel.from_pretrained(args.init_model / "text_encoder").state_dict())
+    teacher = frozen_teacher(unet, text_encoder) if args.distill > 0 else None
     models = {"unet": unet, "text_encoder": text_encoder}
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    # One parameter group unless the text encoder gets its own rate (checkpoints of earlier runs
-    # hold a one-group optimizer state).
-    groups = ([{"params": list(unet.parameters()), "lr_mult": 1.0},
-               {"params": list(text_encoder.parameters()), "lr_mult": args.text_lr_mult}]
-              if args.text_lr_mult != 1.0 else [{"params": params, "lr_mult": 1.0}])
+    if args.freeze_unet:
+        unet.requires_grad_(False)
+        params = list(text_encoder.parameters())
+        groups = [{"params": params, "lr_mult": args.text_lr_mult}]
+    else:
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        # One parameter group unless the text encoder gets its own rate (checkpoints of earlier runs
+        # hold a one-group optimizer state).
+        groups = ([{"params": list(unet.parameters()), "lr_mult": 1.0},
+                   {"params": list(text_encoder.parameters()), "lr_mult": args.text_lr_mult}]
+                  if args.text_lr_mult != 1.0 else [{"params": params, "lr_mult": 1.0}])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     ema = {f"{p}.{k}": v.detach().clone() for p, m in models.items() for k, v in m.state_dict().items()}
     step, elapsed = 0, 0.0
@@ -310,6 +344,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     total = budget.total(step)
     t0 = time.time() - elapsed
     losses: list[float] = []
+    distill_losses: list[float] = []
     bar = tqdm(total=args.steps, initial=step, desc="unet", dynamic_ncols=True)
     while step < total:
         if budget.expired():
@@ -325,7 +360,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         zt = noise_scheduler.add_noise(z0, noise, t)
         ids = (tokenize(tokenizer, batch_captions(pool, idx, args.relaxed_prob, rng))
                if args.relaxed_prob > 0 else tokens[idx].clone())
-        ids[torch.from_numpy(rng.uniform(size=args.batch) < args.empty_prob)] = empty
+        empty_rows = torch.from_numpy(rng.uniform(size=args.batch) < args.empty_prob)
+        ids[empty_rows] = empty
         for group in opt.param_groups:
             group["lr"] = group.get("lr_mult", 1.0) * warmup_cosine_lr(
                 step, args.lr, args.warmup, total, args.lr_floor)
@@ -333,7 +369,13 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         context = text_encoder(ids).last_hidden_state  # [B, 77, D]
         eps = unet(zt, t, encoder_hidden_states=context).sample
         per_sample = ((eps - noise) ** 2).flatten(1).mean(1)
-        loss = (per_sample * min_snr_weights(noise_scheduler, t, args.snr_gamma)).mean()
+        loss = args.data_weight * (per_sample * min_snr_weights(noise_scheduler, t, args.snr_gamma)).mean()
+        if teacher is not None:
+            full_ids = tokens[idx].clone()
+            full_ids[empty_rows] = empty
+            distill = distillation_mse(eps, teacher, zt, t, full_ids)
+            loss = loss + args.distill * distill
+            distill_losses.append(distill.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
@@ -346,7 +388,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         if step % 50 == 0 or step == total:
             mean_loss = float(np.mean(losses[-50:]))
             bar.set_postfix(loss=f"{mean_loss:.4f}", total=total)
-            log.write(f"step={step} eps_mse={mean_loss:.5f} gnorm={grad_norm:.3f} "
+            distill_text = f"distill_mse={np.mean(distill_losses[-50:]):.5f} " if distill_losses else ""
+            log.write(f"step={step} eps_mse={mean_loss:.5f} {distill_text}gnorm={grad_norm:.3f} "
                       f"lr={opt.param_groups[0]['lr']:.2e} est_total={total} t={elapsed:.0f}s")
         if step % args.ckpt_every == 0:
             checkpoint()
@@ -355,6 +398,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     save_final(args.out, ema, shape, latent_size)
     metrics = {"step": step, "eps_mse_last100": float(np.mean(losses[-100:])) if losses else
                float("nan"), "wall_s": elapsed}
+    if distill_losses:
+        metrics["distill_mse_last100"] = float(np.mean(distill_losses[-100:]))
     log.write(f"final {metrics}")
     return metrics
 

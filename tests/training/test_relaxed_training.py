@@ -47,3 +47,21 @@ def test_deadline_after_midnight_is_tomorrow_and_a_recent_one_is_past():
     assert 10.5 * 3600 < parse_deadline(late) - time.time() < 11.1 * 3600
     assert -31 * 60 < parse_deadline(recent) - time.time() < -29 * 60 or now.hour == 0  # (wraps at 00:xx)
     assert parse_deadline(None) is None
+
+
+def test_distillation_is_zero_for_the_teacher_itself_and_trains_only_the_student():
+    from gnr_fast.training.unet import SMOKE_SHAPE, build_text_encoder, build_unet, distillation_mse, frozen_teacher
+
+    torch.manual_seed(0)
+    unet, text = build_unet(SMOKE_SHAPE, 4), build_text_encoder(SMOKE_SHAPE)
+    teacher = frozen_teacher(unet, text)
+    zt, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    full, relaxed = torch.randint(0, 1000, (2, 77)), torch.randint(0, 1000, (2, 77))
+    same = distillation_mse(unet(zt, t, encoder_hidden_states=text(full).last_hidden_state).sample, teacher, zt, t, full)
+    assert float(same) == 0.0
+    other = distillation_mse(unet(zt, t, encoder_hidden_states=text(relaxed).last_hidden_state).sample,
+                             teacher, zt, t, full)
+    other.backward()
+    assert float(other) > 0
+    assert all(p.grad is None for m in teacher.values() for p in m.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in text.parameters())

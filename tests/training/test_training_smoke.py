@@ -85,7 +85,8 @@ def test_offset_noise_adds_one_constant_per_sample_and_channel() -> None:
 
 @pytest.mark.slow
 def test_vae_unet_export_chain(tmp_path: Path, tokenizer_dir: Path) -> None:
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     vae.main(["--out", str(tmp_path / "vae"), "--smoke"])
     assert torch.load(tmp_path / "vae" / "checkpoint.pt", weights_only=False)["step"] == 3
@@ -121,3 +122,13 @@ def test_vae_unet_export_chain(tmp_path: Path, tokenizer_dir: Path) -> None:
     image = pipe("a small red circle on a blue background", num_inference_steps=2, height=32,
                  width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    # The text-encoder-only distillation of issue 18: the UNet stays the --init-model's exactly, the text encoder moves.
+    unet.main(["--out", str(tmp_path / "distill"), "--vae", str(tmp_path / "vae" / "final"), "--tokenizer",
+               str(tokenizer_dir), "--smoke", "--init-model", str(tmp_path / "model"), "--freeze-unet",
+               "--distill", "1", "--relaxed-prob", "0.5"])
+    state = torch.load(tmp_path / "distill" / "checkpoint.pt", weights_only=False)
+    init_unet = UNet2DConditionModel.from_pretrained(tmp_path / "model" / "unet").state_dict()
+    init_text = CLIPTextModel.from_pretrained(tmp_path / "model" / "text_encoder").state_dict()
+    assert all(torch.equal(state["unet"][k], v) for k, v in init_unet.items())
+    assert any(not torch.equal(state["text_encoder"][k], v) for k, v in init_text.items())
+    assert "distill_mse=" in (tmp_path / "distill" / "train.log").read_text()
