@@ -25,7 +25,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="local diffusers SD 1.x/2.x folder or single-file .safetensors/.ckpt (default: bundled)")
     _add_single_file_args(parser)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
+    parser.add_argument("--dtype", default="auto", choices=(*DTYPES, "auto"),
+                        help="model dtype; auto = bfloat16 for an SD-size model on a CPU with native bfloat16, "
+                             "else float32 (default: auto)")
     parser.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
     parser.add_argument("--runtime", default="eager", choices=RUNTIME_NAMES,
                         help="UNet backend: eager PyTorch, or torch.compile (inductor; compiles on first use) "
@@ -217,7 +219,7 @@ def _editor(args: argparse.Namespace, **options):
     return Editor.from_pretrained(
         args.model,
         device=args.device,
-        dtype=getattr(torch, args.dtype),
+        dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         runtime=args.runtime,
         prediction_type=args.prediction_type,

@@ -20,7 +20,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, prepare_image
 from .inversion import Inversion, invert_many
 from .loading import Components, load_components
 from .model_defaults import ModelDefaults, load_model_defaults
-from .precision import PrecisionPolicy
+from .precision import ModelDtype, PrecisionPolicy
 from .prompts import check_prompt, encode_prompt, warn_if_outside_grammar
 from .requests import EditRequest, check_steps, resolve_config
 from .results import EditResult, Timings
@@ -69,7 +69,7 @@ class Editor:
         cls,
         path: str | Path | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: ModelDtype = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         source_cache_mb: float = 2048,
         source_cache_dtype: torch.dtype | None = None,
@@ -92,6 +92,11 @@ class Editor:
         ``runtime`` is a :class:`~gnr_fast.runtime.RuntimeConfig` or a preset name (``"eager"``,
         the default, or ``"compiled"``); an unavailable backend raises
         :class:`~gnr_fast.errors.BackendUnavailableError` naming what is missing.
+        ``dtype`` is the UNet's and text encoder's (the VAE's follows ``precision``); ``"auto"``, the
+        default, loads bfloat16 for an SD-size model (widest UNet block ≥ 1280 channels) on a CPU with
+        native bfloat16 and float32 elsewhere — the small bundled model, CUDA
+        (:func:`gnr_fast.runtime.precision.default_model_dtype`, logged once; an explicit
+        ``precision`` policy's dtype wins).
         ``precision`` (:class:`~gnr_fast.precision.PrecisionPolicy`, docs/precision.md) sets the VAE
         upcast, the float16 loss scale and whether inversions of another dtype may be edited; its
         ``model_dtype`` must equal ``dtype`` (default: ``PrecisionPolicy(model_dtype=dtype)``).

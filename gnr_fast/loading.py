@@ -19,7 +19,7 @@ from .errors import (
     NotAPipelineError,
     UnsupportedArchitectureError,
 )
-from .precision import MODEL_DTYPES, PrecisionPolicy
+from .precision import MODEL_DTYPES, ModelDtype, PrecisionPolicy
 from .schedules import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def _load_single_file(
 def load_components(
     path: str | Path | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: ModelDtype = torch.float32,
     prediction_type: str | None = None,
     config: str | Path | None = None,
     precision: PrecisionPolicy | None = None,
@@ -276,7 +276,8 @@ def load_components(
     (:func:`gnr_fast.checkpoints.load_single_file`: family detection, shipped configs).
     ``prediction_type`` ('epsilon' or 'v_prediction') overrides the detected or configured one;
     ``config`` is a folder of diffusers component configs for single files of another architecture.
-    UNet and text encoder are loaded in ``dtype``; the VAE in ``precision.vae_dtype(force_upcast)``
+    UNet and text encoder are loaded in ``dtype`` (``"auto"``: float32, or bfloat16 where
+    :func:`gnr_fast.runtime.precision.default_model_dtype` says it pays off); the VAE in ``precision.vae_dtype(force_upcast)``
     (float32 for a low-precision ``dtype`` when the VAE config says ``force_upcast``, the default).
     ``precision`` defaults to ``PrecisionPolicy(model_dtype=dtype)``; if given, its model dtype
     must be ``dtype``.
@@ -299,8 +300,16 @@ def load_components(
         raise ModelLoadError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device={str(device)!r} requested but CUDA is not available here; use device='cpu'.")
+    auto = isinstance(dtype, str) and dtype == "auto"
+    if auto:
+        # Loaded in float32, then cast where default_model_dtype says (it needs the UNet's config);
+        # an explicit precision policy's model dtype wins.
+        dtype = precision.model_dtype if precision is not None else torch.float32
+        auto = precision is None
     if dtype not in MODEL_DTYPES:
-        raise ModelLoadError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16.")
+        raise ModelLoadError(
+            f"dtype={dtype} is not supported; use torch.float32, torch.float16, torch.bfloat16 or 'auto'."
+        )
     if precision is None:
         precision = PrecisionPolicy(model_dtype=dtype)
     elif precision.model_dtype != dtype:
@@ -313,6 +322,15 @@ def load_components(
         vae.to(dtype=precision.vae_dtype(bool(vae.config.get("force_upcast", True))))
     else:
         unet, vae, text_encoder, tokenizer, scheduler_config = _load_folder(path, dtype, precision)
+    if auto:
+        from .runtime.precision import default_model_dtype
+
+        dtype = default_model_dtype(unet, device)
+        if dtype != torch.float32:
+            precision = PrecisionPolicy(model_dtype=dtype)
+            unet.to(dtype=dtype)
+            text_encoder.to(dtype=dtype)
+            vae.to(dtype=precision.vae_dtype(bool(vae.config.get("force_upcast", True))))
     if prediction_type is not None:
         scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
     schedule = NoiseSchedule.from_betas(

@@ -29,6 +29,10 @@ COMPUTE_DTYPE = torch.float32
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 """Dtypes a model may be loaded in (float64 for tests only)."""
 
+ModelDtype = torch.dtype | Literal["auto"]
+"""A model dtype, or ``"auto"``: chosen per device and model size at load
+(:func:`gnr_fast.runtime.precision.default_model_dtype`)."""
+
 LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
 FP16_LOSS_SCALE = 2.0**10

@@ -123,7 +123,18 @@ def _check_pair(editor: Editor, inversion, config: EditConfig, name: str, plain:
     inversion.source_cache = None
     diff = _rel(fast.latents, ref.latents)
     effect = _rel(ref.latents, plain)
-    assert diff <= BOUND, f"{name}: fast vs reference {diff:.2e} > {BOUND:.0e} (measured {MEASURED[name]:.1e})"
+    if diff > BOUND:
+        # Still a failure; the repeat only says which mode moved (a CI run once measured 2.2e-4 for
+        # source-guidance, not reproduced in any later run).
+        again = {mode: editor.edit(inversion, TARGET, config=config, mode=mode, progress=False).latents
+                 for mode in ("reference", "fast")}
+        inversion.source_cache = None
+        pytest.fail(
+            f"{name}: fast vs reference {diff:.2e} > {BOUND:.0e} (measured {MEASURED[name]:.1e}); repeated in "
+            f"this process: reference vs its repeat {_rel(again['reference'], ref.latents):.2e}, fast vs its "
+            f"repeat {_rel(again['fast'], fast.latents):.2e}, repeats vs each other "
+            f"{_rel(again['fast'], again['reference']):.2e}"
+        )
     assert effect > 100 * BOUND, f"{name}: the guidance moved the edit by only {effect:.2e}"
     assert fast.unet_calls < ref.unet_calls, (fast.unet_calls, ref.unet_calls)
 

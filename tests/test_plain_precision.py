@@ -98,3 +98,30 @@ def test_auto_plain_dtype_resolves_per_unet_and_splits_the_source_row(monkeypatc
     assert onnx.plain_dtype is None  # exported backends run their export's dtype
     explicit = RuntimeConfig()
     assert precision.resolve_plain_dtype(explicit, _Unet(precision.SD_SIZE_CHANNELS)) is explicit
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_model_dtype_is_bf16_only_for_sd_size_models_on_bf16_cpus(monkeypatch, native_bf16):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native_bf16)
+    sd = _Unet(precision.SD_SIZE_CHANNELS)
+    assert precision.default_model_dtype(sd, CPU) is (torch.bfloat16 if native_bf16 else torch.float32)
+    assert precision.default_model_dtype(_Unet(64), CPU) is torch.float32  # the bundled and golden models
+    assert precision.default_model_dtype(sd, torch.device("cuda")) is torch.float32  # nothing measured on a GPU
+
+
+def test_auto_dtype_load_follows_the_predicate(monkeypatch, tiny_model_path):
+    from gnr_fast.loading import load_components
+    from gnr_fast.precision import PrecisionPolicy
+
+    small = load_components(tiny_model_path, dtype="auto")  # 32-channel UNet: float32 here, any CPU
+    assert small.dtype is torch.float32 and small.precision.model_dtype is torch.float32
+    monkeypatch.setattr(precision, "bf16_plain_calls_pay_off", lambda unet: True)  # as for SD 1.5 on this CPU
+    auto = load_components(tiny_model_path, dtype="auto")
+    direct = load_components(tiny_model_path, dtype=torch.bfloat16)
+    assert auto.dtype is torch.bfloat16 and auto.precision == PrecisionPolicy(model_dtype=torch.bfloat16)
+    assert {p.dtype for m in (auto.unet, auto.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+    assert auto.vae.dtype == direct.vae.dtype and auto.model_id == direct.model_id == small.model_id
+    for a, b in zip(auto.unet.state_dict().values(), direct.unet.state_dict().values()):
+        assert torch.equal(a, b)  # float32 load + cast = a bfloat16 load, bit for bit
+    # an explicit policy's dtype wins over "auto"
+    assert load_components(tiny_model_path, dtype="auto", precision=PrecisionPolicy()).dtype is torch.float32

@@ -257,10 +257,13 @@ def save_final(out: Path, ema: dict[str, torch.Tensor], shape: DenoiserShape, la
     text_encoder.save_pretrained(out / "final" / "text_encoder")
 
 
-def frozen_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> dict[str, torch.nn.Module]:
-    """Frozen copies of the starting UNet and text encoder: the teacher of ``--distill``."""
-    return {"unet": copy.deepcopy(unet).eval().requires_grad_(False),
-            "text_encoder": copy.deepcopy(text_encoder).eval().requires_grad_(False)}
+def frozen_teacher(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                   unet_frozen: bool = False) -> dict[str, torch.nn.Module]:
+    """The teacher of ``--distill``: frozen copies of the starting UNet and text encoder. With
+    ``unet_frozen`` (``--freeze-unet``: the student's UNet never changes) the teacher's UNet is the
+    student's own module, not a copy."""
+    teacher_unet = unet if unet_frozen else copy.deepcopy(unet).eval().requires_grad_(False)
+    return {"unet": teacher_unet, "text_encoder": copy.deepcopy(text_encoder).eval().requires_grad_(False)}
 
 
 def distillation_mse(eps: torch.Tensor, teacher: dict[str, torch.nn.Module], zt: torch.Tensor,
@@ -304,10 +307,13 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
         text_encoder.load_state_dict(
             CLIPTextModel.from_pretrained(args.init_model / "text_encoder").state_dict())
-    teacher = frozen_teacher(unet, text_encoder) if args.distill > 0 else None
-    models = {"unet": unet, "text_encoder": text_encoder}
     if args.freeze_unet:
         unet.requires_grad_(False)
+    teacher = frozen_teacher(unet, text_encoder, unet_frozen=args.freeze_unet) if args.distill > 0 else None
+    models = {"unet": unet, "text_encoder": text_encoder}
+    # A frozen UNet's EMA stays its weights bit for bit (decay·w + (1 − decay)·w rounds).
+    trained = {name: m for name, m in models.items() if not (name == "unet" and args.freeze_unet)}
+    if args.freeze_unet:
         params = list(text_encoder.parameters())
         groups = [{"params": params, "lr_mult": args.text_lr_mult}]
     else:
@@ -338,7 +344,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
             "shape": asdict(shape), "latent_size": latent_size, "args": vars(args)})
 
-    unet.train()
+    unet.train(not args.freeze_unet)  # a frozen UNet (also the teacher's) stays in eval mode
     text_encoder.train()
     budget = TimeBudget(args.steps, deadline, step)
     total = budget.total(step)
@@ -381,7 +387,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
         opt.step()
         step += 1
-        update_ema(ema, models, min(args.ema, (1 + step) / (10 + step)))
+        update_ema(ema, trained, min(args.ema, (1 + step) / (10 + step)))
         elapsed = time.time() - t0
         losses.append(per_sample.mean().item())
         bar.update(1)

@@ -49,16 +49,20 @@ def test_deadline_after_midnight_is_tomorrow_and_a_recent_one_is_past():
     assert parse_deadline(None) is None
 
 
-def test_distillation_is_zero_for_the_teacher_itself_and_trains_only_the_student():
+@pytest.mark.parametrize("unet_frozen", [False, True])
+def test_distillation_is_zero_for_the_teacher_itself_and_trains_only_the_student(unet_frozen):
     from gnr_fast.training.unet import SMOKE_SHAPE, build_text_encoder, build_unet, distillation_mse, frozen_teacher
 
     torch.manual_seed(0)
     unet, text = build_unet(SMOKE_SHAPE, 4), build_text_encoder(SMOKE_SHAPE)
-    teacher = frozen_teacher(unet, text)
+    if unet_frozen:  # --freeze-unet: the student's own frozen UNet is the teacher's, no copy
+        unet.requires_grad_(False).eval()
+    teacher = frozen_teacher(unet, text, unet_frozen=unet_frozen)
+    assert (teacher["unet"] is unet) == unet_frozen and teacher["text_encoder"] is not text
     zt, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
     full, relaxed = torch.randint(0, 1000, (2, 77)), torch.randint(0, 1000, (2, 77))
     same = distillation_mse(unet(zt, t, encoder_hidden_states=text(full).last_hidden_state).sample, teacher, zt, t, full)
-    assert float(same) == 0.0
+    assert float(same.detach()) == 0.0
     other = distillation_mse(unet(zt, t, encoder_hidden_states=text(relaxed).last_hidden_state).sample,
                              teacher, zt, t, full)
     other.backward()

@@ -130,5 +130,6 @@ def test_vae_unet_export_chain(tmp_path: Path, tokenizer_dir: Path) -> None:
     init_unet = UNet2DConditionModel.from_pretrained(tmp_path / "model" / "unet").state_dict()
     init_text = CLIPTextModel.from_pretrained(tmp_path / "model" / "text_encoder").state_dict()
     assert all(torch.equal(state["unet"][k], v) for k, v in init_unet.items())
+    assert all(torch.equal(state["ema"][f"unet.{k}"], v) for k, v in init_unet.items())  # and so does its EMA
     assert any(not torch.equal(state["text_encoder"][k], v) for k, v in init_text.items())
     assert "distill_mse=" in (tmp_path / "distill" / "train.log").read_text()
