@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..world.scenes import BackgroundSpec, ObjectSpec, SceneSpec
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -29,8 +31,9 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-SAFE_GLOBALS = [pathlib.PosixPath, pathlib.WindowsPath]
-"""Classes beyond tensors and containers that a checkpoint may hold (the run's ``args`` hold paths)."""
+SAFE_GLOBALS = [pathlib.PosixPath, pathlib.WindowsPath, SceneSpec, BackgroundSpec, ObjectSpec]
+"""Classes beyond tensors and containers that a checkpoint may hold (the run's ``args`` hold paths;
+a UNet run's latent pool holds the scene specs its relaxed captions are drawn from)."""
 
 
 def load_torch_file(path: Path) -> Any:

@@ -69,3 +69,15 @@ def test_distillation_is_zero_for_the_teacher_itself_and_trains_only_the_student
     assert float(other) > 0
     assert all(p.grad is None for m in teacher.values() for p in m.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in text.parameters())
+
+
+def test_a_latent_pool_with_scene_specs_loads_without_pickle_code(tmp_path):
+    """--resume reads latent_pool.pt with weights_only=True; the relaxed captions' scene specs are allowed."""
+    import numpy as np
+
+    from gnr_fast.training.checkpoints import load_torch_file
+    from gnr_fast.world.scenes import sample_spec
+
+    specs = [sample_spec(np.random.default_rng(seed)) for seed in range(3)]
+    torch.save({"mean": torch.zeros(3, 4, 2, 2), "captions": ["a", "b", "c"], "specs": specs}, tmp_path / "pool.pt")
+    assert load_torch_file(tmp_path / "pool.pt")["specs"] == specs
