@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .precision import MODEL_DTYPES, ModelDtype, PrecisionPolicy
+from .runtime.precision import default_model_dtype
 from .schedules import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -319,18 +320,16 @@ def load_components(
 
     if single_file:
         unet, vae, text_encoder, tokenizer, scheduler_config = _load_single_file(path, dtype, prediction_type, config)
-        vae.to(dtype=precision.vae_dtype(bool(vae.config.get("force_upcast", True))))
     else:
         unet, vae, text_encoder, tokenizer, scheduler_config = _load_folder(path, dtype, precision)
     if auto:
-        from .runtime.precision import default_model_dtype
-
         dtype = default_model_dtype(unet, device)
         if dtype != torch.float32:
             precision = PrecisionPolicy(model_dtype=dtype)
             unet.to(dtype=dtype)
             text_encoder.to(dtype=dtype)
-            vae.to(dtype=precision.vae_dtype(bool(vae.config.get("force_upcast", True))))
+    # A no-op for a folder loaded in the policy's dtype; single files and "auto" casts land here.
+    vae.to(dtype=precision.vae_dtype(bool(vae.config.get("force_upcast", True))))
     if prediction_type is not None:
         scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
     schedule = NoiseSchedule.from_betas(

@@ -307,13 +307,12 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
         text_encoder.load_state_dict(
             CLIPTextModel.from_pretrained(args.init_model / "text_encoder").state_dict())
-    if args.freeze_unet:
-        unet.requires_grad_(False)
     teacher = frozen_teacher(unet, text_encoder, unet_frozen=args.freeze_unet) if args.distill > 0 else None
     models = {"unet": unet, "text_encoder": text_encoder}
     # A frozen UNet's EMA stays its weights bit for bit (decay·w + (1 − decay)·w rounds).
     trained = {name: m for name, m in models.items() if not (name == "unet" and args.freeze_unet)}
     if args.freeze_unet:
+        unet.requires_grad_(False)
         params = list(text_encoder.parameters())
         groups = [{"params": params, "lr_mult": args.text_lr_mult}]
     else:
