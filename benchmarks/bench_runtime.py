@@ -10,7 +10,7 @@ Environment: ``GNR_BENCH_MODELS`` (comma list of ``tiny``, ``bundled`` (128²), 
 default 10), ``GNR_BENCH_WARMUP`` (untimed rounds per variant first, default 1; compiled variants
 compile there), ``GNR_BENCH_COMPILER`` (``inductor``; ``aot_eager`` for a smoke run), ``GNR_BENCH_INDUCTOR_CACHE``
 (the timed editors' inductor cache folder; default inductor's own), ``GNR_BENCH_FREEZING``,
-``GNR_BENCH_CPP_WRAPPER`` (0/1) and ``GNR_BENCH_COMPILE_MODE`` (override the preset). A smoke run:
+``GNR_BENCH_CPP_WRAPPER``, ``GNR_BENCH_GUARD_MODULES`` (0/1) and ``GNR_BENCH_COMPILE_MODE`` (override the preset). A smoke run:
 ``GNR_BENCH_ROUNDS=1 GNR_BENCH_STEPS=2 GNR_BENCH_COMPILER=aot_eager ... --benchmark-disable``.
 
 Every case times its variants alternately (eager, compiled, eager, compiled, ...) after the
@@ -52,9 +52,10 @@ CACHE = Path(os.environ["GNR_BENCH_INDUCTOR_CACHE"]) if os.environ.get("GNR_BENC
 
 def _compiled(cache_dir: Path | None = None) -> RuntimeConfig:
     """The ``compiled`` preset with this run's compiler, cache folder and option overrides
-    (``GNR_BENCH_FREEZING``/``GNR_BENCH_CPP_WRAPPER`` = 0/1, ``GNR_BENCH_COMPILE_MODE``)."""
+    (``GNR_BENCH_FREEZING``/``GNR_BENCH_CPP_WRAPPER``/``GNR_BENCH_GUARD_MODULES`` = 0/1,
+    ``GNR_BENCH_COMPILE_MODE``)."""
     options: dict = {"compiler": COMPILER, "cache_dir": cache_dir}
-    for name in ("freezing", "cpp_wrapper"):
+    for name in ("freezing", "cpp_wrapper", "guard_modules"):
         value = os.environ.get(f"GNR_BENCH_{name.upper()}")
         if value is not None:
             options[name] = value == "1"
@@ -107,13 +108,15 @@ def _table():
     yield
     if not RESULTS:
         return
-    lines = ["", "gnr-fast runtime benchmark (median [min-max] seconds; ratio = eager / compiled, same run)"]
+    lines = ["", "gnr-fast runtime benchmark (median [min-max] seconds; ratio = eager (or guarded) / compiled, same run)"]
     for case, variants in RESULTS.items():
         cells = [f"{name} {v['seconds']:.4f} [{v.get('min_s', v['seconds']):.4f}-{v.get('max_s', v['seconds']):.4f}]"
                  for name, v in variants.items()]
         ratio = ""
         if "eager" in variants and "compiled" in variants:
             ratio = f"  {variants['eager']['seconds'] / variants['compiled']['seconds']:.2f}x"
+        elif "guarded" in variants and "compiled" in variants:
+            ratio = f"  {variants['guarded']['seconds'] / variants['compiled']['seconds']:.2f}x"
         lines.append(f"{case:<52} " + "  ".join(cells) + ratio)
     print("\n".join(lines))
     import json
@@ -166,6 +169,23 @@ def test_plain_call(benchmark, editors, batch):
     times = {}
     benchmark.pedantic(lambda: times.update(alternate({r: lambda r=r: call(editors[r]) for r in RUNTIMES})), rounds=1)
     _record(f"{editors['name']}: plain call, batch {batch}", times)
+
+
+def test_module_guard_overhead(benchmark, editors):
+    """What dynamo's guards on the UNet's modules cost per compiled call: plain batch-1 calls of the
+    compiled editor (``guard_modules=False``, the default) and of one that keeps those guards."""
+    z, t = _latent(editors, 1), torch.tensor(500)
+    context = editors["eager"].embed("a photo")
+    guarded = Editor(editors["eager"].components, runtime=replace(_compiled(CACHE), guard_modules=True))
+    variants = {"compiled": editors["compiled"], "guarded": guarded}
+
+    def call(editor):
+        with torch.no_grad():
+            return editor.runner.plain(z, t, context)
+
+    times = {}
+    benchmark.pedantic(lambda: times.update(alternate({n: lambda e=e: call(e) for n, e in variants.items()})), rounds=1)
+    _record(f"{editors['name']}: plain call, batch 1, module guards off / on", times)
 
 
 def test_capturing_call(benchmark, editors):

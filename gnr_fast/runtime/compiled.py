@@ -94,6 +94,15 @@ def configure_compilation(config: RuntimeConfig) -> None:
     setattr(dynamo_config, limit_name, max(getattr(dynamo_config, limit_name), config.recompile_limit))
 
 
+def compile_options(config: RuntimeConfig) -> dict[str, Any]:
+    """``torch.compile`` options of a compiled runner: without :attr:`RuntimeConfig.guard_modules`,
+    dynamo keeps no guards on the UNet's modules (the per-call guard check of every parameter and
+    module attribute is the largest per-call overhead of a compiled call on CPU)."""
+    if config.guard_modules:
+        return {}
+    return {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+
+
 def _device_of(unet: torch.nn.Module) -> torch.device:
     return next(unet.parameters()).device
 
@@ -109,7 +118,8 @@ class CompiledPlainRunner:
         configure_compilation(config)
         self.backend = CountingBackend(config, freezing=config.freezing)
         self.module = PlainUNet(unet)
-        self._fn = torch.compile(self.module, fullgraph=True, dynamic=False, backend=self.backend)
+        self._fn = torch.compile(self.module, fullgraph=True, dynamic=False, backend=self.backend,
+                                 options=compile_options(config))
 
     @property
     def graphs(self) -> int:
@@ -137,8 +147,10 @@ class CompiledCapturingRunner:
         self.module = CapturingUNet(unet)
         self.no_grad_backend = CountingBackend(config, freezing=config.freezing)
         self.grad_backend = CountingBackend(config, freezing=False)
-        self._no_grad = torch.compile(self.module, fullgraph=True, dynamic=False, backend=self.no_grad_backend)
-        self._grad = torch.compile(self.module, fullgraph=True, dynamic=False, backend=self.grad_backend)
+        self._no_grad = torch.compile(self.module, fullgraph=True, dynamic=False, backend=self.no_grad_backend,
+                                      options=compile_options(config))
+        self._grad = torch.compile(self.module, fullgraph=True, dynamic=False, backend=self.grad_backend,
+                                   options=compile_options(config))
 
     @property
     def graphs(self) -> int:

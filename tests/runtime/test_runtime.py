@@ -37,6 +37,8 @@ def test_presets_and_validation():
         RuntimeConfig(compiler="tvm")
     with pytest.raises(ConfigError, match="plain"):
         RuntimeConfig(plain="")
+    with pytest.raises(ConfigError, match="guard_modules must be True or False"):
+        RuntimeConfig(guard_modules="no")
     with pytest.raises(AttributeError):
         compiled.plain = "eager"
 
