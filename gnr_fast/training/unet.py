@@ -230,6 +230,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of a distillation term: the student's ε on each row's caption (full or relaxed) "
                         "pulled toward the --init-model teacher's ε on the scene's full grammar caption")
     p.add_argument("--data-weight", type=float, default=1.0, help="weight of the ε-prediction (data) term")
+    p.add_argument("--anchor", type=float, default=0.0,
+                   help="weight of an anchor term: the student text encoder's output on each row's full grammar "
+                        "caption pulled toward the --init-model teacher's (full captions keep their embedding "
+                        "while relaxed ones are learned)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR gamma (paper default)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--ckpt-every", type=int, default=250)
@@ -238,8 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
-    if (args.distill > 0 or args.freeze_unet) and args.init_model is None:
-        p.error("--distill and --freeze-unet need --init-model (the teacher and the frozen UNet)")
+    if (args.distill > 0 or args.anchor > 0 or args.freeze_unet) and args.init_model is None:
+        p.error("--distill, --anchor and --freeze-unet need --init-model (the teacher and the frozen UNet)")
     if args.data_weight <= 0 and args.distill <= 0:
         p.error("--data-weight 0 needs --distill > 0 (else nothing is trained)")
     if args.smoke:
@@ -277,6 +281,15 @@ def distillation_mse(eps: torch.Tensor, teacher: dict[str, torch.nn.Module], zt:
     return ((eps - target) ** 2).mean()
 
 
+def embedding_anchor_mse(text_encoder: CLIPTextModel, teacher: dict[str, torch.nn.Module],
+                         full_ids: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the student's and the teacher's text-encoder outputs on the full
+    grammar captions ``full_ids``: zero while a full caption still means exactly what it meant."""
+    with torch.no_grad():
+        target = teacher["text_encoder"](full_ids).last_hidden_state
+    return ((text_encoder(full_ids).last_hidden_state - target) ** 2).mean()
+
+
 def train(args: argparse.Namespace) -> dict[str, float]:
     """Run (or resume) UNet + text-encoder training; returns the final metrics."""
     torch.set_num_threads(args.threads)
@@ -307,7 +320,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
         text_encoder.load_state_dict(
             CLIPTextModel.from_pretrained(args.init_model / "text_encoder").state_dict())
-    teacher = frozen_teacher(unet, text_encoder, unet_frozen=args.freeze_unet) if args.distill > 0 else None
+    teacher = (frozen_teacher(unet, text_encoder, unet_frozen=args.freeze_unet)
+               if args.distill > 0 or args.anchor > 0 else None)
     models = {"unet": unet, "text_encoder": text_encoder}
     # A frozen UNet's EMA stays its weights bit for bit (decay·w + (1 − decay)·w rounds).
     trained = {name: m for name, m in models.items() if not (name == "unet" and args.freeze_unet)}
@@ -350,6 +364,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     t0 = time.time() - elapsed
     losses: list[float] = []
     distill_losses: list[float] = []
+    anchor_losses: list[float] = []
     bar = tqdm(total=args.steps, initial=step, desc="unet", dynamic_ncols=True)
     while step < total:
         if budget.expired():
@@ -378,9 +393,14 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         if teacher is not None:
             full_ids = tokens[idx].clone()
             full_ids[empty_rows] = empty
+        if args.distill > 0:
             distill = distillation_mse(eps, teacher, zt, t, full_ids)
             loss = loss + args.distill * distill
             distill_losses.append(distill.item())
+        if args.anchor > 0:
+            anchor = embedding_anchor_mse(text_encoder, teacher, full_ids)
+            loss = loss + args.anchor * anchor
+            anchor_losses.append(anchor.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
@@ -394,6 +414,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             mean_loss = float(np.mean(losses[-50:]))
             bar.set_postfix(loss=f"{mean_loss:.4f}", total=total)
             distill_text = f"distill_mse={np.mean(distill_losses[-50:]):.5f} " if distill_losses else ""
+            if anchor_losses:
+                distill_text += f"anchor_mse={np.mean(anchor_losses[-50:]):.6f} "
             log.write(f"step={step} eps_mse={mean_loss:.5f} {distill_text}gnorm={grad_norm:.3f} "
                       f"lr={opt.param_groups[0]['lr']:.2e} est_total={total} t={elapsed:.0f}s")
         if step % args.ckpt_every == 0:
@@ -405,6 +427,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                float("nan"), "wall_s": elapsed}
     if distill_losses:
         metrics["distill_mse_last100"] = float(np.mean(distill_losses[-100:]))
+    if anchor_losses:
+        metrics["anchor_mse_last100"] = float(np.mean(anchor_losses[-100:]))
     log.write(f"final {metrics}")
     return metrics
 

@@ -71,6 +71,23 @@ def test_distillation_is_zero_for_the_teacher_itself_and_trains_only_the_student
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in text.parameters())
 
 
+def test_embedding_anchor_is_zero_for_the_teacher_and_pulls_a_moved_student_back():
+    from gnr_fast.training.unet import SMOKE_SHAPE, build_text_encoder, build_unet, embedding_anchor_mse, frozen_teacher
+
+    torch.manual_seed(0)
+    text = build_text_encoder(SMOKE_SHAPE)
+    teacher = frozen_teacher(build_unet(SMOKE_SHAPE, 4).eval(), text, unet_frozen=True)
+    full = torch.randint(0, 1000, (2, 77))
+    assert float(embedding_anchor_mse(text, teacher, full).detach()) == 0.0
+    with torch.no_grad():
+        text.final_layer_norm.bias.add_(0.1)  # move the student's output by 0.1 everywhere
+    moved = embedding_anchor_mse(text, teacher, full)
+    torch.testing.assert_close(moved.detach(), torch.tensor(0.01), rtol=1e-4, atol=0)
+    moved.backward()
+    assert float(text.final_layer_norm.bias.grad.sum()) > 0  # the gradient pulls the bias back down
+    assert all(p.grad is None for p in teacher["text_encoder"].parameters())
+
+
 def test_a_latent_pool_with_scene_specs_loads_without_pickle_code(tmp_path):
     """--resume reads latent_pool.pt with weights_only=True; the relaxed captions' scene specs are allowed."""
     import numpy as np
