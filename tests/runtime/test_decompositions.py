@@ -66,6 +66,42 @@ def test_overrides_extend_inductors_table():
     assert all(table[op] is fn for op, fn in OVERRIDES.items())
 
 
+def test_table_pickles_into_inductors_cache_key():
+    """Inductor pickles the table into its FX-graph cache key; a plain dict of its entries is
+    refused (they are wrapped functions), which made every compile bypass the disk cache."""
+    import pickle
+
+    from torch._inductor.codecache import FxGraphCachePickler
+    from torch._inductor.compile_fx import _ConstantDecompTable
+
+    table = inductor_decompositions()
+    FxGraphCachePickler(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())).dumps(_ConstantDecompTable(table))
+    assert pickle.loads(pickle.dumps(table)) == table
+    with pytest.raises(Exception):
+        pickle.dumps(dict(table))  # what was passed before: not picklable, so no cache key
+
+
+@pytest.mark.inductor
+def test_second_compile_is_served_from_inductors_disk_cache():
+    """A new process state (dynamo reset) compiling the same graph hits inductor's FX-graph cache."""
+    reason = inductor_unavailable_reason("cpu")
+    if reason:
+        pytest.skip(reason)
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    model = _ResnetThenUpsample().requires_grad_(False)
+    x = torch.randn(1, 16, 4, 4)
+    with fresh_cache(), torch.no_grad():
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            backend = CountingBackend(RuntimeConfig.preset("compiled"), freezing=False)
+            torch.compile(model, fullgraph=True, dynamic=False, backend=backend)(x)
+            assert backend.graphs == 1 and counters["inductor"]["fxgraph_cache_bypass"] == 0
+        assert counters["inductor"]["fxgraph_cache_hit"] == 1
+
+
 @pytest.mark.inductor
 def test_gradient_through_nearest_upsample_survives_inductor():
     """~10 s cold (one small graph)."""
