@@ -97,7 +97,8 @@ def configure_compilation(config: RuntimeConfig) -> None:
 def compile_options(config: RuntimeConfig) -> dict[str, Any]:
     """``torch.compile`` options of a compiled runner: without :attr:`RuntimeConfig.guard_modules`,
     dynamo keeps no guards on the UNet's modules (the per-call guard check of every parameter and
-    module attribute is the largest per-call overhead of a compiled call on CPU)."""
+    module attribute is the largest per-call overhead of a compiled call on CPU). A fresh dict per
+    ``torch.compile`` call: it pops ``guard_filter_fn`` from the dict it is given."""
     if config.guard_modules:
         return {}
     return {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}

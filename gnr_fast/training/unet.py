@@ -413,10 +413,10 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         if step % 50 == 0 or step == total:
             mean_loss = float(np.mean(losses[-50:]))
             bar.set_postfix(loss=f"{mean_loss:.4f}", total=total)
-            distill_text = f"distill_mse={np.mean(distill_losses[-50:]):.5f} " if distill_losses else ""
+            terms_text = f"distill_mse={np.mean(distill_losses[-50:]):.5f} " if distill_losses else ""
             if anchor_losses:
-                distill_text += f"anchor_mse={np.mean(anchor_losses[-50:]):.6f} "
-            log.write(f"step={step} eps_mse={mean_loss:.5f} {distill_text}gnorm={grad_norm:.3f} "
+                terms_text += f"anchor_mse={np.mean(anchor_losses[-50:]):.6f} "
+            log.write(f"step={step} eps_mse={mean_loss:.5f} {terms_text}gnorm={grad_norm:.3f} "
                       f"lr={opt.param_groups[0]['lr']:.2e} est_total={total} t={elapsed:.0f}s")
         if step % args.ckpt_every == 0:
             checkpoint()
