@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -25,6 +27,20 @@ def tiny_model_path(tmp_path_factory) -> Path:
 def tiny_vpred_model_path(tmp_path_factory) -> Path:
     """A random-weight SD 2.x-style pipeline folder (v-prediction)."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), seed=1, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for the requesting module, restored after it.
+
+    For modules whose results must not depend on the machine's core count (the parity tests: the
+    reduction split of a multi-threaded conv or matmul changes the rounding, and a chaotic edit
+    amplifies it) or whose tensors are so small that an OpenMP barrier costs more than the work.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 Each case edits one inversion of the tiny random pipeline twice — ``mode="reference"`` (the
 paper-literal four passes, DESIGN.md §3) and ``mode="fast"`` — and compares the final latents
-(relative L2). The bound is 10× the worst difference measured over the cases (see MEASURED), and
+(relative L2). The bound is ≈ 8× the worst difference measured over the cases (see MEASURED), and
 each case also checks that its guidance moved the edit far more than that bound (against a
 cfg-only edit), so a guider both modes silently dropped could not pass.
 """
@@ -30,28 +30,30 @@ from gnr_fast.config import (
 STEPS = 4
 SOURCE, TARGET = "a red circle", "a green square"
 
-# Measured 2026-12-01 (torch 2.13.0 CPU, 2 threads, tiny pipeline, 4 steps): rel. L2 of fast vs reference
-# final latents per case; the bound is ≈ 10x the worst (8.1e-6). The guidance moved each edit by 0.76-2.3
-# against the cfg-only edit.
+# Every test here runs on one torch thread: with two threads the conv/matmul reductions split
+# differently, and the source-guidance case amplifies that rounding (its appearance guider, self-attn
+# scale 3e5 with γ clipped at the range's top, turns a 1.2e-5 step-1 difference into a 6.4e-4
+# difference of its step-2 gradient): fast vs reference measured 8.3e-6 at one thread and 2.20e-4
+# at two, where the reference itself moved only 7e-7 between the thread counts.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# Measured 2026-12-02 (torch 2.13.0 CPU, one thread, tiny pipeline, 4 steps): rel. L2 of fast vs
+# reference final latents per case; the bound is ≈ 8x the worst (1.3e-5). The guidance moved each
+# edit by 0.76-2.3 against the cfg-only edit.
 MEASURED = {
-    "nonstyle": 4.8e-6,
-    "style": 4.5e-6,
-    "exact-alignment": 2.2e-6,
-    "latents-diff": 8.1e-6,
-    "latents-diff+energy": 6.1e-6,
-    "source-guidance": 7.0e-6,
-    "layer-subset": 4.8e-6,
-    "appearance-conv-norm-out": 5.5e-6,
-    "features-mid": 3.4e-6,
-    "authors-yaml": 5.9e-6,
-    "v-prediction": 6.1e-6,
+    "nonstyle": 6.5e-6,
+    "style": 9.8e-6,
+    "exact-alignment": 5.6e-6,
+    "latents-diff": 1.1e-5,
+    "latents-diff+energy": 1.3e-5,
+    "source-guidance": 8.3e-6,
+    "layer-subset": 6.6e-6,
+    "appearance-conv-norm-out": 8.4e-6,
+    "features-mid": 2.8e-6,
+    "authors-yaml": 8.2e-6,
+    "v-prediction": 5.7e-6,
 }
 BOUND = 1e-4
-# source-guidance sits on the reference mode's step-0 knife edge (an energy of ~1e-7 relative
-# noise is lifted by the rescaler): two fresh-clone CI runs (stop 23's and the evening session's) measured 2.20e-04 for it,
-# deterministic within the process (both modes repeat bit for bit) and dependent on what ran
-# before; alone it measures ~6e-6. Its own bound covers that state; a real regression moves it ~1.
-CASE_BOUNDS = {"source-guidance": 5e-4}
 
 AUTHORS_YAML = f"""
 scheduler_type: ddim_{STEPS}_eps
@@ -128,15 +130,13 @@ def _check_pair(editor: Editor, inversion, config: EditConfig, name: str, plain:
     inversion.source_cache = None
     diff = _rel(fast.latents, ref.latents)
     effect = _rel(ref.latents, plain)
-    bound = CASE_BOUNDS.get(name, BOUND)
-    if diff > bound:
-        # Still a failure; the repeat only says which mode moved (see CASE_BOUNDS for the one case
-        # whose CI runs moved).
+    if diff > BOUND:
+        # Still a failure; the repeat only says which mode moved.
         again = {mode: editor.edit(inversion, TARGET, config=config, mode=mode, progress=False).latents
                  for mode in ("reference", "fast")}
         inversion.source_cache = None
         pytest.fail(
-            f"{name}: fast vs reference {diff:.2e} > {bound:.0e} (measured {MEASURED[name]:.1e}); repeated in "
+            f"{name}: fast vs reference {diff:.2e} > {BOUND:.0e} (measured {MEASURED[name]:.1e}); repeated in "
             f"this process: reference vs its repeat {_rel(again['reference'], ref.latents):.2e}, fast vs its "
             f"repeat {_rel(again['fast'], fast.latents):.2e}, repeats vs each other "
             f"{_rel(again['fast'], again['reference']):.2e}"
@@ -146,7 +146,7 @@ def _check_pair(editor: Editor, inversion, config: EditConfig, name: str, plain:
 
 
 @pytest.fixture(scope="module")
-def inversion(tiny_editor):
+def inversion(tiny_editor, one_torch_thread):
     return tiny_editor.invert(_image(), SOURCE, num_steps=STEPS, progress=False)
 
 

@@ -27,25 +27,17 @@ from gnr_fast.reference.step import reference_step
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def golden(golden_dir) -> GoldenRun:
     return GoldenRun.load(golden_dir / "nonstyle_scene0")
 
 
 @pytest.fixture(scope="module")
-def golden_editor(golden_dir, one_thread) -> Editor:
+def golden_editor(golden_dir, one_torch_thread) -> Editor:
     return Editor.from_pretrained(golden_dir / "tiny-sd")
 
 
 @pytest.fixture(scope="module")
-def golden_editor_fp64(golden_dir, one_thread) -> Editor:
+def golden_editor_fp64(golden_dir, one_torch_thread) -> Editor:
     return Editor.from_pretrained(golden_dir / "tiny-sd", dtype=torch.float64)
 
 
@@ -153,7 +145,7 @@ def test_free_running(golden_editor, golden, mode):
 
 
 @pytest.fixture(scope="module")
-def golden_editor_compiled(golden_dir, one_thread, tmp_path_factory) -> Editor:
+def golden_editor_compiled(golden_dir, one_torch_thread, tmp_path_factory) -> Editor:
     import os
 
     from gnr_fast.runtime import RuntimeConfig, inductor_unavailable_reason
@@ -211,7 +203,7 @@ def test_compiled_free_running(golden_editor_compiled, golden):
 
 
 @pytest.fixture(scope="module")
-def golden_editor_onnx(golden_dir, one_thread, tmp_path_factory) -> Editor:
+def golden_editor_onnx(golden_dir, one_torch_thread, tmp_path_factory) -> Editor:
     pytest.importorskip("onnx", reason="the onnx package is not installed (pip install 'gnr-fast[export]')")
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'gnr-fast[export]')")
     from gnr_fast.runtime import RuntimeConfig

@@ -61,14 +61,9 @@ needs_triton = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """One intra-op thread for this module: its tensors are tiny, and on a 2-core machine with a
-    busy second core every multi-threaded matmul waits ~20 ms at the OpenMP barrier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Its tensors are tiny: on a 2-core machine with a busy second core every multi-threaded matmul
+# waits ~20 ms at the OpenMP barrier.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
