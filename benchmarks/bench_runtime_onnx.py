@@ -81,11 +81,13 @@ def load_model(name: str):
 
 
 def bf16_components(components):
-    """``components`` with the UNet and text encoder copied to bfloat16 (the VAE stays float32, as
+    """``components`` with the UNet and text encoder(s) copied to bfloat16 (the VAE stays float32, as
     :func:`~gnr_fast.loading.load_components` keeps a ``force_upcast`` VAE)."""
+    relaxed = components.relaxed_text_encoder
     return dataclasses.replace(
         components, unet=copy.deepcopy(components.unet).to(torch.bfloat16),
         text_encoder=copy.deepcopy(components.text_encoder).to(torch.bfloat16), dtype=torch.bfloat16, precision=None,
+        relaxed_text_encoder=None if relaxed is None else copy.deepcopy(relaxed).to(torch.bfloat16),
     )
 
 

@@ -122,7 +122,7 @@ class Editor:
             warn_if_outside_grammar(self.defaults.caption_grammar, prompt)
             if len(self._embeddings) > 64:
                 self._embeddings.clear()
-            self._embeddings[prompt] = encode_prompt(self.components, prompt)
+            self._embeddings[prompt] = encode_prompt(self.components, prompt, self.defaults.caption_grammar)
         return self._embeddings[prompt]
 
     def invert(self, image: ImageInput, source_prompt: str, num_steps: int = 50, progress: bool = True) -> Inversion:

@@ -19,6 +19,7 @@ from .errors import (
     NotAPipelineError,
     UnsupportedArchitectureError,
 )
+from .model_defaults import load_model_defaults
 from .precision import MODEL_DTYPES, ModelDtype, PrecisionPolicy
 from .runtime.precision import default_model_dtype
 from .schedules import NoiseSchedule
@@ -61,6 +62,9 @@ class Components:
     device: torch.device
     dtype: torch.dtype  # of the UNet and text encoder (the VAE's is ``vae.dtype``, see ``precision``)
     precision: PrecisionPolicy | None = None  # None: PrecisionPolicy(model_dtype=dtype)
+    # The caption grammar's second encoder for relaxed prompts (gnr_fast.json, see
+    # gnr_fast.prompts.text_encoder_for); None for a model with one.
+    relaxed_text_encoder: Any | None = None
 
     def __post_init__(self) -> None:
         if self.precision is None:
@@ -318,16 +322,20 @@ def load_components(
             f"precision.model_dtype={precision.model_dtype} differs from dtype={dtype}; pass one dtype for both"
         )
 
+    relaxed_text_encoder = None
     if single_file:
         unet, vae, text_encoder, tokenizer, scheduler_config = _load_single_file(path, dtype, prediction_type, config)
     else:
         unet, vae, text_encoder, tokenizer, scheduler_config = _load_folder(path, dtype, precision)
+        relaxed_text_encoder = _load_relaxed_text_encoder(path, dtype)
+    text_encoders = [text_encoder] + ([relaxed_text_encoder] if relaxed_text_encoder is not None else [])
     if auto:
         dtype = default_model_dtype(unet, device)
         if dtype != torch.float32:
             precision = PrecisionPolicy(model_dtype=dtype)
             unet.to(dtype=dtype)
-            text_encoder.to(dtype=dtype)
+            for encoder in text_encoders:
+                encoder.to(dtype=dtype)
     # A no-op for a folder loaded in the policy's dtype; single files and "auto" casts land here.
     vae.to(dtype=precision.vae_dtype(bool(vae.config.get("force_upcast", True))))
     if prediction_type is not None:
@@ -342,7 +350,7 @@ def load_components(
     if tokenizer.model_max_length > 1024:
         # Tokenizers rebuilt from vocab.json + merges.txt carry a huge sentinel length; CLIP's is 77.
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, *text_encoders):
         module.requires_grad_(False)
         module.eval()
         module.to(device)
@@ -354,6 +362,8 @@ def load_components(
                            "weights, so it depends on dtype=%s", path, PROBES, dtype)
         probes = module_probes(unet, vae, text_encoder)
     model_id = model_fingerprint(unet, vae, text_encoder, schedule, probes)
+    if relaxed_text_encoder is not None:
+        model_id = _with_relaxed_text_encoder(model_id, relaxed_text_encoder)
     logger.info("loaded %s (model id %s) on %s/%s, VAE in %s", path, model_id, device, dtype, vae.dtype)
     return Components(
         unet=unet,
@@ -366,4 +376,38 @@ def load_components(
         device=device,
         dtype=dtype,
         precision=precision,
+        relaxed_text_encoder=relaxed_text_encoder,
     )
+
+
+def _load_relaxed_text_encoder(path: Path, dtype: torch.dtype) -> Any | None:
+    """The second text encoder the folder's ``gnr_fast.json`` names for relaxed prompts
+    (:class:`~gnr_fast.model_defaults.CaptionGrammar`), or None when it names none."""
+    from transformers import CLIPTextModel
+
+    grammar = load_model_defaults(path).caption_grammar
+    if grammar is None or grammar.relaxed_text_encoder is None:
+        return None
+    folder = path / grammar.relaxed_text_encoder
+    if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in _WEIGHT_FILES["text_encoder"]):
+        raise ModelLoadError(
+            f"{path / 'gnr_fast.json'} names the relaxed-prompt text encoder {grammar.relaxed_text_encoder!r}, but "
+            f"{str(folder)!r} does not hold config.json and {' or '.join(_WEIGHT_FILES['text_encoder'])}; restore the "
+            "folder or drop 'caption_grammar.relaxed_text_encoder'"
+        )
+    try:
+        return CLIPTextModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"loading the relaxed-prompt text encoder {str(folder)!r} failed: {exc}") from exc
+
+
+def _with_relaxed_text_encoder(model_id: str, encoder: Any) -> str:
+    """``model_id`` extended by every weight of the relaxed-prompt text encoder (a fine-tune of the
+    main one may leave the probed embedding rows unchanged, so all of its weights are hashed)."""
+    digest = hashlib.sha256(model_id.encode())
+    kept = {k: v for k, v in encoder.config.to_dict().items() if k not in _LOAD_ONLY_CONFIG_KEYS}
+    digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -10,14 +10,17 @@ file beside ``model_index.json``::
         "name": "shapes-world",
         "summary": "one or two objects (size, colour, shape) on a background",
         "grammar": "a <size> <colour> <shape> [and a ...] on a <background>",
-        "examples": ["a large red circle on a blue background", ...]
+        "examples": ["a large red circle on a blue background", ...],
+        "relaxed_text_encoder": "text_encoder_relaxed"
       }
     }
 
 ``preset`` is the edit preset used when a call names neither a preset nor a config (the
 explicit argument always wins); ``caption_grammar`` (optional) names the caption language the
 model was trained on, and its examples, so unreadable prompts can be flagged
-(:func:`gnr_fast.prompts.warn_if_outside_grammar`). A folder without the file gets
+(:func:`gnr_fast.prompts.warn_if_outside_grammar`); its optional ``relaxed_text_encoder`` names a
+second text-encoder subfolder for prompts the grammar's reader accepts only as a relaxed form
+(:func:`gnr_fast.prompts.prompt_form`; loaded by :func:`gnr_fast.loading.load_components`). A folder without the file gets
 :data:`FALLBACK_PRESET` and no grammar; a file that exists but is malformed is an error naming
 the file, the field and the fix — never silently ignored.
 """
@@ -38,19 +41,26 @@ METADATA_FORMAT = 1
 FALLBACK_PRESET = "nonstyle"
 """The preset of a model that declares none (the paper's preset for real images)."""
 _KNOWN_KEYS = frozenset({"format", "preset", "caption_grammar"})
-_GRAMMAR_KEYS = frozenset({"name", "summary", "grammar", "examples"})
+_GRAMMAR_KEYS = frozenset({"name", "summary", "grammar", "examples", "relaxed_text_encoder"})
 
 
 @dataclass(frozen=True)
 class CaptionGrammar:
     """The caption language a model was trained on: ``name`` picks the parser
     (``"shapes-world"``: :func:`gnr_fast.world.captions.parse_prompt`), ``examples`` are prompts
-    that work (at least one)."""
+    that work (at least one).
+
+    ``relaxed_text_encoder``: a subfolder of the model (a plain folder name) holding a second text
+    encoder for the grammar's relaxed forms — prompts its reader accepts that are not captions of
+    the grammar itself (:func:`gnr_fast.prompts.prompt_form`); the grammar's own captions, the empty
+    prompt and unreadable prompts keep ``text_encoder/``. None: one text encoder for every prompt.
+    """
 
     name: str
     summary: str
     grammar: str
     examples: tuple[str, ...]
+    relaxed_text_encoder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,19 @@ def _grammar(value: object, path: Path) -> CaptionGrammar:
         summary=_string(value.get("summary"), path, "caption_grammar.summary"),
         grammar=_string(value.get("grammar"), path, "caption_grammar.grammar"),
         examples=tuple(_string(e, path, "caption_grammar.examples[]") for e in examples),
+        relaxed_text_encoder=_subfolder(value.get("relaxed_text_encoder"), path, "caption_grammar.relaxed_text_encoder"),
     )
+
+
+def _subfolder(value: object, path: Path, field: str) -> str | None:
+    """``value`` as the name of a folder directly inside the model folder, or None when absent."""
+    if value is None:
+        return None
+    name = _string(value, path, field)
+    if Path(name).name != name or name in (".", ".."):
+        raise ModelLoadError(f"{path}: field {field!r} must name a folder inside the model folder (no path "
+                             f"separators), got {name!r}")
+    return name
 
 
 def parse_model_defaults(data: object, path: Path) -> ModelDefaults:

@@ -1,9 +1,15 @@
-"""Prompt → CLIP embedding (DESIGN.md §1: padded to the tokenizer's 77 tokens)."""
+"""Prompt → CLIP embedding (DESIGN.md §1: padded to the tokenizer's 77 tokens).
+
+A model whose caption grammar names a ``relaxed_text_encoder`` (:mod:`gnr_fast.model_defaults`)
+encodes the grammar's relaxed forms with that second encoder and everything else with
+``text_encoder/`` (:func:`text_encoder_for`).
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
@@ -26,8 +32,9 @@ def check_prompt(prompt: object, name: str, allow_empty: bool = False) -> str:
 
 
 @torch.no_grad()
-def encode_prompt(components: Components, prompt: str) -> torch.Tensor:
-    """CLIP last hidden state of ``prompt`` padded/truncated to ``model_max_length``: [1, 77, C].
+def encode_prompt(components: Components, prompt: str, grammar: CaptionGrammar | None = None) -> torch.Tensor:
+    """CLIP last hidden state of ``prompt`` padded/truncated to ``model_max_length``: [1, 77, C],
+    from the text encoder :func:`text_encoder_for` picks.
 
     Warns with :class:`PromptTruncatedWarning` when tokens beyond the limit are dropped.
     """
@@ -44,21 +51,52 @@ def encode_prompt(components: Components, prompt: str) -> torch.Tensor:
     ids = tokenizer(
         [prompt], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(components.device)
-    return components.text_encoder(ids)[0]
+    return text_encoder_for(components, grammar, prompt)(ids)[0]
+
+
+def text_encoder_for(components: Components, grammar: CaptionGrammar | None, prompt: str) -> Any:
+    """``components.relaxed_text_encoder`` for a prompt in a relaxed form of ``grammar``
+    (:func:`prompt_form` is ``"relaxed"``), when both the grammar names one and it is loaded;
+    ``components.text_encoder`` otherwise (the grammar's own captions, the empty prompt, prompts
+    outside the grammar, models with one encoder)."""
+    if (
+        components.relaxed_text_encoder is not None
+        and grammar is not None
+        and grammar.relaxed_text_encoder is not None
+        and prompt_form(grammar, prompt) == "relaxed"
+    ):
+        return components.relaxed_text_encoder
+    return components.text_encoder
 
 
 class PromptGrammarWarning(UserWarning):
     """A prompt is outside the caption language the model declares (``gnr_fast.json``)."""
 
 
-def _reads_shapes_world(prompt: str) -> bool:
-    from .world.captions import parse_prompt
+PromptForm = Literal["grammar", "relaxed", "outside"]
+"""How a prompt relates to a caption grammar: one of its captions, one of its relaxed forms (read,
+but not a caption of the grammar itself), or neither."""
 
-    return parse_prompt(prompt) is not None
+
+def _shapes_world_form(prompt: str) -> PromptForm:
+    from .world.captions import is_grammar_caption, parse_prompt
+
+    if is_grammar_caption(prompt):
+        return "grammar"
+    return "relaxed" if parse_prompt(prompt) is not None else "outside"
 
 
-# Grammar name (``caption_grammar.name`` in gnr_fast.json) -> "can this model read the prompt".
-GRAMMAR_READERS: dict[str, Callable[[str], bool]] = {"shapes-world": _reads_shapes_world}
+# Grammar name (``caption_grammar.name`` in gnr_fast.json) -> the prompt's form in that grammar.
+GRAMMAR_READERS: dict[str, Callable[[str], PromptForm]] = {"shapes-world": _shapes_world_form}
+
+
+def prompt_form(grammar: CaptionGrammar, prompt: str) -> PromptForm | None:
+    """``prompt``'s form in ``grammar``; None for the empty prompt or a grammar this version has no
+    reader for (see :data:`GRAMMAR_READERS`)."""
+    reader = GRAMMAR_READERS.get(grammar.name)
+    if reader is None or not prompt.strip():
+        return None
+    return reader(prompt)
 
 
 def warn_if_outside_grammar(grammar: CaptionGrammar | None, prompt: str, name: str = "prompt") -> bool:
@@ -68,10 +106,7 @@ def warn_if_outside_grammar(grammar: CaptionGrammar | None, prompt: str, name: s
     Nothing is checked for a model without a grammar, a grammar this version has no reader for
     (see :data:`GRAMMAR_READERS`), or an empty prompt (the unconditional embedding).
     """
-    if grammar is None or not prompt.strip():
-        return False
-    reader = GRAMMAR_READERS.get(grammar.name)
-    if reader is None or reader(prompt):
+    if grammar is None or prompt_form(grammar, prompt) != "outside":
         return False
     warnings.warn(
         f"{name} {prompt!r} is outside what this model was trained on ({grammar.summary}), so the edit may "

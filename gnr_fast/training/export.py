@@ -6,7 +6,9 @@
 The UNet and text encoder are the EMA (default) or raw weights of the latest checkpoint in
 ``--unet-run`` (so a run can be exported while it keeps training). The scheduler is saved as a DDIMScheduler with SD 1.x
 settings; there is no safety checker or feature extractor. The folder loads with plain
-``StableDiffusionPipeline.from_pretrained(path, local_files_only=True)``.
+``StableDiffusionPipeline.from_pretrained(path, local_files_only=True)``. ``--defaults-from MODEL``
+copies MODEL's ``gnr_fast.json`` (preset, caption grammar) into the export, less the grammar's
+``relaxed_text_encoder``: the exported folder has one text encoder, which then encodes every prompt.
 """
 
 from __future__ import annotations
@@ -88,6 +90,22 @@ def export(vae_dir: Path, unet_run: Path, tokenizer_dir: Path, out: Path, weight
     return info
 
 
+def copy_model_defaults(model: Path, out: Path) -> None:
+    """Write ``model``'s ``gnr_fast.json`` to ``out`` without ``caption_grammar.relaxed_text_encoder``
+    (the second text encoder is not part of an export); validated on the way by
+    :func:`gnr_fast.model_defaults.load_model_defaults` (a model without the file is an error here)."""
+    from gnr_fast.model_defaults import load_model_defaults
+
+    source = model / "gnr_fast.json"
+    if not source.is_file():
+        raise FileNotFoundError(f"--defaults-from {model}: no gnr_fast.json there")
+    load_model_defaults(model)
+    data = json.loads(source.read_text())
+    if isinstance(data.get("caption_grammar"), dict):
+        data["caption_grammar"].pop("relaxed_text_encoder", None)
+    (out / "gnr_fast.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -97,8 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
                         help="EMA weights (default) or the raw weights of the last checkpoint")
+    parser.add_argument("--defaults-from", type=Path, default=None, metavar="MODEL",
+                        help="copy MODEL's gnr_fast.json (less its relaxed_text_encoder) into the export")
     args = parser.parse_args(argv)
     info = export(args.vae, args.unet_run, args.tokenizer, args.out, args.weights)
+    if args.defaults_from is not None:
+        copy_model_defaults(args.defaults_from, args.out)
     print(f"exported UNet step {info['step']} to {args.out}")
 
 

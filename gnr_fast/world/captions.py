@@ -89,6 +89,14 @@ def parse_caption(caption: str) -> ParsedCaption:
     match = _CAPTION.match(caption.strip())
     if match is None:
         raise InputError(f"caption {caption!r} does not follow the shapes-world grammar")
+    parsed = _grammar_caption(match)
+    if parsed is None:
+        raise InputError(f"background phrase {match.group(7)!r} of caption {caption!r} is not in the grammar")
+    return parsed
+
+
+def _grammar_caption(match: re.Match[str]) -> ParsedCaption | None:
+    """The caption a :data:`_CAPTION` match describes; None when its background is not in the grammar."""
     groups = match.groups()
     objects = [CaptionObject(*groups[0:3])]
     if groups[3] is not None:
@@ -97,7 +105,15 @@ def parse_caption(caption: str) -> ParsedCaption:
         bg = pattern.match(groups[6])
         if bg is not None:
             return ParsedCaption(kind, tuple(bg.groups()), tuple(objects))
-    raise InputError(f"background phrase {groups[6]!r} of caption {caption!r} is not in the grammar")
+    return None
+
+
+def is_grammar_caption(prompt: str) -> bool:
+    """Whether ``prompt`` is a caption of the grammar as the text encoder reads it (CLIP's tokenizer
+    ignores case and repeated spaces; anything else, a final full stop included, makes it another
+    prompt)."""
+    match = _CAPTION.match(" ".join(prompt.lower().split()))
+    return match is not None and _grammar_caption(match) is not None
 
 
 # --- Relaxed captions: the forms people write -------------------------------------------------

@@ -9,8 +9,7 @@ FT=/work/runs18/ft_export
 O=/work/runs18/eval_ft
 mkdir -p $O
 date -u
-$PY -m gnr_fast.training.export --vae $M/vae --unet-run /work/runs18/unet_relaxed --tokenizer $M/tokenizer --out $FT
-cp $M/gnr_fast.json $FT/
+$PY -m gnr_fast.training.export --vae $M/vae --unet-run /work/runs18/unet_relaxed --tokenizer $M/tokenizer --out $FT --defaults-from $M
 date -u
 R="$PY -m gnr_fast.evaluation.robustness --model $FT --methods gar-shapes baseline-cfg4 --threads 1 --out $O"
 ( $R --kinds colour --per-kind 50 --forms full no_size --name colour_50 ; date -u

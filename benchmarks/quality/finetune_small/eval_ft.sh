@@ -7,8 +7,7 @@ PY=/work/main/.venv/bin/python
 M=gnr_fast/models/shapes-v1
 FT=runs/ft_export
 date -u
-nice -n 19 $PY -m gnr_fast.training.export --vae $M/vae --unet-run runs/unet_relaxed --tokenizer $M/tokenizer --out $FT
-cp $M/gnr_fast.json $FT/
+nice -n 19 $PY -m gnr_fast.training.export --vae $M/vae --unet-run runs/unet_relaxed --tokenizer $M/tokenizer --out $FT --defaults-from $M
 date -u
 R="nice -n 19 $PY -m gnr_fast.evaluation.robustness --model $FT --methods gar-shapes --threads 1 --out runs/eval_ft"
 ( $R --kinds colour --per-kind 3 --forms full --name colour_full ; date -u
