@@ -11,10 +11,13 @@ PID. Runs on the bundled model when present, else on the tiny random pipeline of
     python benchmarks/bench_server_load.py --clients 4 --edits 3 --rounds 3 --write   # -> benchmarks/results/server_load.md
     python -m pytest benchmarks/bench_server_load.py -s -m server --rounds 3          # same, as a pytest run
     python benchmarks/bench_server_load.py --clients 2 --edits 1 --rounds 2 --steps 2 --repeats 1 --size 64  # smoke
+    python benchmarks/bench_server_load.py --runtimes eager compiled --warmup-rounds 1 --timeout 1200 ...  # compiled too
 
-Both settings' servers run side by side; after a warm-up edit on each, the load rounds alternate
-the settings (A B, B A, …) with fresh images each round, and the table gives requests/s and
-latencies as the median (min–max) of the rounds.
+All settings' servers run side by side; after a warm-up edit on each (and ``--warmup-rounds``
+untimed load rounds: a compiled server compiles one graph set per batch size it meets), the load
+rounds alternate the settings (A B, B A, …) with fresh images each round, and the table gives
+requests/s and latencies as the median (min–max) of the rounds. ``--runtimes eager compiled`` runs
+each batching setting once per runtime (``gnr-fast serve --runtime``), side by side.
 
 Needs ``pip install "gnr-fast[serve]"``.
 """
@@ -113,12 +116,13 @@ def _images(count: int, size: int, seed: int) -> list[bytes]:
 class Server:
     """``gnr-fast serve`` in a subprocess of its own session, on fresh loopback ports; stopped by PID."""
 
-    def __init__(self, model: Path, log: Path, max_batch: int, steps: int, threads: int | None) -> None:
+    def __init__(self, model: Path, log: Path, max_batch: int, steps: int, threads: int | None,
+                 runtime: str = "eager") -> None:
         self.http, self.grpc, self.metrics = _free_ports(3)
         argv = [
             sys.executable, "-m", "gnr_fast.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
-            "--max-batch", str(max_batch), "--steps", str(steps), "--exit-timeout", "10",
+            "--max-batch", str(max_batch), "--steps", str(steps), "--exit-timeout", "10", "--runtime", runtime,
         ]
         env = dict(os.environ)
         if threads is not None:  # else the server's default
@@ -260,24 +264,35 @@ def run(args: argparse.Namespace, command: str) -> Report:
     from gnr_fast.client import GnrClient
 
     budget_end = time.monotonic() + args.time_budget
-    settings = [(f"batching (max batch {args.max_batch})", args.max_batch), ("no batching", 1)]
+    settings = [
+        (f"{name}, {runtime}" if len(args.runtimes) > 1 else name, max_batch, runtime)
+        for runtime in args.runtimes
+        for name, max_batch in ((f"batching (max batch {args.max_batch})", args.max_batch), ("no batching", 1))
+    ]
     with tempfile.TemporaryDirectory(prefix="gnr-load-") as tmp:
         workdir = Path(tmp)
         model, description, size = model_folder(args.model, workdir)
         size = args.size or size
-        rows: dict[str, list[LoadResult]] = {setting: [] for setting, _ in settings}
+        rows: dict[str, list[LoadResult]] = {setting: [] for setting, _, _ in settings}
         servers = {}
         try:
-            for index, (setting, max_batch) in enumerate(settings):
-                servers[setting] = Server(model, workdir / f"serve-{index}.log", max_batch, args.steps, args.threads)
+            for index, (setting, max_batch, runtime) in enumerate(settings):
+                servers[setting] = Server(model, workdir / f"serve-{index}.log", max_batch, args.steps, args.threads,
+                                          runtime)
             for setting, server in servers.items():
                 server.wait_ready(timeout_s=180)
                 with GnrClient(f"127.0.0.1:{server.http}", timeout_s=args.timeout) as client:
                     for w in range(args.warmup):  # first-call overheads out of the measurement
                         client.edit(_images(1, size, seed=900 + w)[0], SOURCE, "warm-up", preset=args.preset)
+            for w in range(args.warmup_rounds):  # untimed, so each batch size a round meets is compiled
+                images = _images(args.clients, size, seed=800 + w)
+                for setting, _, _ in settings:
+                    result = run_load(servers[setting], setting, args.clients, args.edits, images, budget_end,
+                                      args.timeout, args.preset)
+                    print(f"warm-up round {w + 1}: " + result.row(), flush=True)
             for r in range(args.rounds):
                 images = _images(args.clients, size, seed=100 + r)  # fresh each round, the same for both settings
-                for setting, _ in settings if r % 2 == 0 else reversed(settings):
+                for setting, _, _ in settings if r % 2 == 0 else reversed(settings):
                     result = run_load(servers[setting], setting, args.clients, args.edits, images, budget_end,
                                       args.timeout, args.preset)
                     rows[setting].append(result)
@@ -311,8 +326,9 @@ def run(args: argparse.Namespace, command: str) -> Report:
             f"Measured {date} with `{command}` on {platform.machine()} / {os.cpu_count()} CPU cores "
             f"(1-minute load average at the end {os.getloadavg()[0]:.1f}), "
             f"torch {torch.__version__}, {threads} torch thread(s) in the server, no GPU; model: {description}, "
-            f"{size}×{size} images, {args.steps} DDIM steps, {args.preset} preset, HTTP on 127.0.0.1. Both servers run "
-            f"side by side, each warmed up with {args.warmup} edit(s); the {args.rounds} load rounds alternate the settings "
+            f"{size}×{size} images, {args.steps} DDIM steps, {args.preset} preset, runtime(s) {', '.join(args.runtimes)}, "
+            f"HTTP on 127.0.0.1. All servers run side by side, each warmed up with {args.warmup} edit(s) and "
+            f"{args.warmup_rounds} untimed load round(s); the {args.rounds} load rounds alternate the settings "
             "(A B, B A, …), each round with fresh images. Each client edits the images of the round's pool in turn "
             "(different targets), so the first edit of each image inverts it and later ones hit the inversion cache. "
             "Latency is client-side, per request; requests/s and latencies are the median (min–max) of the rounds."
@@ -338,6 +354,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="fresh images for first-vs-repeat (default 3)")
     parser.add_argument("--rounds", type=int, default=3, help="load rounds per setting, alternated (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up edits per server (default 1)")
+    parser.add_argument("--warmup-rounds", type=int, default=0,
+                        help="untimed load rounds per server after the warm-up edits (default 0; 1 for compiled servers)")
+    parser.add_argument("--runtimes", nargs="+", default=["eager"], choices=("eager", "compiled"),
+                        help="gnr-fast serve --runtime of the servers, each batching setting once per runtime "
+                             "(default eager)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in the server (default: the server's default, torch's thread count)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s (default 300)")
@@ -346,8 +367,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 1 <= args.rounds * args.clients * args.edits <= 1000:
         parser.error("rounds × clients × edits must be in [1, 1000]")
-    if args.rounds < 1 or args.warmup < 0 or args.repeats < 1:
-        parser.error("--rounds and --repeats must be >= 1, --warmup >= 0")
+    if args.rounds < 1 or args.warmup < 0 or args.warmup_rounds < 0 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be >= 1, --warmup and --warmup-rounds >= 0")
+    if len(set(args.runtimes)) != len(args.runtimes):
+        parser.error("--runtimes lists a runtime twice")
     return args
 
 
