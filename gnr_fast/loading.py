@@ -19,7 +19,7 @@ from .errors import (
     NotAPipelineError,
     UnsupportedArchitectureError,
 )
-from .model_defaults import load_model_defaults
+from .model_defaults import METADATA_NAME, load_model_defaults
 from .precision import MODEL_DTYPES, ModelDtype, PrecisionPolicy
 from .runtime.precision import default_model_dtype
 from .schedules import NoiseSchedule
@@ -322,12 +322,14 @@ def load_components(
             f"precision.model_dtype={precision.model_dtype} differs from dtype={dtype}; pass one dtype for both"
         )
 
-    relaxed_text_encoder = None
+    relaxed_folder = relaxed_text_encoder = None
     if single_file:
         unet, vae, text_encoder, tokenizer, scheduler_config = _load_single_file(path, dtype, prediction_type, config)
     else:
         unet, vae, text_encoder, tokenizer, scheduler_config = _load_folder(path, dtype, precision)
-        relaxed_text_encoder = _load_relaxed_text_encoder(path, dtype)
+        relaxed_folder = _relaxed_text_encoder_folder(path)
+        if relaxed_folder is not None:
+            relaxed_text_encoder = _load_relaxed_text_encoder(relaxed_folder, dtype)
     text_encoders = [text_encoder] + ([relaxed_text_encoder] if relaxed_text_encoder is not None else [])
     if auto:
         dtype = default_model_dtype(unet, device)
@@ -362,8 +364,8 @@ def load_components(
                            "weights, so it depends on dtype=%s", path, PROBES, dtype)
         probes = module_probes(unet, vae, text_encoder)
     model_id = model_fingerprint(unet, vae, text_encoder, schedule, probes)
-    if relaxed_text_encoder is not None:
-        model_id = _with_relaxed_text_encoder(model_id, relaxed_text_encoder)
+    if relaxed_folder is not None:
+        model_id = _with_relaxed_text_encoder(model_id, relaxed_folder)
     logger.info("loaded %s (model id %s) on %s/%s, VAE in %s", path, model_id, device, dtype, vae.dtype)
     return Components(
         unet=unet,
@@ -380,34 +382,44 @@ def load_components(
     )
 
 
-def _load_relaxed_text_encoder(path: Path, dtype: torch.dtype) -> Any | None:
-    """The second text encoder the folder's ``gnr_fast.json`` names for relaxed prompts
-    (:class:`~gnr_fast.model_defaults.CaptionGrammar`), or None when it names none."""
-    from transformers import CLIPTextModel
-
+def _relaxed_text_encoder_folder(path: Path) -> Path | None:
+    """The folder of the second text encoder the model's ``gnr_fast.json`` names for relaxed prompts
+    (:class:`~gnr_fast.model_defaults.CaptionGrammar`), checked to hold a config and weights; None
+    when it names none."""
     grammar = load_model_defaults(path).caption_grammar
     if grammar is None or grammar.relaxed_text_encoder is None:
         return None
     folder = path / grammar.relaxed_text_encoder
-    if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in _WEIGHT_FILES["text_encoder"]):
+    config, weights = _CONFIG_FILES["text_encoder"], _WEIGHT_FILES["text_encoder"]
+    if not (folder / config).is_file() or not any((folder / name).is_file() for name in weights):
         raise ModelLoadError(
-            f"{path / 'gnr_fast.json'} names the relaxed-prompt text encoder {grammar.relaxed_text_encoder!r}, but "
-            f"{str(folder)!r} does not hold config.json and {' or '.join(_WEIGHT_FILES['text_encoder'])}; restore the "
+            f"{path / METADATA_NAME} names the relaxed-prompt text encoder {grammar.relaxed_text_encoder!r}, but "
+            f"{str(folder)!r} does not hold {config} and {' or '.join(weights)}; restore the "
             "folder or drop 'caption_grammar.relaxed_text_encoder'"
         )
+    return folder
+
+
+def _load_relaxed_text_encoder(folder: Path, dtype: torch.dtype) -> Any:
+    """The CLIP text encoder in ``folder`` (see :func:`_relaxed_text_encoder_folder`), in ``dtype``."""
+    from transformers import CLIPTextModel
+
     try:
         return CLIPTextModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"loading the relaxed-prompt text encoder {str(folder)!r} failed: {exc}") from exc
 
 
-def _with_relaxed_text_encoder(model_id: str, encoder: Any) -> str:
-    """``model_id`` extended by every weight of the relaxed-prompt text encoder (a fine-tune of the
-    main one may leave the probed embedding rows unchanged, so all of its weights are hashed)."""
+def _with_relaxed_text_encoder(model_id: str, folder: Path) -> str:
+    """``model_id`` extended by the relaxed-prompt text encoder's config and whole weight file as
+    stored in ``folder`` — like the main id, the same in every load dtype; the whole file, since a
+    fine-tune of the main encoder may leave the probed embedding rows unchanged."""
     digest = hashlib.sha256(model_id.encode())
-    kept = {k: v for k, v in encoder.config.to_dict().items() if k not in _LOAD_ONLY_CONFIG_KEYS}
+    config = read_json(folder / _CONFIG_FILES["text_encoder"])
+    kept = {k: v for k, v in config.items() if k not in _LOAD_ONLY_CONFIG_KEYS}
     digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    weights = next(folder / name for name in _WEIGHT_FILES["text_encoder"] if (folder / name).is_file())
+    with open(weights, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
     return digest.hexdigest()[:16]

@@ -120,6 +120,7 @@ def test_model_id_covers_the_relaxed_encoder(routed_model, tiny_model_path, tmp_
     _perturbed_copy(routed_model / "text_encoder", other / RELAXED, seed=1)
     assert load_components(other).model_id != routed_id  # same main weights, another relaxed encoder
     assert load_components(routed_model).model_id == routed_id  # and the id is stable
+    assert load_components(routed_model, dtype=torch.bfloat16).model_id == routed_id  # in every load dtype
 
 
 @pytest.mark.parametrize(("name", "match"), [("../text_encoder", "no path separators"), (".", "no path separators"),

@@ -94,16 +94,16 @@ def copy_model_defaults(model: Path, out: Path) -> None:
     """Write ``model``'s ``gnr_fast.json`` to ``out`` without ``caption_grammar.relaxed_text_encoder``
     (the second text encoder is not part of an export); validated on the way by
     :func:`gnr_fast.model_defaults.load_model_defaults` (a model without the file is an error here)."""
-    from gnr_fast.model_defaults import load_model_defaults
+    from gnr_fast.model_defaults import METADATA_NAME, load_model_defaults
 
-    source = model / "gnr_fast.json"
+    source = model / METADATA_NAME
     if not source.is_file():
-        raise FileNotFoundError(f"--defaults-from {model}: no gnr_fast.json there")
+        raise FileNotFoundError(f"--defaults-from {model}: no {METADATA_NAME} there")
     load_model_defaults(model)
     data = json.loads(source.read_text())
     if isinstance(data.get("caption_grammar"), dict):
         data["caption_grammar"].pop("relaxed_text_encoder", None)
-    (out / "gnr_fast.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / METADATA_NAME).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
