@@ -11,11 +11,11 @@
 // ∂(Σ_i row_sq_i)/∂q = 2·scale·dq_sum and likewise for k: the Python wrapper
 // (gnr_fast/ops/native.py) applies 2·scale·g / (B·H·N·N) and the dtype. Everything here is float32.
 //
-// Energy kernels (fused_tile): per head, keys are copied once into transposed, 16-padded buffers;
-// query rows are processed in register tiles of 8 rows × 16 keys (GCC/Clang vector extensions:
-// one AVX-512 register per 16 lanes with -march=native), three sweeps over the keys per tile —
+// Energy kernels (fused_tile): per head, keys are copied once into transposed, kLanes-padded
+// buffers; query rows are processed in register tiles of 8 rows × kLanes keys (GCC/Clang vector
+// extensions: one register per vector, 16 lanes with AVX-512, 8 with AVX2), three sweeps over the keys per tile —
 // scores and row max; exp, A_ref, the difference and the row statistics; P and dk += Pᵀ q —
-// then dq = P k in head-dim chunks of 48 floats × 8 rows (dq_chunk), without BLAS and without
+// then dq = P k in head-dim chunks of kDqChunk vectors × 8 rows (dq_chunk), without BLAS and without
 // any [N, N] buffer (two [32, N] tiles of scratch).
 // at::parallel_for (OpenMP) runs over (batch·head, row-group) work items; when there are fewer
 // batch·heads than threads, rows of one head are split into groups whose dk partial sums are
@@ -94,49 +94,59 @@ void check_qk(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4, name, " must be [B, H, N, D], got ", t.sizes());
 }
 
-// ---- Fused register-tiled sweep (no BLAS): GCC/Clang vector extensions, 16 float lanes ----------
-// (AVX-512 registers with -march supporting it, two AVX2 registers or SSE otherwise.)
+// ---- Fused register-tiled sweep (no BLAS): GCC/Clang vector extensions, kLanes float lanes -----
+// One vector is one machine register of the target: 16 lanes (a zmm) with AVX-512, 8 lanes (a ymm)
+// otherwise. A 16-lane vector on an AVX2 target is two ymm registers, so the 8-row tiles below
+// need 16 accumulators + operands in AVX2's 16 ymm registers and spill on every multiply-add:
+// the AVX-512 geometry built for AVX2 ran 3-7x slower than the chunked torch path (measured on a
+// Zen 3 core, benchmarks/README.md).
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
+constexpr int64_t kDqChunk = 3;  // dq: 8 rows x 3 vectors = 24 accumulators + 3 keys of 32 zmm
+#else
+constexpr int64_t kLanes = 8;
+constexpr int64_t kDqChunk = 1;  // dq: 8 rows x 1 vector = 8 accumulators + 1 key of 16 ymm
+#endif
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 constexpr int64_t kRows = 8;   // query rows per register tile
 constexpr int64_t kSuper = 4;  // register tiles per key sweep (rows per fused_tile call: 32)
 
-inline v16 splat(float x) { return v16{} + x; }
-inline v16 load16(const float* p) {
-  v16 v;
+inline vf splat(float x) { return vf{} + x; }
+inline vf loadv(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
-inline float hsum(v16 v) {
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline float hsum(vf v) {
   float s = 0.0f;
   for (int l = 0; l < kLanes; ++l) s += v[l];
   return s;
 }
-inline float hmax(v16 v) {
+inline float hmax(vf v) {
   float m = v[0];
   for (int l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
   return m;
 }
 
-// exp_f32 on 16 lanes (same polynomial; round-to-nearest by the 1.5·2^23 trick).
-inline v16 vexp(v16 x) {
+// exp_f32 on kLanes lanes (same polynomial; round-to-nearest by the 1.5·2^23 trick).
+inline vf vexp(vf x) {
   x = x < -87.0f ? splat(-87.0f) : x;
   x = x > 88.0f ? splat(88.0f) : x;
-  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  v16 r = x - n * 0.693359375f;
+  const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vf r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
+  vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const v16 y = p * r * r + r + 1.0f;
-  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  v16 two_n;
+  const vf y = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return y * two_n;
 }
@@ -144,40 +154,39 @@ inline v16 vexp(v16 x) {
 // Per-thread buffers of one head: transposed, key-padded copies and the row tiles.
 struct Scratch {
   int64_t Np, Dp, ld;  // ld: row stride of a and t, padded off a power of two
-  // [Np/16, D, 16] keys / source keys, transposed per block of 16 keys (one block's D×16 slice
+  // [Np/L, D, L] keys / source keys (L = kLanes), transposed per block of L keys (one block's D×L slice
   // is contiguous: a [D, Np] layout puts its rows a power-of-two stride apart, into one L1 set)
   std::vector<float> kT, krT;
   std::vector<float> kp;       // [Np, Dp] keys, row-major, head dim zero-padded to Dp
   std::vector<float> a, t;     // [kSuper·kRows, Np]: exp / A, then A ⊙ (A − A_ref) / P
-  std::vector<float> dkT;      // [Np/16, D, 16] dk partial sums, layout of kT
+  std::vector<float> dkT;      // [Np/L, D, L] dk partial sums, layout of kT
   Scratch(int64_t N, int64_t D)
       : Np((N + kLanes - 1) / kLanes * kLanes), Dp((D + kLanes - 1) / kLanes * kLanes), ld(Np + kLanes),
         kT(D * Np), krT(D * Np), kp(Np * Dp), a(kSuper * kRows * (Np + kLanes)), t(kSuper * kRows * (Np + kLanes)), dkT(D * Np) {}
 };
 
 // dq rows r0 … r0+rows−1: dq_r = Σ_j P_rj k_j with P in s.t and k in s.kp ([Np, Dp]). The head
-// dim is swept in chunks of W ≤ kDqChunk vectors (48 floats); for each chunk, 8 rows at a time
-// keep 8·W accumulators plus W key vectors in registers (≤ 27 zmm) while j runs over all keys.
+// dim is swept in chunks of W ≤ kDqChunk vectors (48 floats with AVX-512); for each chunk, 8 rows
+// at a time keep 8·W accumulators plus W key vectors in registers while j runs over all keys.
 // So each key chunk is read once per 8 rows (4 times per 32-row super-tile) whatever D is —
 // a whole-row register tile at D = 160 held only 2 rows and re-read all keys every 2 rows.
-// The sum over j runs in key order, as before: results are unchanged bit for bit.
-constexpr int64_t kDqChunk = 3;
+// The sum over j runs in key order.
 
 template <int W>
 void dq_chunk(const Scratch& s, int64_t N, int64_t c0, int64_t row0, float* out /* [kRows, Dp] */) {
-  v16 acc[kRows][W] = {};
+  vf acc[kRows][W] = {};
   const float* kbase = &s.kp[c0 * kLanes];
   const float* pbase = &s.t[row0 * s.ld];
   for (int64_t j = 0; j < N; ++j) {
-    v16 kv[W];
-    for (int c = 0; c < W; ++c) kv[c] = load16(kbase + j * s.Dp + c * kLanes);
+    vf kv[W];
+    for (int c = 0; c < W; ++c) kv[c] = loadv(kbase + j * s.Dp + c * kLanes);
     for (int64_t r = 0; r < kRows; ++r) {
       const float pj = pbase[r * s.ld + j];  // rows past the tile's valid rows hold P = 0
       for (int c = 0; c < W; ++c) acc[r][c] += pj * kv[c];
     }
   }
   for (int64_t r = 0; r < kRows; ++r)
-    for (int c = 0; c < W; ++c) store16(out + r * s.Dp + (c0 + c) * kLanes, acc[r][c]);
+    for (int c = 0; c < W; ++c) storev(out + r * s.Dp + (c0 + c) * kLanes, acc[r][c]);
 }
 
 void dq_rows_dispatch(const Scratch& s, int64_t N, int64_t D, int64_t r0, int64_t rows, float* dq) {
@@ -198,7 +207,7 @@ void dq_rows_dispatch(const Scratch& s, int64_t N, int64_t D, int64_t r0, int64_
 }
 
 // One super-tile of up to kSuper·kRows query rows [r0, r0 + rows) of one head (q/qr: its [N, D]
-// rows). Each key block (16 keys) is used by all kSuper register tiles of 8 rows while its kᵀ
+// rows). Each key block (kLanes keys) is used by all kSuper register tiles of 8 rows while its kᵀ
 // and dkᵀ slices are in L1. Writes row_sq/row_dot; with want_grad adds Pᵀ q into s.dkT and
 // writes P k into dq.
 void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& s, int64_t N, int64_t D,
@@ -213,20 +222,21 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
       qt[r * D + d] = q[(r0 + r) * D + d];
       qrt[r * D + d] = qr[(r0 + r) * D + d];
     }
-  const v16 lane_idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const v16 tail_valid = lane_idx < float(N - (blocks - 1) * kLanes) ? splat(1.0f) : splat(0.0f);
-  const v16 neg_inf = splat(-std::numeric_limits<float>::infinity());
+  vf lane_idx;
+  for (int64_t l = 0; l < kLanes; ++l) lane_idx[l] = float(l);
+  const vf tail_valid = lane_idx < float(N - (blocks - 1) * kLanes) ? splat(1.0f) : splat(0.0f);
+  const vf neg_inf = splat(-std::numeric_limits<float>::infinity());
 
   // Pass 1: current scores into s.a and their row max.
-  v16 vmax[SR];
+  vf vmax[SR];
   for (auto& m : vmax) m = neg_inf;
   for (int64_t jb = 0; jb < blocks; ++jb) {
     const bool tail = jb == blocks - 1;
     for (int64_t tt = 0; tt < tiles; ++tt) {
       const float* qtile = &qt[tt * kRows * D];
-      v16 acc[kRows] = {};
+      vf acc[kRows] = {};
       for (int64_t d = 0; d < D; ++d) {
-        const v16 kv = load16(&s.kT[(jb * D + d) * kLanes]);
+        const vf kv = loadv(&s.kT[(jb * D + d) * kLanes]);
         for (int64_t r = 0; r < kRows; ++r) acc[r] += qtile[r * D + d] * kv;
       }
       for (int64_t r = 0; r < kRows; ++r) {
@@ -234,18 +244,18 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
         acc[r] *= scale;
         if (tail) acc[r] = tail_valid > 0.0f ? acc[r] : neg_inf;
         vmax[row] = acc[r] > vmax[row] ? acc[r] : vmax[row];
-        store16(&s.a[row * s.ld + jb * kLanes], acc[r]);
+        storev(&s.a[row * s.ld + jb * kLanes], acc[r]);
       }
     }
   }
   float inv[SR], lse_ref_r[SR];
   for (int64_t r = 0; r < tiles * kRows; ++r) {
     const float m = hmax(vmax[r]);
-    v16 sum = {};
+    vf sum = {};
     for (int64_t jb = 0; jb < blocks; ++jb) {
-      v16 e = vexp(load16(&s.a[r * s.ld + jb * kLanes]) - m);
+      vf e = vexp(loadv(&s.a[r * s.ld + jb * kLanes]) - m);
       if (jb == blocks - 1) e *= tail_valid;
-      store16(&s.a[r * s.ld + jb * kLanes], e);
+      storev(&s.a[r * s.ld + jb * kLanes], e);
       sum += e;
     }
     inv[r] = 1.0f / hsum(sum);
@@ -253,27 +263,27 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
   }
 
   // Pass 2: source probabilities, the difference and the row statistics.
-  v16 sq[SR] = {}, dot[SR] = {};
+  vf sq[SR] = {}, dot[SR] = {};
   const bool use_given = given_dot != nullptr;
   for (int64_t jb = 0; jb < blocks; ++jb) {
     for (int64_t tt = 0; tt < tiles; ++tt) {
       const float* qtile = &qrt[tt * kRows * D];
-      v16 acc[kRows] = {};
+      vf acc[kRows] = {};
       for (int64_t d = 0; d < D; ++d) {
-        const v16 kv = load16(&s.krT[(jb * D + d) * kLanes]);
+        const vf kv = loadv(&s.krT[(jb * D + d) * kLanes]);
         for (int64_t r = 0; r < kRows; ++r) acc[r] += qtile[r * D + d] * kv;
       }
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t row = tt * kRows + r;
-        v16 ar = vexp(acc[r] * scale - lse_ref_r[row]);
+        vf ar = vexp(acc[r] * scale - lse_ref_r[row]);
         if (jb == blocks - 1) ar *= tail_valid;
-        const v16 a = load16(&s.a[row * s.ld + jb * kLanes]) * inv[row];
-        const v16 diff = a - ar;
+        const vf a = loadv(&s.a[row * s.ld + jb * kLanes]) * inv[row];
+        const vf diff = a - ar;
         sq[row] += diff * diff;
         dot[row] += a * diff;
-        store16(&s.a[row * s.ld + jb * kLanes], a);
+        storev(&s.a[row * s.ld + jb * kLanes], a);
         const float dg = use_given && row < rows ? given_dot[r0 + row] : 0.0f;
-        store16(&s.t[row * s.ld + jb * kLanes], use_given ? a * (diff - dg) : a * diff);
+        storev(&s.t[row * s.ld + jb * kLanes], use_given ? a * (diff - dg) : a * diff);
       }
     }
   }
@@ -290,18 +300,18 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
   // Pass 3: P (rows past `rows` zeroed), dk += Pᵀ q, dq = P k.
   for (int64_t jb = 0; jb < blocks; ++jb) {
     for (int64_t tt = 0; tt < tiles; ++tt) {
-      v16 p[kRows];
+      vf p[kRows];
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t row = tt * kRows + r;
-        const v16 tv = load16(&s.t[row * s.ld + jb * kLanes]);
-        p[r] = row >= rows ? v16{} : use_given ? tv : tv - dots[row] * load16(&s.a[row * s.ld + jb * kLanes]);
-        store16(&s.t[row * s.ld + jb * kLanes], p[r]);
+        const vf tv = loadv(&s.t[row * s.ld + jb * kLanes]);
+        p[r] = row >= rows ? vf{} : use_given ? tv : tv - dots[row] * loadv(&s.a[row * s.ld + jb * kLanes]);
+        storev(&s.t[row * s.ld + jb * kLanes], p[r]);
       }
       const float* qtile = &qt[tt * kRows * D];
       for (int64_t d = 0; d < D; ++d) {
-        v16 acc = load16(&s.dkT[(jb * D + d) * kLanes]);
+        vf acc = loadv(&s.dkT[(jb * D + d) * kLanes]);
         for (int64_t r = 0; r < kRows; ++r) acc += p[r] * qtile[r * D + d];
-        store16(&s.dkT[(jb * D + d) * kLanes], acc);
+        storev(&s.dkT[(jb * D + d) * kLanes], acc);
       }
     }
   }
@@ -388,6 +398,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sweep(
 }
 
 }  // namespace
+
+int64_t vector_lanes() { return kLanes; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_map_energy_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_ref, const at::Tensor& k_ref,

@@ -21,4 +21,8 @@ std::tuple<at::Tensor, at::Tensor> attn_map_energy_bwd_cpu(
 // logsumexp(scale · q kᵀ, -1): q [B, H, N, D], k [B, H, L, D] -> [B, H, N].
 at::Tensor attention_lse_cpu(const at::Tensor& q, const at::Tensor& k, double scale, int64_t block_rows);
 
+// Float lanes per vector of the energy kernels' register tiles in this build (16 with AVX-512,
+// else 8): the tile geometry follows the -march the library was compiled for.
+int64_t vector_lanes();
+
 }  // namespace gnr_fast_native

@@ -11,6 +11,8 @@ TORCH_LIBRARY(gnr_fast_native, m) {
       "attn_map_energy_bwd(Tensor q, Tensor k, Tensor q_ref, Tensor k_ref, Tensor lse_ref, Tensor row_dot, "
       "float scale, int block_rows) -> (Tensor, Tensor)");
   m.def("attention_lse(Tensor q, Tensor k, float scale, int block_rows) -> Tensor");
+  // Float lanes per vector of the energy kernels as compiled (16: AVX-512, 8: otherwise).
+  m.def("vector_lanes() -> int", &gnr_fast_native::vector_lanes);
 }
 
 TORCH_LIBRARY_IMPL(gnr_fast_native, CPU, m) {

@@ -91,7 +91,10 @@ def check_native_cpu() -> Check:
     reason = native.native_unavailable_reason()
     if reason is not None:
         return Check("kernel", "native CPU ops", False, f"{reason}; the pure-torch paths are used")
-    return Check("kernel", "native CPU ops", True, f"gnr_fast_native from {native.library_path()}")
+    lanes = native.vector_lanes()
+    return Check("kernel", "native CPU ops", True,
+                 f"gnr_fast_native from {native.library_path()} ({lanes}-lane vectors: built for "
+                 f"{'AVX-512' if lanes == 16 else 'AVX2 or older'})")
 
 
 def check_native_cuda() -> Check:

@@ -9,6 +9,8 @@ to. It registers, in the ``gnr_fast_native`` namespace (float32 CPU tensors; con
   → ``(row_sq, row_dot, dq_sum, dk_sum)``
 - ``attn_map_energy_bwd(q, k, q_ref, k_ref, lse_ref, row_dot, scale, block_rows)`` → ``(dq_sum, dk_sum)``
 - ``attention_lse(q, k, scale, block_rows)`` → ``lse``
+- ``vector_lanes()`` → float lanes per vector of the energy kernels' register tiles as compiled
+  (16 when built for AVX-512, else 8: a tile sized for AVX-512's 32 registers spills on AVX2's 16)
 
 With A = softmax(scale·q kᵀ), A_ref = exp(scale·q_ref k_refᵀ − lse_ref) per (batch, head):
 ``row_sq_i = Σ_j (A − A_ref)²_ij``, ``row_dot_i = Σ_j A_ij (A − A_ref)_ij``,
@@ -123,3 +125,8 @@ def attn_map_energy_bwd(
 def attention_lse(q: Tensor, k: Tensor, scale: float, block_rows: int = 0) -> Tensor:
     """``logsumexp(scale · q kᵀ, -1)``, [B, H, N] float32, for q [B, H, N, D], k [B, H, L, D]."""
     return torch.ops.gnr_fast_native.attention_lse(q, k, scale, block_rows)
+
+
+def vector_lanes() -> int:
+    """Float lanes per vector of the energy kernels in the loaded library (16: AVX-512 build, 8: other)."""
+    return int(torch.ops.gnr_fast_native.vector_lanes())
