@@ -67,12 +67,17 @@ def reference_rows64(golden_editor_fp64, golden):
 
 # Three distances per guided step (relative L2 of the guider gradient): ours float32 vs golden ("g32"), ours
 # float64 vs golden ("g64": the golden run's own float32 error, taking our float64 result as the truth) and ours
-# float32 vs ours float64 ("floor": our float32 error). Measured 2026-12-01 (torch 2.13.0 CPU, one thread),
-# guided steps 1-29: on most steps all three are 1e-6-1e-5. On a few steps some |Φ_cur − Φ_inv| lies within
-# rounding of zero and its sign flips move a float32 gradient by ~1e-3: at step 1 the golden's (g64 2.2e-3; ours
-# agrees with golden, g32 1.3e-5, floor 2.2e-3), at step 15 ours (floor 2.9e-3, g32 2.9e-3; g64 4.9e-6).
-# Only on such float32-unstable steps does the bound widen to the FlashAttention rule (our error at most twice
-# our own float32 error); how many there are and how far they move is capped, so a bug that destabilised our
+# float32 vs ours float64 ("floor": our float32 error). Measured 2026-12-01 (torch 2.13.0 CPU, one thread, a Zen 4
+# AVX-512 host), guided steps 1-29: on most steps all three are 1e-6-1e-5. On a few steps some |Φ_cur − Φ_inv| lies
+# within rounding of zero and its sign flips move a float32 gradient by ~1e-3: at step 1 the golden's (g64 2.2e-3;
+# ours agreed with golden, g32 1.3e-5, floor 2.2e-3), at step 15 ours (floor 2.9e-3, g32 2.9e-3; g64 4.9e-6).
+# Which side of a flip a float32 run lands on depends on the CPU's kernels: on a Zen 3 AVX2 host (2026-12-03) the
+# reference step's float32 gradient at step 1 agrees with our float64 run instead (g32 2.16e-3, g64 2.16e-3, floor
+# 9.4e-6: the golden run is the one that is off), at step 15 g32 2.82e-3, floor 2.82e-3, g64 4.9e-6; the fast
+# step: step 1 g32 1.8e-5, step 15 g32 2.82e-3 (floor against the float64 reference 2.82e-3).
+# Only on such float32-unstable steps does the bound widen, to twice the two float32 errors together (ours and
+# the golden run's, both against our float64 run: by the triangle inequality ours and golden's can differ by
+# their sum); how many such steps there are and how far they move is capped, so a bug that destabilised our
 # float32 gradient could not widen its own bound unnoticed.
 UNSTABLE = 1e-4  # max(g64, floor) above this: a float32-unstable step
 MAX_UNSTABLE_STEPS = 3  # measured: 2 (steps 1 and 15)
@@ -88,6 +93,32 @@ STABLE = {  # bounds on the other guided steps, ≈ 10x the worst measured
 def _distances(row, r64) -> dict[str, float]:
     return {"g32": row.guider_grad, "g64": r64.guider_grad, "floor": rel_err(row.guider_grad_value, r64.guider_grad_value),
             "eps_final": row.eps_final}
+
+
+def _unstable_bound(d: dict[str, float]) -> float:
+    """The bound of a float32-unstable step: twice our and the golden run's float32 errors together."""
+    return max(1e-3, 2 * (d["floor"] + d["g64"]))
+
+
+def assert_guided_steps_within_float32_noise(rows, rows64, stable_grad: float, stable_final: float,
+                                              unguided_final: float) -> None:
+    """Each guided step's gradient and ε_final within ``stable_*`` of golden, or, on float32-unstable steps
+    (our float64 reference ``rows64`` decides), within :func:`_unstable_bound`; at most MAX_UNSTABLE_STEPS
+    such steps, each capped; unguided steps' ε_final within ``unguided_final``."""
+    unstable = []
+    for row in rows:
+        if row.guider_grad_value is None:
+            assert row.eps_final <= unguided_final, f"unguided step {row.step}: eps_final {row.eps_final:.2e}"
+            continue
+        d = _distances(row, rows64[row.step])
+        grad_bound, final_bound = stable_grad, stable_final
+        if max(d["g64"], d["floor"]) > UNSTABLE:
+            unstable.append(row.step)
+            assert d["g64"] <= UNSTABLE_CAP and d["floor"] <= UNSTABLE_CAP, f"step {row.step}: {d}"
+            grad_bound = final_bound = _unstable_bound(d)
+        assert row.guider_grad <= grad_bound, f"step {row.step}: {row.guider_grad:.2e} > {grad_bound:.2e} ({d})"
+        assert row.eps_final <= final_bound, f"step {row.step}: eps_final {row.eps_final:.2e} > {final_bound:.2e}"
+    assert len(unstable) <= MAX_UNSTABLE_STEPS, f"float32-unstable steps {unstable}"
 
 
 def test_float64_reference_matches_golden(reference_rows, reference_rows64):
@@ -109,28 +140,18 @@ def test_float64_reference_matches_golden(reference_rows, reference_rows64):
 
 
 def test_reference_guider_gradient_within_float32_noise(reference_rows, reference_rows64):
-    for row in reference_rows:
-        if row.guider_grad_value is None:
-            continue
-        d = _distances(row, reference_rows64[row.step])
-        if max(d["g64"], d["floor"]) > UNSTABLE:  # the FlashAttention rule, only where float32 is unstable
-            grad_bound = final_bound = max(1e-3, 2 * d["floor"])
-        else:
-            grad_bound, final_bound = STABLE["g32"], STABLE["eps_final"]
-        assert row.guider_grad <= grad_bound, f"step {row.step}: {row.guider_grad:.2e} > {grad_bound:.2e}"
-        assert row.eps_final <= final_bound, f"step {row.step}: eps_final {row.eps_final:.2e} > {final_bound:.2e}"
-    for row in reference_rows:
-        if row.guider_grad_value is None:
-            assert row.eps_final <= 1e-4, f"unguided step {row.step}: eps_final {row.eps_final:.2e}"
+    assert_guided_steps_within_float32_noise(reference_rows, reference_rows64, STABLE["g32"], STABLE["eps_final"], 1e-4)
 
 
-def test_fast_step_terms_teacher_forced(golden_editor, golden):
+def test_fast_step_terms_teacher_forced(golden_editor, golden, reference_rows64):
+    """UNet terms within 1e-4; guider gradient and ε_final within 1e-3 of golden on each guided step, or
+    within the float32-unstable bound where our float64 reference says float32 is unstable (the same
+    math as the reference step, so its float64 run is the truth for both)."""
     rows = teacher_forced_edit(golden_editor, golden, fast_step)
     summary = summarize(rows)
     assert summary["grad_presence_mismatches"] == 0
     assert summary["eps_u"] <= 1e-4 and summary["delta_cfg"] <= 1e-4 and summary["gamma"] <= 1e-4
-    assert summary["guider_grad"] <= 1e-3
-    assert summary["eps_final"] <= 1e-3
+    assert_guided_steps_within_float32_noise(rows, reference_rows64, 1e-3, 1e-3, 1e-3)
 
 
 @pytest.mark.parametrize("mode", ["reference", "fast"])
@@ -174,20 +195,7 @@ def test_compiled_fast_step_terms_teacher_forced(golden_editor_compiled, golden,
     summary = summarize(rows)
     assert summary["grad_presence_mismatches"] == 0
     assert summary["eps_u"] <= 1e-4 and summary["delta_cfg"] <= 1e-4 and summary["gamma"] <= 1e-4
-    unstable = []
-    for row in rows:
-        if row.guider_grad_value is None:
-            assert row.eps_final <= 1e-3, f"unguided step {row.step}: eps_final {row.eps_final:.2e}"
-            continue
-        d = _distances(row, reference_rows64[row.step])
-        bound = 1e-3
-        if max(d["g64"], d["floor"]) > UNSTABLE:
-            unstable.append(row.step)
-            assert d["g64"] <= UNSTABLE_CAP and d["floor"] <= UNSTABLE_CAP, f"step {row.step}: {d}"
-            bound = max(1e-3, 2 * d["floor"])
-        assert row.guider_grad <= bound, f"step {row.step}: {row.guider_grad:.2e} > {bound:.2e}"
-        assert row.eps_final <= bound, f"step {row.step}: eps_final {row.eps_final:.2e} > {bound:.2e}"
-    assert len(unstable) <= MAX_UNSTABLE_STEPS, f"float32-unstable steps {unstable}"
+    assert_guided_steps_within_float32_noise(rows, reference_rows64, 1e-3, 1e-3, 1e-3)
 
 
 @pytest.mark.slow
