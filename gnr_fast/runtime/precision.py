@@ -34,13 +34,18 @@ _logged: set[str] = set()
 
 
 @functools.cache
-def cpu_has_bf16() -> bool:
-    """The CPU has native bfloat16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (``avx2``, ``avx512f``, ...); empty where it is not readable."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
-        return False
-    flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+        return frozenset()
+    line = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_has_bf16() -> bool:
+    """The CPU has native bfloat16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def check_plain_dtype(dtype: torch.dtype | None, device: torch.device) -> None:

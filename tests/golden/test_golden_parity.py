@@ -95,6 +95,11 @@ def _distances(row, r64) -> dict[str, float]:
             "eps_final": row.eps_final}
 
 
+def _float32_unstable(d: dict[str, float]) -> bool:
+    """A float32-unstable step: our or the golden run's float32 error above UNSTABLE."""
+    return max(d["g64"], d["floor"]) > UNSTABLE
+
+
 def _unstable_bound(d: dict[str, float]) -> float:
     """The bound of a float32-unstable step: twice our and the golden run's float32 errors together."""
     return max(1e-3, 2 * (d["floor"] + d["g64"]))
@@ -112,7 +117,7 @@ def assert_guided_steps_within_float32_noise(rows, rows64, stable_grad: float, s
             continue
         d = _distances(row, rows64[row.step])
         grad_bound, final_bound = stable_grad, stable_final
-        if max(d["g64"], d["floor"]) > UNSTABLE:
+        if _float32_unstable(d):
             unstable.append(row.step)
             assert d["g64"] <= UNSTABLE_CAP and d["floor"] <= UNSTABLE_CAP, f"step {row.step}: {d}"
             grad_bound = final_bound = _unstable_bound(d)
@@ -131,7 +136,7 @@ def test_float64_reference_matches_golden(reference_rows, reference_rows64):
         r64 = reference_rows64[row.step]
         assert r64.grad_presence_matches, row.step
         d = _distances(row, r64)
-        if max(d["g64"], d["floor"]) > UNSTABLE:
+        if _float32_unstable(d):
             unstable.append(row.step)
             assert d["g64"] <= UNSTABLE_CAP and d["floor"] <= UNSTABLE_CAP, f"step {row.step}: {d}"
         else:

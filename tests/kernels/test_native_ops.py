@@ -28,6 +28,7 @@ from gnr_fast.ops.attn_map_energy import (
     native_supported,
 )
 from gnr_fast.ops.path_choice import forget_logged_choices
+from gnr_fast.runtime.precision import cpu_flags
 
 ops = importlib.import_module("gnr_fast.ops.attn_map_energy")
 
@@ -155,23 +156,13 @@ def test_native_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.gnr_fast_native.attention_lse.default, (q, k[:, :, :13], 0.3, 4))
 
 
-def _cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (Linux x86), or None where it is not readable."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return None
-    line = next((line for line in text.splitlines() if line.startswith("flags")), None)
-    return set(line.split(":", 1)[1].split()) if line else None
-
-
 @needs_native
 def test_tile_geometry_follows_the_cpu():
     """The install command builds with -march=native, so the energy kernels' vectors must be one
     register of this CPU: 16 lanes with AVX-512, 8 without. A fixed 16-lane geometry built for an
     AVX2 CPU spilled its register tiles and ran 3-7x slower than the torch path it replaces."""
-    flags = _cpu_flags()
-    if flags is None:
+    flags = cpu_flags()
+    if not flags:
         pytest.skip("no /proc/cpuinfo flags here to tell the CPU's vector width")
     assert native.vector_lanes() == (16 if "avx512f" in flags else 8)
 
