@@ -12,11 +12,12 @@
 // (gnr_fast/ops/native.py) applies 2·scale·g / (B·H·N·N) and the dtype. Everything here is float32.
 //
 // Energy kernels (fused_tile): per head, keys are copied once into transposed, kLanes-padded
-// buffers; query rows are processed in register tiles of 8 rows × kLanes keys (GCC/Clang vector
-// extensions: one register per vector, 16 lanes with AVX-512, 8 with AVX2), three sweeps over the keys per tile —
-// scores and row max; exp, A_ref, the difference and the row statistics; P and dk += Pᵀ q —
-// then dq = P k in head-dim chunks of kDqChunk vectors × 8 rows (dq_chunk), without BLAS and without
-// any [N, N] buffer (two [32, N] tiles of scratch).
+// buffers; query rows are processed in register tiles of kRows rows × kKeyVecs vectors of keys
+// (GCC/Clang vector extensions: one register per vector; AVX-512: 8 rows × 1 vector of 16 lanes,
+// otherwise 6 rows × 2 vectors of 8 lanes), three sweeps over the keys per super-tile of kSuper
+// register tiles — scores and row max; 2^x, A_ref, the difference and the row statistics; P and
+// dk += Pᵀ q — then dq = P k in head-dim chunks of kDqChunk vectors × kRows rows (dq_chunk),
+// without BLAS and without any [N, N] buffer (two [kSuper·kRows, N] tiles of scratch).
 // at::parallel_for (OpenMP) runs over (batch·head, row-group) work items; when there are fewer
 // batch·heads than threads, rows of one head are split into groups whose dk partial sums are
 // reduced afterwards (a fixed split, so results do not depend on scheduling). attention_lse uses
@@ -27,11 +28,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -103,15 +108,22 @@ void check_qk(const at::Tensor& t, const char* name) {
 
 #if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
+constexpr int64_t kRows = 8;     // query rows per register tile: 8 rows x 1 key vector = 8 accumulators
+constexpr int64_t kKeyVecs = 1;  // key vectors per register tile
 constexpr int64_t kDqChunk = 3;  // dq: 8 rows x 3 vectors = 24 accumulators + 3 keys of 32 zmm
 #else
+// 6 rows x 2 vectors = 12 accumulators + 2 operand vectors + 1 broadcast of AVX2's 16 ymm registers:
+// 12 independent multiply-add chains cover the FMA latency of two pipes with room to spare, where
+// 8 rows x 1 vector left none (in isolation on a Zen 3 core, the score loop at D = 40 ran at 46 vs
+// 39 G FMA/s and the dq loop at 46 vs 29).
 constexpr int64_t kLanes = 8;
-constexpr int64_t kDqChunk = 1;  // dq: 8 rows x 1 vector = 8 accumulators + 1 key of 16 ymm
+constexpr int64_t kRows = 6;
+constexpr int64_t kKeyVecs = 2;
+constexpr int64_t kDqChunk = 2;  // dq: 6 rows x 2 vectors = 12 accumulators + 2 keys
 #endif
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
-constexpr int64_t kRows = 8;   // query rows per register tile
-constexpr int64_t kSuper = 4;  // register tiles per key sweep (rows per fused_tile call: 32)
+constexpr int64_t kSuper = 4;  // register tiles per key sweep (rows per fused_tile call: 4·kRows)
 
 inline vf splat(float x) { return vf{} + x; }
 inline vf loadv(const float* p) {
@@ -131,44 +143,101 @@ inline float hmax(vf v) {
   return m;
 }
 
-// exp_f32 on kLanes lanes (same polynomial; round-to-nearest by the 1.5·2^23 trick).
-inline vf vexp(vf x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  x = x > 88.0f ? splat(88.0f) : x;
-  const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  vf r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vf y = p * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return y * two_n;
-}
+// Lane-wise min/max as one instruction each: the vector-extension form `a < b ? b : a` compiles to a
+// compare and a blend.
+#if defined(__AVX512F__)
+inline vf vmaxf(vf a, vf b) { return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b))); }
+inline vf vminf(vf a, vf b) { return reinterpret_cast<vf>(_mm512_min_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b))); }
+#elif defined(__AVX__)
+inline vf vmaxf(vf a, vf b) { return reinterpret_cast<vf>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b))); }
+inline vf vminf(vf a, vf b) { return reinterpret_cast<vf>(_mm256_min_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b))); }
+#else
+inline vf vmaxf(vf a, vf b) { return a < b ? b : a; }
+inline vf vminf(vf a, vf b) { return a < b ? a : b; }
+#endif
 
-// Per-thread buffers of one head: transposed, key-padded copies and the row tiles.
-struct Scratch {
+// 2^x on kLanes lanes: x = n + f with n = round(x), |f| ≤ 1/2; 2^f by a degree-5 polynomial (a
+// relative-error minimax fit on [-1/2, 1/2] made for this kernel: max relative error 2.3e-7 when
+// evaluated in float32, about 2 ulp); 2^n added to the exponent bits. The kernels call it with
+// log2-scaled scores minus their row max or log-sum-exp, so x ≤ 0 up to rounding; x is clamped to
+// [-125, 127], so anything below gives ~2^-125 instead of 0: attention probabilities that small do
+// not change a float32 sum of N ≤ 2^20 terms. About half the instructions of the natural-log exp
+// it replaced (no ln2 range reduction, no final multiply, min/max instead of compare + blend): on a
+// Zen 3 core that exp took 40 % of a D = 8 forward, and this one made the fused call 1.10-1.24x faster.
+inline vf vexp2(vf x) {
+  x = vminf(vmaxf(x, splat(-125.0f)), splat(127.0f));
+  const vf n = (x + 12582912.0f) - 12582912.0f;  // round to nearest by the 1.5·2^23 trick
+  const vf f = x - n;
+  vf p = splat(1.327647129073739e-3f);
+  p = p * f + 9.675540961325169e-3f;
+  p = p * f + 5.550713092088699e-2f;
+  p = p * f + 2.4022120237350464e-1f;
+  p = p * f + 6.931469440460205e-1f;
+  p = p * f + 1.0000001192092896f;
+  vi bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += __builtin_convertvector(n, vi) << 23;
+  vf out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+constexpr float kLog2e = 1.44269504088896341f;
+
+// Per-thread buffers of one head, carved from one 4 KiB-aligned allocation per parallel task (the
+// query tiles and the dq tile were allocated per super-tile before). Each buffer starts at its own
+// offset within a 4 KiB page (kStagger), so a load from one buffer never shares its page offset with
+// a recent store to another at the same index (4K aliasing, which stalls the load): separately
+// allocated, a and t were both mmap'd and page-aligned. A/B on a Zen 3 core: 1.01-1.07x, within
+// that host's noise.
+class Scratch {
+ public:
   int64_t Np, Dp, ld;  // ld: row stride of a and t, padded off a power of two
   // [Np/L, D, L] keys / source keys (L = kLanes), transposed per block of L keys (one block's D×L slice
   // is contiguous: a [D, Np] layout puts its rows a power-of-two stride apart, into one L1 set)
-  std::vector<float> kT, krT;
-  std::vector<float> kp;       // [Np, Dp] keys, row-major, head dim zero-padded to Dp
-  std::vector<float> a, t;     // [kSuper·kRows, Np]: exp / A, then A ⊙ (A − A_ref) / P
-  std::vector<float> dkT;      // [Np/L, D, L] dk partial sums, layout of kT
+  float* kT;
+  float* krT;
+  float* kp;   // [Np, Dp] keys, row-major, head dim zero-padded to Dp
+  float* a;    // [kSuper·kRows, ld]: exp / A
+  float* t;    // [kSuper·kRows, ld]: A ⊙ (A − A_ref), then P
+  float* dkT;  // [Np/L, D, L] dk partial sums, layout of kT
+  float* qt;   // [kSuper·kRows, D] the super-tile's query rows / source query rows
+  float* qrt;
+  float* dq_out;  // [kRows, Dp] one register tile's dq rows
+  int64_t keys_size() const { return D_ * Np; }
+
   Scratch(int64_t N, int64_t D)
-      : Np((N + kLanes - 1) / kLanes * kLanes), Dp((D + kLanes - 1) / kLanes * kLanes), ld(Np + kLanes),
-        kT(D * Np), krT(D * Np), kp(Np * Dp), a(kSuper * kRows * (Np + kLanes)), t(kSuper * kRows * (Np + kLanes)), dkT(D * Np) {}
+      : Np((N + kLanes - 1) / kLanes * kLanes), Dp((D + kLanes - 1) / kLanes * kLanes), ld(Np + kLanes), D_(D) {
+    const int64_t rows = kSuper * kRows;
+    const int64_t sizes[] = {D * Np, D * Np, Np * Dp, rows * ld, rows * ld, D * Np, rows * D, rows * D, kRows * Dp};
+    float** slots[] = {&kT, &krT, &kp, &a, &t, &dkT, &qt, &qrt, &dq_out};
+    int64_t offsets[9], total = 0;
+    for (int i = 0; i < 9; ++i) {
+      total = (total + kPage - 1) / kPage * kPage + kStagger[i];
+      offsets[i] = total;
+      total += sizes[i];
+    }
+    arena_.reset(static_cast<float*>(std::aligned_alloc(kPage * sizeof(float), (total + kPage - 1) / kPage * kPage * sizeof(float))));
+    TORCH_CHECK(arena_ != nullptr, "attn_map_energy: out of memory for the per-thread scratch (", total * 4, " bytes)");
+    for (int i = 0; i < 9; ++i) *slots[i] = arena_.get() + offsets[i];
+  }
+
+ private:
+  static constexpr int64_t kPage = 1024;  // floats per 4 KiB
+  // Page offsets (floats) of kT, krT, kp, a, t, dkT, qt, qrt, dq_out. a and t are half a page apart:
+  // their rows step by ld·4 ≡ 4·kLanes bytes (mod 4 KiB), so a super-tile's kSuper·kRows rows of
+  // one span no more than half a page and never meet the other's.
+  static constexpr int64_t kStagger[9] = {0, 0, 0, 0, 512, 256, 768, 896, 640};
+  int64_t D_;
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> arena_;
 };
 
 // dq rows r0 … r0+rows−1: dq_r = Σ_j P_rj k_j with P in s.t and k in s.kp ([Np, Dp]). The head
-// dim is swept in chunks of W ≤ kDqChunk vectors (48 floats with AVX-512); for each chunk, 8 rows
-// at a time keep 8·W accumulators plus W key vectors in registers while j runs over all keys.
-// So each key chunk is read once per 8 rows (4 times per 32-row super-tile) whatever D is —
+// dim is swept in chunks of W ≤ kDqChunk vectors (48 floats with AVX-512); for each chunk, kRows
+// rows at a time keep kRows·W accumulators plus W key vectors in registers while j runs over all
+// keys. So each key chunk is read once per kRows rows (kSuper times per super-tile) whatever D is —
 // a whole-row register tile at D = 160 held only 2 rows and re-read all keys every 2 rows.
 // The sum over j runs in key order.
 
@@ -191,24 +260,64 @@ void dq_chunk(const Scratch& s, int64_t N, int64_t c0, int64_t row0, float* out 
 
 void dq_rows_dispatch(const Scratch& s, int64_t N, int64_t D, int64_t r0, int64_t rows, float* dq) {
   const int64_t DV = s.Dp / kLanes, tiles = (rows + kRows - 1) / kRows;
-  std::vector<float> out(static_cast<size_t>(kRows * s.Dp));
+  float* out = s.dq_out;
   for (int64_t tt = 0; tt < tiles; ++tt) {
     for (int64_t c0 = 0; c0 < DV; c0 += kDqChunk) {
       switch (std::min(kDqChunk, DV - c0)) {
-        case 3: dq_chunk<3>(s, N, c0, tt * kRows, out.data()); break;
-        case 2: dq_chunk<2>(s, N, c0, tt * kRows, out.data()); break;
-        default: dq_chunk<1>(s, N, c0, tt * kRows, out.data()); break;
+        case 3: dq_chunk<3>(s, N, c0, tt * kRows, out); break;
+        case 2: dq_chunk<2>(s, N, c0, tt * kRows, out); break;
+        default: dq_chunk<1>(s, N, c0, tt * kRows, out); break;
       }
     }
     const int64_t valid = std::min(kRows, rows - tt * kRows);
     for (int64_t r = 0; r < valid; ++r)
-      std::memcpy(dq + (r0 + tt * kRows + r) * D, out.data() + r * s.Dp, sizeof(float) * D);
+      std::memcpy(dq + (r0 + tt * kRows + r) * D, out + r * s.Dp, sizeof(float) * D);
+  }
+}
+
+// Scores of one register tile against C ≤ kKeyVecs consecutive key blocks: acc[r][c] = Σ_d
+// qtile[r, d] · (block c of kT_blocks)[d] (kT_blocks: the kᵀ layout of Scratch, from the first block).
+template <int C>
+inline void tile_scores(const float* qtile, const float* kT_blocks, int64_t D, vf (&acc)[kRows][kKeyVecs]) {
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    vf kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = loadv(kT_blocks + (c * D + d) * kLanes);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const float qv = qtile[r * D + d];
+      for (int c = 0; c < C; ++c) acc[r][c] += qv * kv[c];
+    }
+  }
+}
+
+// tile_scores for nc blocks (kKeyVecs, or fewer in the last group of a row).
+inline void key_group_scores(int nc, const float* qtile, const float* kT_blocks, int64_t D,
+                             vf (&acc)[kRows][kKeyVecs]) {
+  if (nc == kKeyVecs)
+    tile_scores<kKeyVecs>(qtile, kT_blocks, D, acc);
+  else
+    tile_scores<1>(qtile, kT_blocks, D, acc);
+}
+
+// dkᵀ += Pᵀ q for one register tile: for C ≤ kKeyVecs key blocks (dkT_blocks: the dkᵀ layout of
+// Scratch, from the first block) and every head dim d, Σ_r p[r][c] · qtile[r, d] in row order.
+template <int C>
+inline void tile_dk(const vf (&p)[kRows][kKeyVecs], const float* qtile, float* dkT_blocks, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    vf acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = loadv(dkT_blocks + (c * D + d) * kLanes);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const float qv = qtile[r * D + d];
+      for (int c = 0; c < C; ++c) acc[c] += p[r][c] * qv;
+    }
+    for (int c = 0; c < C; ++c) storev(dkT_blocks + (c * D + d) * kLanes, acc[c]);
   }
 }
 
 // One super-tile of up to kSuper·kRows query rows [r0, r0 + rows) of one head (q/qr: its [N, D]
-// rows). Each key block (kLanes keys) is used by all kSuper register tiles of 8 rows while its kᵀ
-// and dkᵀ slices are in L1. Writes row_sq/row_dot; with want_grad adds Pᵀ q into s.dkT and
+// rows). Each group of kKeyVecs key blocks (kLanes keys each) is used by all kSuper register tiles
+// of kRows rows while its kᵀ and dkᵀ slices are in L1. Writes row_sq/row_dot; with want_grad adds Pᵀ q into s.dkT and
 // writes P k into dq.
 void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& s, int64_t N, int64_t D,
                 int64_t r0, int64_t rows, float scale, bool want_grad, const float* given_dot, float* row_sq,
@@ -216,7 +325,10 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
   constexpr int64_t SR = kSuper * kRows;
   const int64_t Np = s.Np, blocks = Np / kLanes;
   const int64_t tiles = (rows + kRows - 1) / kRows;
-  std::vector<float> qt(SR * D, 0.0f), qrt(SR * D, 0.0f);  // rows past `rows` stay 0
+  float* qt = s.qt;
+  float* qrt = s.qrt;
+  std::fill(qt, qt + SR * D, 0.0f);  // rows past `rows` stay 0
+  std::fill(qrt, qrt + SR * D, 0.0f);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t d = 0; d < D; ++d) {
       qt[r * D + d] = q[(r0 + r) * D + d];
@@ -227,24 +339,26 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
   const vf tail_valid = lane_idx < float(N - (blocks - 1) * kLanes) ? splat(1.0f) : splat(0.0f);
   const vf neg_inf = splat(-std::numeric_limits<float>::infinity());
 
+  // Scores are kept in log2 units (scale · log2 e) for vexp2.
+  const float scale2 = scale * kLog2e;
+
   // Pass 1: current scores into s.a and their row max.
   vf vmax[SR];
   for (auto& m : vmax) m = neg_inf;
-  for (int64_t jb = 0; jb < blocks; ++jb) {
-    const bool tail = jb == blocks - 1;
+  for (int64_t jb = 0; jb < blocks; jb += kKeyVecs) {
+    const int nc = static_cast<int>(std::min<int64_t>(kKeyVecs, blocks - jb));
     for (int64_t tt = 0; tt < tiles; ++tt) {
-      const float* qtile = &qt[tt * kRows * D];
-      vf acc[kRows] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const vf kv = loadv(&s.kT[(jb * D + d) * kLanes]);
-        for (int64_t r = 0; r < kRows; ++r) acc[r] += qtile[r * D + d] * kv;
-      }
+      vf acc[kRows][kKeyVecs];
+      key_group_scores(nc, &qt[tt * kRows * D], &s.kT[jb * D * kLanes], D, acc);
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t row = tt * kRows + r;
-        acc[r] *= scale;
-        if (tail) acc[r] = tail_valid > 0.0f ? acc[r] : neg_inf;
-        vmax[row] = acc[r] > vmax[row] ? acc[r] : vmax[row];
-        storev(&s.a[row * s.ld + jb * kLanes], acc[r]);
+        for (int c = 0; c < nc; ++c) {
+          const int64_t b = jb + c;
+          vf x = acc[r][c] * scale2;
+          if (b == blocks - 1) x = tail_valid > 0.0f ? x : neg_inf;
+          vmax[row] = x > vmax[row] ? x : vmax[row];
+          storev(&s.a[row * s.ld + b * kLanes], x);
+        }
       }
     }
   }
@@ -253,37 +367,37 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
     const float m = hmax(vmax[r]);
     vf sum = {};
     for (int64_t jb = 0; jb < blocks; ++jb) {
-      vf e = vexp(loadv(&s.a[r * s.ld + jb * kLanes]) - m);
+      vf e = vexp2(loadv(&s.a[r * s.ld + jb * kLanes]) - m);
       if (jb == blocks - 1) e *= tail_valid;
       storev(&s.a[r * s.ld + jb * kLanes], e);
       sum += e;
     }
     inv[r] = 1.0f / hsum(sum);
-    lse_ref_r[r] = r < rows ? lse_ref[r0 + r] : 0.0f;
+    lse_ref_r[r] = r < rows ? lse_ref[r0 + r] * kLog2e : 0.0f;
   }
 
   // Pass 2: source probabilities, the difference and the row statistics.
   vf sq[SR] = {}, dot[SR] = {};
   const bool use_given = given_dot != nullptr;
-  for (int64_t jb = 0; jb < blocks; ++jb) {
+  for (int64_t jb = 0; jb < blocks; jb += kKeyVecs) {
+    const int nc = static_cast<int>(std::min<int64_t>(kKeyVecs, blocks - jb));
     for (int64_t tt = 0; tt < tiles; ++tt) {
-      const float* qtile = &qrt[tt * kRows * D];
-      vf acc[kRows] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const vf kv = loadv(&s.krT[(jb * D + d) * kLanes]);
-        for (int64_t r = 0; r < kRows; ++r) acc[r] += qtile[r * D + d] * kv;
-      }
+      vf acc[kRows][kKeyVecs];
+      key_group_scores(nc, &qrt[tt * kRows * D], &s.krT[jb * D * kLanes], D, acc);
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t row = tt * kRows + r;
-        vf ar = vexp(acc[r] * scale - lse_ref_r[row]);
-        if (jb == blocks - 1) ar *= tail_valid;
-        const vf a = loadv(&s.a[row * s.ld + jb * kLanes]) * inv[row];
-        const vf diff = a - ar;
-        sq[row] += diff * diff;
-        dot[row] += a * diff;
-        storev(&s.a[row * s.ld + jb * kLanes], a);
         const float dg = use_given && row < rows ? given_dot[r0 + row] : 0.0f;
-        storev(&s.t[row * s.ld + jb * kLanes], use_given ? a * (diff - dg) : a * diff);
+        for (int c = 0; c < nc; ++c) {
+          const int64_t b = jb + c;
+          vf ar = vexp2(acc[r][c] * scale2 - lse_ref_r[row]);
+          if (b == blocks - 1) ar *= tail_valid;
+          const vf a = loadv(&s.a[row * s.ld + b * kLanes]) * inv[row];
+          const vf diff = a - ar;
+          sq[row] += diff * diff;
+          dot[row] += a * diff;
+          storev(&s.a[row * s.ld + b * kLanes], a);
+          storev(&s.t[row * s.ld + b * kLanes], use_given ? a * (diff - dg) : a * diff);
+        }
       }
     }
   }
@@ -298,21 +412,24 @@ void fused_tile(const float* q, const float* qr, const float* lse_ref, Scratch& 
   if (!want_grad) return;
 
   // Pass 3: P (rows past `rows` zeroed), dk += Pᵀ q, dq = P k.
-  for (int64_t jb = 0; jb < blocks; ++jb) {
+  for (int64_t jb = 0; jb < blocks; jb += kKeyVecs) {
+    const int nc = static_cast<int>(std::min<int64_t>(kKeyVecs, blocks - jb));
     for (int64_t tt = 0; tt < tiles; ++tt) {
-      vf p[kRows];
+      vf p[kRows][kKeyVecs];
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t row = tt * kRows + r;
-        const vf tv = loadv(&s.t[row * s.ld + jb * kLanes]);
-        p[r] = row >= rows ? vf{} : use_given ? tv : tv - dots[row] * loadv(&s.a[row * s.ld + jb * kLanes]);
-        storev(&s.t[row * s.ld + jb * kLanes], p[r]);
+        for (int c = 0; c < nc; ++c) {
+          float* tp = &s.t[row * s.ld + (jb + c) * kLanes];
+          const vf tv = loadv(tp);
+          p[r][c] = row >= rows ? vf{} : use_given ? tv : tv - dots[row] * loadv(&s.a[row * s.ld + (jb + c) * kLanes]);
+          storev(tp, p[r][c]);
+        }
       }
       const float* qtile = &qt[tt * kRows * D];
-      for (int64_t d = 0; d < D; ++d) {
-        vf acc = loadv(&s.dkT[(jb * D + d) * kLanes]);
-        for (int64_t r = 0; r < kRows; ++r) acc += p[r] * qtile[r * D + d];
-        storev(&s.dkT[(jb * D + d) * kLanes], acc);
-      }
+      if (nc == kKeyVecs)
+        tile_dk<kKeyVecs>(p, qtile, &s.dkT[jb * D * kLanes], D);
+      else
+        tile_dk<1>(p, qtile, &s.dkT[jb * D * kLanes], D);
     }
   }
   dq_rows_dispatch(s, N, D, r0, rows, dq);
@@ -369,9 +486,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sweep(
       const int64_t bh = item / groups, group = item % groups;
       const int64_t first = tiles * group / groups, last = tiles * (group + 1) / groups;
       const int64_t off = bh * N * D;
-      std::fill(s.kT.begin(), s.kT.end(), 0.0f);
-      std::fill(s.krT.begin(), s.krT.end(), 0.0f);
-      std::fill(s.kp.begin(), s.kp.end(), 0.0f);
+      std::fill(s.kT, s.kT + s.keys_size(), 0.0f);
+      std::fill(s.krT, s.krT + s.keys_size(), 0.0f);
+      std::fill(s.kp, s.kp + s.Np * s.Dp, 0.0f);
       for (int64_t j = 0; j < N; ++j)
         for (int64_t d = 0; d < D; ++d) {
           const int64_t blocked = ((j / kLanes) * D + d) * kLanes + j % kLanes;
@@ -379,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sweep(
           s.krT[blocked] = krp[off + j * D + d];
           s.kp[j * s.Dp + d] = kp[off + j * D + d];
         }
-      if (want_grad) std::fill(s.dkT.begin(), s.dkT.end(), 0.0f);
+      if (want_grad) std::fill(s.dkT, s.dkT + s.keys_size(), 0.0f);
       for (int64_t tile = first; tile < last; ++tile) {
         const int64_t r0 = tile * kSuper * kRows, rows = std::min(kSuper * kRows, N - r0);
         fused_tile(qp + off, qrp + off, lrp + bh * N, s, N, D, r0, rows, scale, want_grad,

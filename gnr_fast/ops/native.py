@@ -17,7 +17,7 @@ With A = softmax(scale·q kᵀ), A_ref = exp(scale·q_ref k_refᵀ − lse_ref) 
 ``P = A ⊙ ((A − A_ref) − row_dot)``, ``dq_sum = P k``, ``dk_sum = Pᵀ q`` (so
 ∂Σ row_sq/∂q = 2·scale·dq_sum), all float32; without ``with_grad`` the sums are empty [0]
 tensors. ``block_rows`` is the rows per BLAS tile of ``attention_lse`` (0: the kernel's default);
-the energy kernels tile by 8 rows × 16 keys in registers and ignore it.
+the energy kernels tile in registers (8 rows × 16 keys with AVX-512, 6 rows × 16 keys otherwise) and ignore it.
 
 Dispatch (STYLE.md rule 4): :func:`native_unavailable_reason` names why the library cannot be
 used (not built, built for another torch); callers log it once and take the torch path.
