@@ -146,8 +146,9 @@ inline float hmax(vf v) {
 // Lane-wise min/max as one instruction each: the vector-extension form `a < b ? b : a` compiles to a
 // compare and a blend.
 #if defined(__AVX512F__)
-inline vf vmaxf(vf a, vf b) { return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b))); }
-inline vf vminf(vf a, vf b) { return reinterpret_cast<vf>(_mm512_min_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b))); }
+// (the all-lanes maskz forms: GCC 12 warns about _mm512_max_ps's undefined pass-through operand)
+inline vf vmaxf(vf a, vf b) { return reinterpret_cast<vf>(_mm512_maskz_max_ps(0xFFFF, reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b))); }
+inline vf vminf(vf a, vf b) { return reinterpret_cast<vf>(_mm512_maskz_min_ps(0xFFFF, reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b))); }
 #elif defined(__AVX__)
 inline vf vmaxf(vf a, vf b) { return reinterpret_cast<vf>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b))); }
 inline vf vminf(vf a, vf b) { return reinterpret_cast<vf>(_mm256_min_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b))); }
