@@ -14,11 +14,15 @@ a guided step uses) side by side at the self-attention layer shapes of the bundl
 its own size, 256² and 512² images) and of SD 1.5 at 256² and 512²: ``--warmup`` calls each,
 then max(``--rounds``, GNR_BENCH_ROUNDS) alternated rounds (benchmarks/alternating.py); the
 table gives each median with its min–max and the ratio of the medians (target of issue 15:
-≥ 2×). ``test_guided_step_native_vs_torch`` times one guided step of the bundled model with
+≥ 2×), and each path's rate in G multiply-adds per second (:func:`multiply_adds` / median), to
+hold against the core's peak. ``test_guided_step_native_vs_torch`` times one guided step of the bundled model with
 either energy path. Run just those:
 
     OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_attn_map_energy.py -k "native_vs_torch" -s \
         --rounds 5 --warmup 1
+
+(one core; with ``OMP_NUM_THREADS=N`` both paths run on N threads, the native loops through
+``at::parallel_for`` — ``gnr-fast doctor`` shows how many threads they get).
 
 ``test_fast_paths_vs_reference`` alternates the materialised reference and the chunked torch
 path (fused and recomputing gradients) at ``SIZES`` the same way (the README's table):
@@ -211,8 +215,18 @@ def test_native_vs_torch(record, rounds, warmup, layer: str) -> None:
         pytest.skip(f"native ops unavailable: {native_unsupported_reason(inputs[0])}")
     samples = alternate({impl: (lambda i=impl: forward_backward(i, inputs)) for impl in ("fused", "native")},
                         max(rounds, ROUNDS), warmup)
-    record(f"attn_map_energy {layer}", "reference", samples=samples["fused"])
-    record(f"attn_map_energy {layer}", "fast", samples=samples["native"], threads=torch.get_num_threads())
+    fmas = multiply_adds(*LAYER_SHAPES[layer])
+    record(f"attn_map_energy {layer}", "reference", samples=samples["fused"],
+           torch_gfma_s=round(fmas / samples["fused"].median / 1e9, 1))
+    record(f"attn_map_energy {layer}", "fast", samples=samples["native"], threads=torch.get_num_threads(),
+           native_gfma_s=round(fmas / samples["native"].median / 1e9, 1))
+
+
+def multiply_adds(batch: int, heads: int, tokens: int, head_dim: int) -> int:
+    """Multiply-adds of one fused forward + backward, 4·B·H·N²·D: the two score products (q kᵀ and
+    q_ref k_refᵀ), dq = P k and dk = Pᵀ q. Both paths perform exactly these; divided by a time it is
+    the rate to hold against the CPU's peak (one AVX2 core: 16 per cycle, two 8-lane FMA pipes)."""
+    return 4 * batch * heads * tokens * tokens * head_dim
 
 
 @contextmanager

@@ -18,7 +18,8 @@
 // register tiles — scores and row max; 2^x, A_ref, the difference and the row statistics; P and
 // dk += Pᵀ q — then dq = P k in head-dim chunks of kDqChunk vectors × kRows rows (dq_chunk),
 // without BLAS and without any [N, N] buffer (two [kSuper·kRows, N] tiles of scratch).
-// at::parallel_for (OpenMP) runs over (batch·head, row-group) work items; when there are fewer
+// at::parallel_for (OpenMP: the library is compiled with -fopenmp, CMakeLists.txt) runs over
+// (batch·head, row-group) work items on torch's intra-op threads; when there are fewer
 // batch·heads than threads, rows of one head are split into groups whose dk partial sums are
 // reduced afterwards (a fixed split, so results do not depend on scheduling). attention_lse uses
 // BLAS (at::addmm_out) per row block plus a vectorised row pass.
@@ -467,7 +468,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sweep(
   const int64_t threads = at::get_num_threads();
   const int64_t groups = (!want_grad || BH >= threads) ? 1 : std::min<int64_t>(tiles, (threads + BH - 1) / BH);
   at::Tensor dq = want_grad ? at::empty({B, H, N, D}, opts) : at::empty({0}, opts);
-  at::Tensor dk_parts = want_grad ? at::zeros({groups, BH, N, D}, opts) : at::Tensor();
+  // Every (group, batch·head) item writes its whole [N, D] slice of dk_parts (from its zeroed dkT).
+  at::Tensor dk_parts = want_grad ? at::empty({groups, BH, N, D}, opts) : at::Tensor();
 
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -518,6 +520,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sweep(
 }  // namespace
 
 int64_t vector_lanes() { return kLanes; }
+
+int64_t parallel_threads(int64_t items) {
+  TORCH_CHECK(items >= 1, "parallel_threads: items must be at least 1, got ", items);
+  std::vector<char> seen(static_cast<size_t>(std::max(at::get_num_threads(), 1)), 0);
+  at::parallel_for(0, items, 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    if (tid >= 0 && tid < static_cast<int>(seen.size())) seen[tid] = 1;  // one writer per index
+  });
+  return std::count(seen.begin(), seen.end(), char{1});
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_map_energy_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_ref, const at::Tensor& k_ref,

@@ -25,4 +25,9 @@ at::Tensor attention_lse_cpu(const at::Tensor& q, const at::Tensor& k, double sc
 // else 8): the tile geometry follows the -march the library was compiled for.
 int64_t vector_lanes();
 
+// How many threads at::parallel_for gives this library's loops now: the number of distinct
+// at::get_thread_num() values seen over one parallel loop of `items` items (1 in a library
+// compiled without OpenMP, whatever torch.get_num_threads() says).
+int64_t parallel_threads(int64_t items);
+
 }  // namespace gnr_fast_native

@@ -13,6 +13,8 @@ TORCH_LIBRARY(gnr_fast_native, m) {
   m.def("attention_lse(Tensor q, Tensor k, float scale, int block_rows) -> Tensor");
   // Float lanes per vector of the energy kernels as compiled (16: AVX-512, 8: otherwise).
   m.def("vector_lanes() -> int", &gnr_fast_native::vector_lanes);
+  // Threads one at::parallel_for of `items` items runs on in this library (1 without OpenMP).
+  m.def("parallel_threads(int items) -> int", &gnr_fast_native::parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(gnr_fast_native, CPU, m) {

@@ -92,9 +92,10 @@ def check_native_cpu() -> Check:
     if reason is not None:
         return Check("kernel", "native CPU ops", False, f"{reason}; the pure-torch paths are used")
     lanes = native.vector_lanes()
+    threads, wanted = native.parallel_threads(), torch.get_num_threads()
     return Check("kernel", "native CPU ops", True,
                  f"gnr_fast_native from {native.library_path()} ({lanes}-lane vectors: built for "
-                 f"{'AVX-512' if lanes == 16 else 'AVX2 or older'})")
+                 f"{'AVX-512' if lanes == 16 else 'AVX2 or older'}; loops on {threads} of torch's {wanted} threads)")
 
 
 def check_native_cuda() -> Check:

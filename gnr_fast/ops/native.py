@@ -11,6 +11,8 @@ to. It registers, in the ``gnr_fast_native`` namespace (float32 CPU tensors; con
 - ``attention_lse(q, k, scale, block_rows)`` → ``lse``
 - ``vector_lanes()`` → float lanes per vector of the energy kernels' register tiles as compiled
   (16 when built for AVX-512, else 8: a tile sized for AVX-512's 32 registers spills on AVX2's 16)
+- ``parallel_threads(items)`` → how many threads one ``at::parallel_for`` of ``items`` items runs
+  on in this library now (torch's intra-op thread count; 1 for a library compiled without OpenMP)
 
 With A = softmax(scale·q kᵀ), A_ref = exp(scale·q_ref k_refᵀ − lse_ref) per (batch, head):
 ``row_sq_i = Σ_j (A − A_ref)²_ij``, ``row_dot_i = Σ_j A_ij (A − A_ref)_ij``,
@@ -20,7 +22,8 @@ tensors. ``block_rows`` is the rows per BLAS tile of ``attention_lse`` (0: the k
 the energy kernels tile in registers (8 rows × 16 keys with AVX-512, 6 rows × 16 keys otherwise) and ignore it.
 
 Dispatch (STYLE.md rule 4): :func:`native_unavailable_reason` names why the library cannot be
-used (not built, built for another torch); callers log it once and take the torch path.
+used (not built, built for another torch, built from older sources that lack an op); callers log
+it once and take the torch path.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 LIBRARY_ENV = "GNR_FAST_NATIVE_LIB"
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _BUILD_HINT = "build it with `pip install -e .` (needs cmake and a C++17 compiler) or `cmake -S . -B build && cmake --build build`"
+# Every op this module wraps; a library built from older sources may lack some.
+REQUIRED_OPS = ("attn_map_energy_fwd", "attn_map_energy_bwd", "attention_lse", "vector_lanes", "parallel_threads")
 
 
 def library_path() -> Path:
@@ -55,7 +60,8 @@ def native_unavailable_reason() -> str | None:
 
     Checks, in order: the library file exists (:func:`library_path`), and the torch version it
     was built against (``<library>.torch-version``, written by CMake) equals ``torch.__version__``
-    (C++ ops are tied to one torch ABI). Then loads it once.
+    (C++ ops are tied to one torch ABI). Then loads it once and checks that it registers every op
+    of :data:`REQUIRED_OPS` (a library left from older sources is refused, naming the missing op).
     """
     return _load(str(library_path()))
 
@@ -77,9 +83,17 @@ def _load(path_str: str) -> str | None:
     if built_for != torch.__version__:
         return f"{path} was built for torch {built_for}, this is torch {torch.__version__}; rebuild it ({_BUILD_HINT})"
     torch.ops.load_library(str(path))
+    missing = missing_ops(REQUIRED_OPS)
+    if missing:
+        return f"{path} was built from older sources (it lacks gnr_fast_native::{', '.join(missing)}); rebuild it ({_BUILD_HINT})"
     _register_fakes()
     logger.debug("loaded the native ops from %s", path)
     return None
+
+
+def missing_ops(names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` that no loaded library registers as ``gnr_fast_native::<name>``."""
+    return [name for name in names if not torch._C._dispatch_has_kernel(f"gnr_fast_native::{name}")]
 
 
 def _register_fakes() -> None:
@@ -130,3 +144,10 @@ def attention_lse(q: Tensor, k: Tensor, scale: float, block_rows: int = 0) -> Te
 def vector_lanes() -> int:
     """Float lanes per vector of the energy kernels in the loaded library (16: AVX-512 build, 8: other)."""
     return int(torch.ops.gnr_fast_native.vector_lanes())
+
+
+def parallel_threads(items: int = 64) -> int:
+    """How many threads the loaded library's ``at::parallel_for`` loops run on now, counted over one
+    loop of ``items`` items: ``min(items, torch.get_num_threads())`` for a library built with OpenMP,
+    1 for one built without (whose loops ignore torch's thread count)."""
+    return int(torch.ops.gnr_fast_native.parallel_threads(items))

@@ -170,6 +170,50 @@ def test_tile_geometry_follows_the_cpu():
     assert native.vector_lanes() == (16 if "avx512f" in flags else 8)
 
 
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_native
+def test_native_loops_run_on_torchs_threads(restore_threads):
+    """The kernels' at::parallel_for loops are compiled into the library; built without OpenMP they
+    ran on one thread whatever torch.set_num_threads said (every build before 2026-12-07)."""
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        assert native.parallel_threads(64) == threads
+    assert native.parallel_threads(2) == 2  # never more threads than items
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("shape", [(1, 1, 100, 40), (1, 2, 256, 16), (2, 3, 50, 8)], ids=["bh1", "bh2", "bh6"])
+def test_native_threaded_split_matches_reference(restore_threads, threads, shape):
+    """On several threads the kernel splits work by (batch·head, row group); with fewer batch·heads
+    than threads each head's rows are split into groups whose dk partial sums are reduced after. Each
+    split must give the reference's energy and gradients, like the one-thread sweep."""
+    torch.set_num_threads(threads)
+    inputs = make_inputs(*shape, seed=3)
+    energy, dq, dk = energy_and_grads(attn_map_energy, *inputs, backend="native")
+    ref_energy, ref_dq, ref_dk = energy_and_grads(attn_map_energy_ref, *inputs)
+    assert rel_err(energy, ref_energy) < FP32_RTOL
+    assert rel_err(dq, ref_dq) < FP32_RTOL
+    assert rel_err(dk, ref_dk) < FP32_RTOL
+    torch.set_num_threads(1)
+    _, dq_one, dk_one = energy_and_grads(attn_map_energy, *inputs, backend="native")
+    torch.testing.assert_close(dq, dq_one, rtol=FP32_RTOL, atol=FP32_RTOL * dq_one.abs().max().item())
+    torch.testing.assert_close(dk, dk_one, rtol=FP32_RTOL, atol=FP32_RTOL * dk_one.abs().max().item())
+
+
+@needs_native
+def test_library_lacking_an_op_is_named():
+    """A library built from older sources than this module lacks ops; the loader names them."""
+    assert native.missing_ops(native.REQUIRED_OPS) == []
+    assert native.missing_ops(("vector_lanes", "no_such_op")) == ["no_such_op"]
+
+
 @needs_native
 def test_auto_uses_native_on_cpu_and_logs_once(caplog, monkeypatch):
     forget_logged_choices()
