@@ -43,6 +43,15 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def restore_torch_threads() -> Iterator[None]:
+    """Torch's intra-op thread count restored after a test that sets its own (one_torch_thread's
+    function-scoped counterpart: the test picks the counts)."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_editor(tiny_model_path):
     from gnr_fast import Editor

@@ -170,15 +170,8 @@ def test_tile_geometry_follows_the_cpu():
     assert native.vector_lanes() == (16 if "avx512f" in flags else 8)
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @needs_native
-def test_native_loops_run_on_torchs_threads(restore_threads):
+def test_native_loops_run_on_torchs_threads(restore_torch_threads):
     """The kernels' at::parallel_for loops are compiled into the library; built without OpenMP they
     ran on one thread whatever torch.set_num_threads said (every build before 2026-12-07)."""
     for threads in (1, 2, 3):
@@ -190,17 +183,17 @@ def test_native_loops_run_on_torchs_threads(restore_threads):
 @needs_native
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("shape", [(1, 1, 100, 40), (1, 2, 256, 16), (2, 3, 50, 8)], ids=["bh1", "bh2", "bh6"])
-def test_native_threaded_split_matches_reference(restore_threads, threads, shape):
+def test_native_threaded_split_matches_reference(restore_torch_threads, threads, shape):
     """On several threads the kernel splits work by (batch·head, row group); with fewer batch·heads
     than threads each head's rows are split into groups whose dk partial sums are reduced after. Each
     split must give the reference's energy and gradients, like the one-thread sweep."""
     torch.set_num_threads(threads)
     inputs = make_inputs(*shape, seed=3)
-    energy, dq, dk = energy_and_grads(attn_map_energy, *inputs, backend="native")
-    ref_energy, ref_dq, ref_dk = energy_and_grads(attn_map_energy_ref, *inputs)
-    assert rel_err(energy, ref_energy) < FP32_RTOL
-    assert rel_err(dq, ref_dq) < FP32_RTOL
-    assert rel_err(dk, ref_dk) < FP32_RTOL
+    actual = energy_and_grads(attn_map_energy, *inputs, backend="native")
+    expected = energy_and_grads(attn_map_energy_ref, *inputs)
+    for name, a, e in zip(("energy", "dq", "dk"), actual, expected):
+        assert rel_err(a, e) < FP32_RTOL, f"{name}: {rel_err(a, e):.2e}"
+    _, dq, dk = actual
     torch.set_num_threads(1)
     _, dq_one, dk_one = energy_and_grads(attn_map_energy, *inputs, backend="native")
     torch.testing.assert_close(dq, dq_one, rtol=FP32_RTOL, atol=FP32_RTOL * dq_one.abs().max().item())
