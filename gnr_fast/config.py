@@ -9,188 +9,48 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from pathlib import Path
-from typing import ClassVar, Literal, Mapping, Sequence, Union
+from typing import Literal, Mapping, Sequence
 
 import yaml
 
+from .attention.sites import FeatureSite, LayerRange
 from .errors import ConfigError
+from .guiders import (
+    GUIDERS,
+    CfgGuider,
+    FeaturesMapL2,
+    GuiderConfig,
+    LatentsDiff,
+    Role,
+    Schedule,
+    SelfAttnMapL2,
+    SelfAttnMapL2Appearance,
+    check_guiders,
+    first_steps,
+    guider_type,
+    last_steps,
+    scale_at,
+)
 
-Schedule = Union[float, tuple[float, ...]]
+__all__ = [
+    "GUIDER_TYPES", "PRESET_NAMES", "PRESET_STEPS", "AlignInversion", "CfgGuider", "EditConfig", "FeatureSite",
+    "FeaturesMapL2", "GuiderConfig", "LatentsDiff", "LayerRange", "RescaleConfig", "Role", "Schedule",
+    "SelfAttnMapL2", "SelfAttnMapL2Appearance", "first_steps", "last_steps", "scale_at", "window_for",
+]
+
+GUIDER_TYPES = GUIDERS
+"""The guider registry (:data:`gnr_fast.guiders.GUIDERS`) under its older name."""
+
 PRESET_STEPS = 50
 """The step count the paper's presets (and the authors' per-step lists) are written for."""
 PRESET_NAMES = ("nonstyle", "style", "shapes")
 """Named presets: the paper's two, and ``shapes`` for the bundled model (:meth:`EditConfig.shapes`)."""
 
 
-class Role(str, Enum):
-    """Which UNet pass a guider reads (DESIGN.md §3): latent × prompt."""
-
-    CUR_INV = "cur_inv"  # current latent z_t, source prompt; gradient flows to z_t
-    INV_INV = "inv_inv"  # inversion latent z*_t, source prompt; constant
-    CUR_TRG = "cur_trg"  # current latent z_t, target prompt; gradient flows to z_t
-
-
-class FeatureSite(str, Enum):
-    """UNet module outputs a feature guider compares (DESIGN.md §4)."""
-
-    UP_LAST = "up_blocks[-1]"  # appearance, new_features=true
-    CONV_NORM_OUT = "conv_norm_out"  # appearance, new_features=false
-    UP = "up_blocks[1].resnets[1]"  # features_map_l2 block='up'
-    MID = "mid_block"  # features_map_l2 block='mid'
-    DOWN = "down_blocks[1].resnets[1]"  # features_map_l2 block='down'
-
-
-def scale_at(schedule: Schedule, step: int) -> float:
-    """The value of ``schedule`` at ``step``."""
-    return float(schedule) if isinstance(schedule, (int, float)) else float(schedule[step])
-
-
-def first_steps(value: float, count: int, num_steps: int) -> tuple[float, ...]:
-    """``value`` for the first ``count`` steps, 0 afterwards."""
-    return tuple(float(value) if i < count else 0.0 for i in range(num_steps))
-
-
-def last_steps(value: float, count: int, num_steps: int) -> tuple[float, ...]:
-    """``value`` for the last ``count`` steps, 0 before."""
-    return tuple(float(value) if i >= num_steps - count else 0.0 for i in range(num_steps))
-
-
 def window_for(steps_of_50: int, num_steps: int) -> int:
     """Scale a window given for 50 steps to ``num_steps`` (``round(steps_of_50 / 50 · num_steps)``)."""
     return int(round(steps_of_50 / PRESET_STEPS * num_steps))
-
-
-def _check_schedule(schedule: Schedule, what: str) -> Schedule:
-    if isinstance(schedule, bool) or not isinstance(schedule, (int, float, tuple, list)):
-        raise ConfigError(f"{what} must be a number or a list of numbers, got {schedule!r}")
-    values = [schedule] if isinstance(schedule, (int, float)) else list(schedule)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"{what} contains {v!r}; scales must be finite numbers")
-    if isinstance(schedule, (int, float)):
-        return float(schedule)
-    if not values:
-        raise ConfigError(f"{what} is an empty list; give one number or one per step")
-    return tuple(float(v) for v in values)
-
-
-def _schedule_len(schedule: Schedule) -> int | None:
-    return None if isinstance(schedule, float) else len(schedule)
-
-
-@dataclass(frozen=True)
-class GuiderConfig:
-    """Base of the guider configs; ``scale`` multiplies the guider's output at each step."""
-
-    name: ClassVar[str] = ""
-    reads: ClassVar[tuple[Role, ...]] = ()
-    scale: Schedule = 1.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _check_schedule(self.scale, f"{self.name}.g_scale"))
-
-    def schedules(self) -> dict[str, Schedule]:
-        """Every per-step schedule this guider holds, by field name (for length checks)."""
-        return {"g_scale": self.scale}
-
-    def is_active(self, step: int) -> bool:
-        """Whether this guider contributes anything at ``step`` (some scale is non-zero)."""
-        return scale_at(self.scale, step) != 0.0
-
-    @property
-    def is_energy(self) -> bool:
-        """Energy guiders contribute through ∂E/∂z; the others add a noise term directly."""
-        return False
-
-
-@dataclass(frozen=True)
-class CfgGuider(GuiderConfig):
-    """Classifier-free guidance w · (ε_trg − ε_u) (or ε_src with ``is_source_guidance``)."""
-
-    name: ClassVar[str] = "cfg"
-    scale: Schedule = 7.5
-    is_source_guidance: bool = False
-
-
-@dataclass(frozen=True)
-class SelfAttnMapL2(GuiderConfig):
-    """Σ_layers mean((A_cur − A_inv)²) over self-attention maps; pair (cur_inv, inv_inv)."""
-
-    name: ClassVar[str] = "self_attn_map_l2"
-    reads: ClassVar[tuple[Role, ...]] = (Role.CUR_INV, Role.INV_INV)
-
-    @property
-    def is_energy(self) -> bool:
-        return True
-
-
-@dataclass(frozen=True)
-class SelfAttnMapL2Appearance(GuiderConfig):
-    """s_self · Σ_layers mean((A_cur − A_inv)²) + s_app · mean(|Φ_cur − Φ_inv|); pair (cur_inv, inv_inv)."""
-
-    name: ClassVar[str] = "self_attn_map_l2_appearance"
-    reads: ClassVar[tuple[Role, ...]] = (Role.CUR_INV, Role.INV_INV)
-    scale: Schedule = 1.0
-    self_attn_scale: Schedule = 300000.0
-    app_scale: Schedule = 500.0
-    new_features: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "self_attn_scale", _check_schedule(self.self_attn_scale, f"{self.name}.self_attn_gs"))
-        object.__setattr__(self, "app_scale", _check_schedule(self.app_scale, f"{self.name}.app_gs"))
-
-    def schedules(self) -> dict[str, Schedule]:
-        return {"g_scale": self.scale, "self_attn_gs": self.self_attn_scale, "app_gs": self.app_scale}
-
-    def is_active(self, step: int) -> bool:
-        if scale_at(self.scale, step) == 0.0:
-            return False
-        return scale_at(self.self_attn_scale, step) != 0.0 or scale_at(self.app_scale, step) != 0.0
-
-    @property
-    def is_energy(self) -> bool:
-        return True
-
-    @property
-    def feature_site(self) -> FeatureSite:
-        return FeatureSite.UP_LAST if self.new_features else FeatureSite.CONV_NORM_OUT
-
-
-@dataclass(frozen=True)
-class FeaturesMapL2(GuiderConfig):
-    """mean((Φ_trg − Φ_inv)²) of one UNet block's output; pair (cur_trg, inv_inv)."""
-
-    name: ClassVar[str] = "features_map_l2"
-    reads: ClassVar[tuple[Role, ...]] = (Role.CUR_TRG, Role.INV_INV)
-    block: Literal["up", "mid", "down"] = "up"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.block not in ("up", "mid", "down"):
-            raise ConfigError(f"features_map_l2.block must be 'up', 'mid' or 'down', got {self.block!r}")
-
-    @property
-    def is_energy(self) -> bool:
-        return True
-
-    @property
-    def feature_site(self) -> FeatureSite:
-        return {"up": FeatureSite.UP, "mid": FeatureSite.MID, "down": FeatureSite.DOWN}[self.block]
-
-
-@dataclass(frozen=True)
-class LatentsDiff(GuiderConfig):
-    """Noise term 2 (z − z*) added directly (no backward). Not scaled by the range rescaler."""
-
-    name: ClassVar[str] = "latents_diff"
-
-
-GUIDER_TYPES: dict[str, type[GuiderConfig]] = {
-    cls.name: cls for cls in (CfgGuider, SelfAttnMapL2, SelfAttnMapL2Appearance, FeaturesMapL2, LatentsDiff)
-}
 
 
 @dataclass(frozen=True)
@@ -210,11 +70,10 @@ class RescaleConfig:
         for bound in (self.lo, self.hi):
             if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
                 raise ConfigError(f"noise rescaling bounds must be finite numbers, got ({self.lo!r}, {self.hi!r})")
-        if self.kind == "range_other_on_cfg_norm" and not 0 < self.lo <= self.hi:
-            raise ConfigError(f"noise rescaling range needs 0 < lo <= hi, got ({self.lo}, {self.hi})")
+        if self.kind == "range_other_on_cfg_norm" and not (0 <= self.lo <= self.hi and self.hi > 0):
+            raise ConfigError(f"noise rescaling range needs 0 <= lo <= hi and hi > 0, got ({self.lo}, {self.hi})")
 
 
-LayerRange = tuple[int, int]
 AlignInversion = Literal["reference", "exact"]
 
 
@@ -242,28 +101,7 @@ class EditConfig:
             raise ConfigError(f"num_steps must be an integer in [1, 1000], got {self.num_steps!r}")
         guiders = tuple(self.guiders)
         object.__setattr__(self, "guiders", guiders)
-        if not guiders:
-            raise ConfigError("an edit needs at least one guider (e.g. cfg)")
-        names = [g.name for g in guiders]
-        for g in guiders:
-            if not isinstance(g, GuiderConfig):
-                raise ConfigError(f"guiders must be GuiderConfig objects, got {type(g).__name__}")
-            if names.count(g.name) > 1:
-                raise ConfigError(f"guider {g.name!r} is listed twice")
-            for key, schedule in g.schedules().items():
-                length = _schedule_len(schedule)
-                if length is not None and length != self.num_steps:
-                    raise ConfigError(
-                        f"{g.name}.{key} has {length} per-step values but the edit runs {self.num_steps} steps; give "
-                        f"one value per step or a single number"
-                    )
-        if "cfg" not in names:
-            raise ConfigError("the cfg guider is required (noise rescaling is relative to the CFG term)")
-        if self.rescale.kind == "range_other_on_cfg_norm" and "latents_diff" in names:
-            raise ConfigError(
-                "latents_diff cannot be combined with range_other_on_cfg_norm (the reference implementation fails "
-                "on it too); use noise_rescaling_setup.type: identity_rescaler"
-            )
+        check_guiders(guiders, self.num_steps, self.rescale.kind)
         if self.align_inversion not in ("reference", "exact"):
             raise ConfigError(f"align_inversion must be 'reference' or 'exact', got {self.align_inversion!r}")
         if self.self_attn_layers is not None:
@@ -321,10 +159,32 @@ class EditConfig:
         )
 
     @classmethod
-    def preset(cls, name: str, num_steps: int = PRESET_STEPS) -> "EditConfig":
-        """The named preset (one of :data:`PRESET_NAMES`) for ``num_steps`` steps."""
-        if name not in PRESET_NAMES:
-            raise ConfigError(f"preset {name!r} is unknown; choose one of {list(PRESET_NAMES)}")
+    def consistency(cls, num_steps: int = CONSISTENCY_STEPS) -> "EditConfig":
+        """Few-step preset of Inverse-and-Edit (its ``configs/consistency.yaml``) for consistency models:
+        the cfg guider's scale is the guidance-scale embedding's w per step (0, 7, 11, 19), 'up'
+        features 0.5 and self-attention maps 20000 after the first step, range rescaler (0, 1).
+        Written for 4 steps (the reverse LoRA's boundaries); ``num_steps`` must be 4."""
+        if num_steps != CONSISTENCY_STEPS:
+            raise ConfigError(f"the consistency preset is written for {CONSISTENCY_STEPS} steps (the consistency "
+                              f"model's boundaries), got num_steps={num_steps}")
+        return cls(
+            guiders=(
+                CfgGuider(scale=(0.0, 7.0, 11.0, 19.0)),
+                FeaturesMapL2(scale=0.5, block="up"),
+                SelfAttnMapL2(scale=(0.0, 20000.0, 20000.0, 20000.0)),
+            ),
+            rescale=RescaleConfig("range_other_on_cfg_norm", 0.0, 1.0),
+            num_steps=num_steps,
+        )
+
+    @classmethod
+    def preset(cls, name: str, num_steps: int | None = None) -> "EditConfig":
+        """The named preset (one of :data:`ALL_PRESET_NAMES`) for ``num_steps`` steps (None: the
+        preset's own count, :data:`PRESET_STEPS` or :data:`CONSISTENCY_STEPS`)."""
+        if name not in ALL_PRESET_NAMES:
+            raise ConfigError(f"preset {name!r} is unknown; choose one of {list(ALL_PRESET_NAMES)}")
+        if num_steps is None:
+            num_steps = CONSISTENCY_STEPS if name in CONSISTENCY_PRESET_NAMES else PRESET_STEPS
         return getattr(cls, name)(num_steps)
 
     def with_steps(self, num_steps: int) -> "EditConfig":
@@ -423,37 +283,12 @@ def _guider_from_dict(entry: object, num_steps: int) -> GuiderConfig:
     if not isinstance(entry, Mapping) or "name" not in entry:
         raise ConfigError(f"each guider must be a mapping with a 'name', got {entry!r}")
     name = entry["name"]
-    if not isinstance(name, str) or name not in GUIDER_TYPES:
-        raise ConfigError(f"guider {name!r} is unknown; known guiders: {sorted(GUIDER_TYPES)}")
+    cls = guider_type(name)
     kwargs = entry.get("kwargs") or {}
     if not isinstance(kwargs, Mapping):
         raise ConfigError(f"guider {name!r}: kwargs must be a mapping, got {kwargs!r}")
-    kwargs = dict(kwargs)
-    scale = entry.get("g_scale", 1.0)
     try:
-        if name == "cfg":
-            return CfgGuider(scale=scale, is_source_guidance=bool(kwargs.pop("is_source_guidance", False)), **kwargs)
-        if name == "self_attn_map_l2_appearance":
-            self_gs = kwargs.pop("self_attn_gs")
-            app_gs = kwargs.pop("app_gs")
-            first = kwargs.pop("total_first_steps", None)
-            last = kwargs.pop("total_last_steps", None)
-            if first is not None and last is not None:
-                raise ConfigError("give total_first_steps or total_last_steps, not both")
-            if last is not None:
-                self_gs, app_gs = last_steps(self_gs, last, num_steps), last_steps(app_gs, last, num_steps)
-            elif first is not None:
-                self_gs, app_gs = first_steps(self_gs, first, num_steps), first_steps(app_gs, first, num_steps)
-            return SelfAttnMapL2Appearance(
-                scale=scale,
-                self_attn_scale=self_gs,
-                app_scale=app_gs,
-                new_features=bool(kwargs.pop("new_features", False)),
-                **kwargs,
-            )
-        if name == "features_map_l2":
-            return FeaturesMapL2(scale=scale, block=kwargs.pop("block", "up"), **kwargs)
-        return GUIDER_TYPES[name](scale=scale, **kwargs)
+        return cls.from_kwargs(entry.get("g_scale", 1.0), dict(kwargs), num_steps)
     except KeyError as exc:
         raise ConfigError(f"guider {name!r} is missing the required kwarg {exc.args[0]!r}") from exc
     except TypeError as exc:

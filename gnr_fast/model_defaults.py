@@ -15,6 +15,25 @@ file beside ``model_index.json``::
       }
     }
 
+A consistency model (few-step editing, ``docs/consistency-models.md``) also names its sampler and
+the three files its UNets are built from, paths relative to the folder::
+
+    {
+      "format": 1,
+      "preset": "consistency",
+      "sampler": "consistency",
+      "consistency": {
+        "teacher_unet": "teacher.pt",
+        "reverse_lora": "reverse_lora.safetensors",
+        "forward_lora": "forward_lora.safetensors",
+        "lora_alpha": 8,
+        "timesteps": [259, 519, 779, 999]
+      }
+    }
+
+``sampler`` is ``"ddim"`` (the default) or ``"consistency"``, which needs the ``consistency`` object
+(:class:`ConsistencyDefaults`; ``lora_alpha`` and ``timesteps`` are optional, defaults shown).
+
 ``preset`` is the edit preset used when a call names neither a preset nor a config (the
 explicit argument always wins); ``caption_grammar`` (optional) names the caption language the
 model was trained on, and its examples, so unreadable prompts can be flagged
@@ -31,7 +50,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PRESET_NAMES
+from .config import ALL_PRESET_NAMES
 from .errors import ConfigError, ModelLoadError
 
 METADATA_NAME = "gnr_fast.json"
@@ -40,8 +59,13 @@ METADATA_FORMAT = 1
 """The ``format`` value this version reads."""
 FALLBACK_PRESET = "nonstyle"
 """The preset of a model that declares none (the paper's preset for real images)."""
-_KNOWN_KEYS = frozenset({"format", "preset", "caption_grammar"})
+_KNOWN_KEYS = frozenset({"format", "preset", "caption_grammar", "sampler", "consistency"})
 _GRAMMAR_KEYS = frozenset({"name", "summary", "grammar", "examples", "relaxed_text_encoder"})
+SAMPLER_NAMES = ("ddim", "consistency")
+"""Values of ``sampler``: the paper's DDIM, or the multi-boundary consistency sampler."""
+_CONSISTENCY_KEYS = frozenset({"teacher_unet", "reverse_lora", "forward_lora", "lora_alpha", "timesteps"})
+CONSISTENCY_TIMESTEPS = (259, 519, 779, 999)
+"""The reverse consistency LoRA's boundary timesteps in the authors' ``configs/consistency.yaml``."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +88,27 @@ class CaptionGrammar:
 
 
 @dataclass(frozen=True)
+class ConsistencyDefaults:
+    """The consistency files a model folder names (resolved against the folder), the alpha every
+    LoRA module gets (8 in the authors' loader) and the boundary timesteps, ascending, ending at
+    the last train step."""
+
+    teacher_unet: Path
+    reverse_lora: Path
+    forward_lora: Path
+    lora_alpha: float = 8.0
+    timesteps: tuple[int, ...] = CONSISTENCY_TIMESTEPS
+
+
+@dataclass(frozen=True)
 class ModelDefaults:
     """What a model folder declares; ``source`` is the file read, or None when there is none."""
 
     preset: str = FALLBACK_PRESET
     caption_grammar: CaptionGrammar | None = None
     source: Path | None = None
+    sampler: str = "ddim"
+    consistency: ConsistencyDefaults | None = None
 
 
 def _string(value: object, path: Path, field: str) -> str:
@@ -111,12 +150,46 @@ def _subfolder(value: object, path: Path, field: str) -> str | None:
     return name
 
 
+def _relative_file(value: object, path: Path, field: str) -> Path:
+    """``value`` as a file path relative to the model folder (no absolute paths, no ``..``)."""
+    name = _string(value, path, field)
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ModelLoadError(f"{path}: field {field!r} must be a path inside the model folder, got {name!r}")
+    return path.parent / name
+
+
+def _consistency(value: object, path: Path) -> ConsistencyDefaults:
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: 'consistency' must be an object with keys {sorted(_CONSISTENCY_KEYS)}, "
+                             f"got {type(value).__name__}")
+    unknown = set(value) - _CONSISTENCY_KEYS
+    if unknown:
+        raise ModelLoadError(f"{path}: unknown key(s) {sorted(unknown)} in 'consistency'; "
+                             f"allowed: {sorted(_CONSISTENCY_KEYS)}")
+    alpha = value.get("lora_alpha", 8.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+        raise ModelLoadError(f"{path}: 'consistency.lora_alpha' must be a positive number, got {alpha!r}")
+    timesteps = value.get("timesteps", list(CONSISTENCY_TIMESTEPS))
+    if (not isinstance(timesteps, list) or not timesteps
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in timesteps)
+            or sorted(set(timesteps)) != timesteps or timesteps[0] <= 0):
+        raise ModelLoadError(f"{path}: 'consistency.timesteps' must be a non-empty ascending list of positive "
+                             f"integer timesteps (e.g. {list(CONSISTENCY_TIMESTEPS)}), got {timesteps!r}")
+    return ConsistencyDefaults(
+        teacher_unet=_relative_file(value.get("teacher_unet"), path, "consistency.teacher_unet"),
+        reverse_lora=_relative_file(value.get("reverse_lora"), path, "consistency.reverse_lora"),
+        forward_lora=_relative_file(value.get("forward_lora"), path, "consistency.forward_lora"),
+        lora_alpha=float(alpha),
+        timesteps=tuple(timesteps),
+    )
+
+
 def parse_model_defaults(data: object, path: Path) -> ModelDefaults:
     """Validate the decoded JSON ``data`` of ``path``.
 
     Raises :class:`ModelLoadError` for a wrong structure (not an object, unknown keys, wrong
     types, an unsupported ``format``) and :class:`ConfigError` for a ``preset`` that is not one
-    of :data:`gnr_fast.config.PRESET_NAMES`.
+    of :data:`gnr_fast.config.ALL_PRESET_NAMES`.
     """
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path}: must hold a JSON object, got {type(data).__name__}")
@@ -127,12 +200,19 @@ def parse_model_defaults(data: object, path: Path) -> ModelDefaults:
         raise ModelLoadError(f"{path}: 'format' must be {METADATA_FORMAT}, got {data.get('format')!r}; "
                              "this gnr-fast reads only that version")
     preset = data.get("preset", FALLBACK_PRESET)
-    if preset not in PRESET_NAMES:
-        raise ConfigError(f"{path}: preset {preset!r} is unknown; choose one of {list(PRESET_NAMES)} "
+    if preset not in ALL_PRESET_NAMES:
+        raise ConfigError(f"{path}: preset {preset!r} is unknown; choose one of {list(ALL_PRESET_NAMES)} "
                           "or delete the 'preset' key")
     grammar = data.get("caption_grammar")
+    sampler = data.get("sampler", "ddim")
+    if sampler not in SAMPLER_NAMES:
+        raise ModelLoadError(f"{path}: 'sampler' must be one of {list(SAMPLER_NAMES)}, got {sampler!r}")
+    if (sampler == "consistency") != ("consistency" in data):
+        raise ModelLoadError(f"{path}: 'sampler': 'consistency' and the 'consistency' object (the teacher UNet and "
+                             "LoRA files) go together; give both or neither")
+    consistency = _consistency(data["consistency"], path) if "consistency" in data else None
     return ModelDefaults(preset=preset, caption_grammar=None if grammar is None else _grammar(grammar, path),
-                         source=path)
+                         source=path, sampler=sampler, consistency=consistency)
 
 
 def load_model_defaults(folder: str | Path) -> ModelDefaults:
