@@ -46,6 +46,12 @@ PRESET_STEPS = 50
 """The step count the paper's presets (and the authors' per-step lists) are written for."""
 PRESET_NAMES = ("nonstyle", "style", "shapes")
 """Named presets: the paper's two, and ``shapes`` for the bundled model (:meth:`EditConfig.shapes`)."""
+CONSISTENCY_STEPS = 4
+"""The step count the consistency preset is written for (the consistency model's boundaries)."""
+CONSISTENCY_PRESET_NAMES = ("consistency",)
+"""Presets for consistency models (:meth:`EditConfig.consistency`)."""
+ALL_PRESET_NAMES = PRESET_NAMES + CONSISTENCY_PRESET_NAMES
+"""Every named preset :meth:`EditConfig.preset` knows."""
 
 
 def window_for(steps_of_50: int, num_steps: int) -> int:

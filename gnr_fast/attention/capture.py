@@ -22,8 +22,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ..config import FeatureSite, LayerRange
 from ..errors import ConfigError, UnsupportedArchitectureError
+from .sites import FeatureSite, LayerRange
 
 Group = Literal["down", "mid", "up"]
 

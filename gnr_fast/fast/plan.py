@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from ..config import CfgGuider, EditConfig, GuiderConfig, Role, scale_at
+from ..config import EditConfig
+from ..guiders import Guider, Role, cfg_guider, energy_guiders, scale_at
 from ..runtime.executor import CallKind
 
 
@@ -36,6 +37,14 @@ class Prompt(str, Enum):
     TRG = "trg"
 
 
+class Eps(str, Enum):
+    """The noise predictions a step's rows supply (DESIGN.md §3): ε(z_t, t, prompt)."""
+
+    U = "eps_u"  # unconditional prompt ""
+    SRC = "eps_src"  # source prompt
+    TRG = "eps_trg"  # target prompt
+
+
 @dataclass(frozen=True)
 class Row:
     """One batch row of a UNet call: its inputs, the role it is captured as, and the ε it supplies."""
@@ -43,10 +52,10 @@ class Row:
     latent: Latent
     prompt: Prompt
     role: Role | None = None  # captured for guiders as this role
-    supplies: str | None = None  # "eps_u", "eps_trg" or "eps_src"
+    supplies: Eps | None = None  # the noise prediction this row's output is
 
     def __str__(self) -> str:
-        tag = self.role.value if self.role else self.supplies
+        tag = self.role.value if self.role else self.supplies.value if self.supplies else None
         return f"{self.latent.value}|{self.prompt.value}({tag})"
 
 
@@ -71,7 +80,7 @@ class StepPlan:
 
     step: int
     calls: tuple[UNetCall, ...]
-    energies: tuple[GuiderConfig, ...]
+    energies: tuple[Guider, ...]
 
     @property
     def rows(self) -> int:
@@ -86,10 +95,6 @@ class StepPlan:
         return f"step {self.step}: " + " + ".join(map(str, self.calls)) + (" + backward" if self.backward else "")
 
 
-def cfg_guider(config: EditConfig) -> CfgGuider:
-    return next(g for g in config.guiders if isinstance(g, CfgGuider))
-
-
 def plan_step(
     config: EditConfig, step: int, source_cached: bool = False, energies_vanish: bool = False, split_source: bool = False
 ) -> StepPlan:
@@ -102,25 +107,25 @@ def plan_step(
     target-prompt pass (``cur_trg``) do not vanish.
     ``split_source``: run the source row in a CAPTURING call of its own (see the module docstring).
     """
-    cfg = cfg_guider(config)
+    cfg = cfg_guider(config.guiders)
     cfg_prompt = Prompt.SRC if cfg.is_source_guidance else Prompt.TRG
-    cfg_supply = "eps_src" if cfg.is_source_guidance else "eps_trg"
+    cfg_supply = Eps.SRC if cfg.is_source_guidance else Eps.TRG
     same_prompt = {Role.CUR_INV, Role.INV_INV}
     energies = tuple(
         g
-        for g in config.guiders
-        if g.is_energy and g.is_active(step) and not (energies_vanish and set(g.reads) <= same_prompt)
+        for g in energy_guiders(config.guiders)
+        if g.is_active(step) and not (energies_vanish and set(g.reads) <= same_prompt)
     )
     roles = {role for g in energies for role in g.reads}
 
     grad_rows: list[Row] = []
     if Role.CUR_INV in roles:
-        grad_rows.append(Row(Latent.CUR, Prompt.SRC, Role.CUR_INV, "eps_src"))
+        grad_rows.append(Row(Latent.CUR, Prompt.SRC, Role.CUR_INV, Eps.SRC))
     if Role.CUR_TRG in roles:
-        grad_rows.append(Row(Latent.CUR, Prompt.TRG, Role.CUR_TRG, "eps_trg"))
+        grad_rows.append(Row(Latent.CUR, Prompt.TRG, Role.CUR_TRG, Eps.TRG))
     supplied_by_grad = {r.supplies for r in grad_rows}
 
-    plain_rows = [Row(Latent.CUR, Prompt.UNCOND, None, "eps_u")]
+    plain_rows = [Row(Latent.CUR, Prompt.UNCOND, None, Eps.U)]
     if scale_at(cfg.scale, step) != 0.0 and cfg_supply not in supplied_by_grad:
         plain_rows.append(Row(Latent.CUR, cfg_prompt, None, cfg_supply))
     source_rows = [Row(Latent.SRC, Prompt.SRC, Role.INV_INV)] if Role.INV_INV in roles and not source_cached else []

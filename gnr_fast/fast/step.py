@@ -22,33 +22,28 @@ from collections.abc import Sequence
 import torch
 
 from ..attention.capture import CaptureSpec, PassCapture
-from ..config import FeatureSite, GuiderConfig, LatentsDiff, Role, scale_at
+from ..attention.sites import FeatureSite
 from ..editing import EditContext, StepTerms, combine_terms
-from ..guiders import guider_energy, latents_diff
+from ..guiders import Guider, Role, capture_need, cfg_guider, direct_guiders, scale_at
 from ..precision import energy_grad_to_latent
 from ..runtime.executor import CallKind
-from .plan import Latent, Prompt, Row, StepPlan, cfg_guider, energies_vanish, plan_step
-
-_ATTENTION_ENERGIES = ("self_attn_map_l2", "self_attn_map_l2_appearance")
+from .plan import Eps, Latent, Prompt, Row, StepPlan, energies_vanish, plan_step
 
 
 def source_sites(ctx: EditContext) -> frozenset[FeatureSite]:
     """Every feature site any guider of the config reads from the source pass."""
-    return frozenset(g.feature_site for g in ctx.config.guiders if Role.INV_INV in g.reads and hasattr(g, "feature_site"))
+    return capture_need(ctx.config.guiders, {Role.INV_INV}).feature_sites
 
 
-def role_spec(ctx: EditContext, energies: Sequence[GuiderConfig], roles: set[Role], rows: tuple[int, ...]) -> CaptureSpec:
+def role_spec(ctx: EditContext, energies: Sequence[Guider], roles: set[Role], rows: tuple[int, ...]) -> CaptureSpec:
     """What rows ``rows`` of a call record for ``roles`` under the step's ``energies``: Q/K of the
     selected layers if an attention energy reads one of them, their feature sites (every source
     site for the source pass, which the cache keeps), and lse for the source pass."""
-    readers = [g for g in energies if roles & set(g.reads)]
-    reads_maps = any(g.name in _ATTENTION_ENERGIES for g in readers)
-    sites = {g.feature_site for g in readers if hasattr(g, "feature_site")}
-    if Role.INV_INV in roles:
-        sites = source_sites(ctx)
+    need = capture_need(energies, roles)
+    sites = source_sites(ctx) if Role.INV_INV in roles else need.feature_sites
     return CaptureSpec(
-        layers=ctx.layers if reads_maps else frozenset(),
-        feature_sites=frozenset(sites),
+        layers=ctx.layers if need.attention else frozenset(),
+        feature_sites=sites,
         rows=rows,
         with_lse=Role.INV_INV in roles,
     )
@@ -62,22 +57,21 @@ def prompt_embedding(ctx: EditContext, prompt: Prompt) -> torch.Tensor:
 def step_terms(
     ctx: EditContext,
     step: int,
-    eps: dict[str, torch.Tensor],
+    eps: dict[Eps, torch.Tensor],
     z: torch.Tensor,
     z_star: torch.Tensor,
     guider_grad: torch.Tensor | None,
     energy: torch.Tensor | float,
 ) -> StepTerms:
     """Δcfg = w · (ε_prompt − ε_u), the direct terms, then γ and the sum (DESIGN.md §3 steps 5–7)."""
-    cfg = cfg_guider(ctx.config)
-    eps_u = eps["eps_u"]  # [1, 4, h, w]
-    prompt_eps = eps.get("eps_src" if cfg.is_source_guidance else "eps_trg")
+    cfg = cfg_guider(ctx.config.guiders)
+    eps_u = eps[Eps.U]  # [1, 4, h, w]
+    prompt_eps = eps.get(Eps.SRC if cfg.is_source_guidance else Eps.TRG)
     delta_cfg = scale_at(cfg.scale, step) * (prompt_eps - eps_u) if prompt_eps is not None else torch.zeros_like(eps_u)
     direct = None
-    for guider in ctx.config.guiders:
-        if isinstance(guider, LatentsDiff):
-            term = scale_at(guider.scale, step) * latents_diff(z.detach(), z_star)
-            direct = term if direct is None else direct + term
+    for guider in direct_guiders(ctx.config.guiders):
+        term = guider.noise(step, z, z_star)
+        direct = term if direct is None else direct + term
     return combine_terms(ctx.config, eps_u, delta_cfg, guider_grad, direct, energy)
 
 
@@ -141,7 +135,7 @@ def batch_step(
     else:
         calls[CallKind.CAPTURING] = source_rows
 
-    eps: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+    eps: list[dict[Eps, torch.Tensor]] = [{} for _ in range(count)]
     energies_of = plans[0].energies
     for kind in (CallKind.PLAIN, CallKind.CAPTURING, CallKind.GRAD):
         rows = calls[kind]
@@ -181,7 +175,7 @@ def batch_step(
     with torch.enable_grad():
         for b, plan in enumerate(plans):
             for guider in plan.energies:
-                value = guider_energy(guider, step, captures[b], ctxs[b].layers).float()
+                value = guider.energy(step, captures[b], ctxs[b].layers).float()
                 value = torch.where(value.abs() > ctxs[b].config.energy_atol, value, torch.zeros_like(value))
                 energies[b] = value if energies[b] is None else energies[b] + value
         active = [e for e in energies if e is not None]

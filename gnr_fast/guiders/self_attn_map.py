@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..attention.capture import CaptureMode, PassCapture
+from ..ops.attn_map_energy import attn_map_energy
 from ..precision import to_compute
+from .registry import GuiderConfig, GuiderKind, Role, register_guider
+from .scales import scale_at
 
 
 def self_attn_map_l2(cur: PassCapture, inv: PassCapture, layers: frozenset[int]) -> torch.Tensor:
@@ -22,8 +29,6 @@ def self_attn_map_l2(cur: PassCapture, inv: PassCapture, layers: frozenset[int])
         if cur.mode is CaptureMode.MAPS:
             term = torch.mean((to_compute(cur.maps[index]) - to_compute(inv.maps[index])) ** 2)
         else:
-            from ..ops.attn_map_energy import attn_map_energy
-
             term = attn_map_energy(
                 cur.queries[index],
                 cur.keys[index],
@@ -36,3 +41,17 @@ def self_attn_map_l2(cur: PassCapture, inv: PassCapture, layers: frozenset[int])
     if total is None:
         raise ValueError("self_attn_map_l2 needs at least one selected self-attention layer")
     return total
+
+
+@register_guider
+@dataclass(frozen=True)
+class SelfAttnMapL2(GuiderConfig):
+    """Σ_layers mean((A_cur − A_inv)²) over self-attention maps; pair (cur_inv, inv_inv)."""
+
+    name: ClassVar[str] = "self_attn_map_l2"
+    kind: ClassVar[GuiderKind] = GuiderKind.ENERGY
+    reads: ClassVar[tuple[Role, ...]] = (Role.CUR_INV, Role.INV_INV)
+    reads_attention: ClassVar[bool] = True
+
+    def energy(self, step: int, captures: Mapping[Role, PassCapture], layers: frozenset[int]) -> torch.Tensor:
+        return scale_at(self.scale, step) * self_attn_map_l2(captures[Role.CUR_INV], captures[Role.INV_INV], layers)

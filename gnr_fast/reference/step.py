@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..attention.capture import CaptureMode, PassCapture
-from ..config import CfgGuider, FeatureSite, LatentsDiff, Role, scale_at
 from ..editing import EditContext, StepTerms, combine_terms
-from ..guiders import guider_energy, latents_diff
+from ..guiders import GuiderKind, Role, capture_need, scale_at
+from .recording import RecordingUNet
 
 
 def _capture_for(ctx: EditContext, role: Role | None) -> PassCapture:
@@ -21,20 +21,18 @@ def _capture_for(ctx: EditContext, role: Role | None) -> PassCapture:
     Every reference-mode pass gets one (possibly empty) so that all attention runs with the
     reference's explicit arithmetic, as the authors' patched UNet does during editing.
     """
-    readers = [g for g in ctx.config.guiders if role in g.reads]
-    sites: set[FeatureSite] = {g.feature_site for g in readers if hasattr(g, "feature_site")}
-    reads_maps = any(g.name in ("self_attn_map_l2", "self_attn_map_l2_appearance") for g in readers)
+    need = capture_need(ctx.config.guiders, {role})
     return PassCapture(
-        layers=ctx.layers if reads_maps else frozenset(),
+        layers=ctx.layers if need.attention else frozenset(),
         mode=CaptureMode.MAPS,
-        feature_sites=frozenset(sites),
+        feature_sites=need.feature_sites,
     )
 
 
 def reference_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step: int) -> StepTerms:
     """Compute the noise terms of step ``step`` for latent ``z`` paired with inversion latent ``z_star``."""
     t = ctx.timesteps[step]
-    run = ctx.runner
+    run = RecordingUNet(ctx.runner)  # the recording convention: captures filled in place
     # 1. ε_u = ε(z, t, c_∅), no grad
     with torch.no_grad():
         eps_u = run(z, t, ctx.c_uncond, (_capture_for(ctx, None),))
@@ -56,14 +54,14 @@ def reference_step(ctx: EditContext, z: torch.Tensor, z_star: torch.Tensor, step
         direct = None
         energy = None
         for guider in ctx.config.guiders:
-            if isinstance(guider, CfgGuider):
+            if guider.kind is GuiderKind.CFG:
                 prompt_eps = eps_src if guider.is_source_guidance else eps_trg
                 delta_cfg = scale_at(guider.scale, step) * (prompt_eps.detach() - eps_u)
-            elif isinstance(guider, LatentsDiff):
-                term = scale_at(guider.scale, step) * latents_diff(z.detach(), z_star)
+            elif guider.kind is GuiderKind.DIRECT:
+                term = guider.noise(step, z, z_star)
                 direct = term if direct is None else direct + term
             else:
-                value = guider_energy(guider, step, captures, ctx.layers)
+                value = guider.energy(step, captures, ctx.layers)
                 # The reference drops an energy that torch.allclose(E, 0) accepts, i.e. |E| ≤ atol.
                 if abs(float(value.detach())) > ctx.config.energy_atol:
                     energy = value if energy is None else energy + value
