@@ -118,10 +118,11 @@ class Server:
 
     def __init__(self, model: Path, log: Path, max_batch: int, steps: int, threads: int | None,
                  runtime: str = "eager") -> None:
-        self.http, self.grpc, self.metrics = _free_ports(3)
+        self.http, self.grpc, self.metrics, self.service_metrics = _free_ports(4)
         argv = [
             sys.executable, "-m", "gnr_fast.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
+            "--service-metrics-port", str(self.service_metrics),
             "--max-batch", str(max_batch), "--steps", str(steps), "--exit-timeout", "10", "--runtime", runtime,
         ]
         env = dict(os.environ)

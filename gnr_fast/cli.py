@@ -90,6 +90,8 @@ def _add_serving_parsers(sub) -> None:
     serve.add_argument("--max-batch", type=int, default=4, help="most concurrent edits sharing UNet calls (default 4)")
     serve.add_argument("--max-queue-delay-ms", type=float, default=20.0,
                        help="longest wait for more edits after the first of a batch (default 20)")
+    serve.add_argument("--service-metrics-port", type=int, default=8003,
+                       help="the edit service's Prometheus metrics (cache, batches, phases) port; 0: off (default 8003)")
     serve.add_argument("--cache-mb", type=float, default=1024.0,
                        help="inversion cache budget in MiB, trajectories + source-pass internals (default 1024)")
     serve.add_argument("--steps", type=int, default=50, help="DDIM steps of requests that name none (default 50)")
@@ -121,6 +123,12 @@ def _add_serving_parsers(sub) -> None:
 
     doctor = sub.add_parser("doctor", help="which runtime backends and kernels work here, and why not")
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    cedit.add_argument("--affinity", action="store_true",
+                       help="send the image's route key so a balancer sends repeat edits to the replica caching it")
+    cedit.add_argument("--retries", type=int, default=0,
+                       help="re-send a request refused as busy / shutting down or left unanswered up to N times (default 0)")
+    cedit.add_argument("--failover", nargs="*", default=[], metavar="URL",
+                       help="other replicas' addresses that retries go to in turn (default: none; retry through --url)")
     export = sub.add_parser("export", help="write deployment artifacts")
     export_sub = export.add_subparsers(dest="export_command", required=True)
     repo = export_sub.add_parser("triton-repo", help="a model repository for a standalone tritonserver")
@@ -325,6 +333,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         exit_timeout_s=args.exit_timeout,
     )
     check_addresses(server_config)  # before loading the model: a taken port fails at once
+        service_metrics_port=args.service_metrics_port or None,
     # Every edit runs on the service's engine thread, with service_config.torch_threads. This thread
     # only loads the model and must not own an OpenMP team of its own: with two teams libgomp
     # counts more threads than cores and stops spinning between parallel regions, which made edits
@@ -335,7 +344,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def ready(config: ServerConfig) -> None:
         print(
             f"serving gnr_edit, gnr_invert (model {editor.model_id}): http {config.host}:{config.http_port}, "
-            f"grpc {config.host}:{config.grpc_port}, metrics {config.host}:{config.metrics_port}; "
+            f"grpc {config.host}:{config.grpc_port}, metrics {config.host}:{config.metrics_port}"
+            + (f", service metrics {config.host}:{config.service_metrics_port}" if config.service_metrics_port else "")
+            + "; "
             "SIGTERM or Ctrl+C stops",
             flush=True,
         )
@@ -373,7 +384,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
     out = check_writable_file(
         Path(args.out) if args.out else Path(args.image).with_name(Path(args.image).stem + "_edited.png"), "-o/--out"
     )
-    with GnrClient(args.url, timeout_s=args.timeout) as client:
+    with GnrClient(args.url, timeout_s=args.timeout, affinity=args.affinity, retries=args.retries,
+                   failover=args.failover) as client:
         if args.wait_ready > 0:
             client.wait_ready(args.wait_ready)
         image, info = client.edit(args.image, args.source, args.target, preset=args.preset, config=config, steps=args.steps)

@@ -79,5 +79,18 @@ class ServiceBusyError(GnrError, RuntimeError):
     """The edit service's queue is full or it is shutting down; the client may try again later."""
 
 
+class ServiceShuttingDownError(ServiceBusyError):
+    """The edit service is shutting down (SIGTERM) and accepts no new request; another replica may."""
+
+
+class RequestTimeoutError(ServiceBusyError):
+    """A request waited longer than the server's request timeout; the server is overloaded."""
+
+
 class ServerError(GnrError, RuntimeError):
     """A gnr-fast server could not be reached or answered with an error that is not a gnr-fast error."""
+
+
+class ReplicaUnavailableError(ServerError):
+    """No answer from the replica: it could not be reached, dropped the connection (e.g. it died),
+    or a load balancer in front of it answered 502/503/504. The same request may go to another replica."""

@@ -145,6 +145,13 @@ def working_size(width: int, height: int) -> tuple[int, int]:
     return snap(width), snap(height)
 
 
+def pixel_hash(rgb: np.ndarray) -> str:
+    """sha256 of an RGB image's ``[H, W, 3]`` uint8 pixels and its size: an inversion's
+    ``content_hash``, which the server's cache and the client's routing key share."""
+    height, width = rgb.shape[:2]
+    return hashlib.sha256(f"{width}x{height}".encode() + np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()).hexdigest()
+
+
 def prepare_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """Read, validate and normalise ``image`` per the module's resize policy."""
     pil = read_image(image, max_pixels)
@@ -153,7 +160,7 @@ def prepare_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pr
         raise InputError(f"image is {width}x{height}; both sides must be at least {MIN_SIDE} pixels")
     check_pixel_count(width, height, max_pixels)
     rgb = np.asarray(pil, dtype=np.uint8)
-    content_hash = hashlib.sha256(f"{width}x{height}".encode() + rgb.tobytes()).hexdigest()
+    content_hash = pixel_hash(rgb)
     size = working_size(width, height)
     if size != (width, height):
         rgb = np.asarray(pil.resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)

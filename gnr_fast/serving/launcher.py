@@ -26,7 +26,9 @@ from ..errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
-SERVE_EXTRA = 'pip install "gnr-fast[serve]"  (nvidia-pytriton==0.7.0, tritonclient[http,grpc]==2.73.0)'
+SERVE_EXTRA = (
+    'pip install "gnr-fast[serve]"  (nvidia-pytriton==0.7.0, tritonclient[http,grpc]==2.73.0, prometheus_client==0.26.0)'
+)
 
 
 def installed(module: str) -> bool:
@@ -35,8 +37,9 @@ def installed(module: str) -> bool:
 
 
 def require_pytriton() -> None:
-    """Raise :class:`BackendUnavailableError` naming the install command unless pytriton can be imported."""
-    missing = [name for name in ("pytriton", "tritonclient") if not installed(name)]
+    """Raise :class:`BackendUnavailableError` naming the install command unless the server's
+    packages (pytriton, tritonclient, prometheus_client for the service metrics) can be imported."""
+    missing = [name for name in ("pytriton", "tritonclient", "prometheus_client") if not installed(name)]
     if missing:
         raise BackendUnavailableError(f"serving needs {', '.join(missing)}; install them with {SERVE_EXTRA}")
 

@@ -57,7 +57,8 @@ from .protocol import (
     bytes_tensor,
     read_inputs,
 )
-from .service import EditService, ServiceConfig, encode_png
+from .metrics import MetricsEndpoint, ServiceMetrics
+from .service import EditService, Job, Outcome, ServiceConfig, encode_png
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class ServerConfig:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    service_metrics_port: int | None = None  # the service's Prometheus endpoint (serving.metrics); None: not served
     exit_timeout_s: int = 30  # SIGTERM: wait this long for requests in flight
     edit_instances: int | None = None  # concurrent gnr_edit requests; default: the service's max_batch
     invert_instances: int = 1
@@ -82,10 +84,13 @@ class ServerConfig:
             port = getattr(self, name)
             if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 raise ConfigError(f"{name.replace('_', '-')} must be a TCP port in [1, 65535], got {port!r}")
-        if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
-            raise ConfigError(
-                f"http, grpc and metrics ports must differ, got {self.http_port}, {self.grpc_port}, {self.metrics_port}"
-            )
+        if self.service_metrics_port is not None:
+            port = self.service_metrics_port
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ConfigError(f"service-metrics-port must be a TCP port in [1, 65535], got {port!r}")
+        ports = [p for p in (self.http_port, self.grpc_port, self.metrics_port, self.service_metrics_port) if p is not None]
+        if len(set(ports)) != len(ports):
+            raise ConfigError(f"http, grpc, metrics and service metrics ports must differ, got {ports}")
         for name in ("exit_timeout_s", "invert_instances"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -97,13 +102,13 @@ class ServerConfig:
 class EditModel:
     """The inference callable of one ``gnr_edit`` instance (each Triton instance has its own)."""
 
-    def __init__(self, service: EditService) -> None:
-        self.service = service
+    def __init__(self, service: EditService, metrics: ServiceMetrics) -> None:
+        self.service, self.metrics = service, metrics
 
     def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
-        return [self._answer(request) for request in requests]  # one request per call: no Triton batching
+        return [_counted(self.metrics, EDIT_MODEL, self._answer, request) for request in requests]  # one per call
 
-    def _answer(self, request) -> dict[str, np.ndarray]:
+    def _answer(self, request) -> tuple[dict[str, np.ndarray], Job, Outcome]:
         values = read_inputs(request.data, EDIT_INPUTS)
         job = self.service.edit_job(
             values["image"],
@@ -116,25 +121,36 @@ class EditModel:
         outcome = self.service.wait(job)
         png = encode_png(outcome.result.image)
         info = json.dumps(outcome.info(job)).encode()
-        return {"edited_image": bytes_tensor(png, batched=True), "info": bytes_tensor(info, batched=True)}
+        return {"edited_image": bytes_tensor(png, batched=True), "info": bytes_tensor(info, batched=True)}, job, outcome
 
 
 class InvertModel:
     """The inference callable of one ``gnr_invert`` instance."""
 
-    def __init__(self, service: EditService) -> None:
-        self.service = service
+    def __init__(self, service: EditService, metrics: ServiceMetrics) -> None:
+        self.service, self.metrics = service, metrics
 
     def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
-        return [self._answer(request) for request in requests]
+        return [_counted(self.metrics, INVERT_MODEL, self._answer, request) for request in requests]
 
-    def _answer(self, request) -> dict[str, np.ndarray]:
+    def _answer(self, request) -> tuple[dict[str, np.ndarray], Job, Outcome]:
         values = read_inputs(request.data, INVERT_INPUTS)
         job = self.service.invert_job(values["image"], values["source_prompt"], steps=values["steps"])
         outcome = self.service.wait(job)
         info = outcome.info(job)
         info["cache"] = _cache_info(self.service)
-        return {"info": bytes_tensor(json.dumps(info).encode(), batched=True)}
+        return {"info": bytes_tensor(json.dumps(info).encode(), batched=True)}, job, outcome
+
+
+def _counted(metrics: ServiceMetrics, model: str, answer: Callable, request) -> dict[str, np.ndarray]:
+    """``answer(request)``'s tensors, counting the request as served or refused in ``metrics``."""
+    try:
+        tensors, job, outcome = answer(request)
+    except Exception as error:  # counted, then re-raised for pytriton to answer with it
+        metrics.record_refused(model, error)
+        raise
+    metrics.record_served(model, job, outcome)
+    return tensors
 
 
 def check_addresses(config: ServerConfig) -> None:
@@ -143,7 +159,10 @@ def check_addresses(config: ServerConfig) -> None:
 
     Without this check Triton's start fails only after pytriton's start-up timeout, with a traceback.
     """
-    for name, port in (("http", config.http_port), ("grpc", config.grpc_port), ("metrics", config.metrics_port)):
+    endpoints = [("http", config.http_port), ("grpc", config.grpc_port), ("metrics", config.metrics_port)]
+    if config.service_metrics_port is not None:
+        endpoints.append(("service metrics", config.service_metrics_port))
+    for name, port in endpoints:
         try:
             family, kind, proto, _, address = socket.getaddrinfo(
                 config.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -211,6 +230,7 @@ def serve(
 
     stop = stop or threading.Event()
     service = EditService(editor, service_config)
+    metrics = ServiceMetrics(service)
     triton_config = TritonConfig(
         http_address=server_config.host,
         http_port=server_config.http_port,
@@ -231,7 +251,7 @@ def serve(
         triton = Triton(config=triton_config)
         triton.bind(
             model_name=EDIT_MODEL,
-            infer_func=[EditModel(service) for _ in range(edit_instances)],
+            infer_func=[EditModel(service, metrics) for _ in range(edit_instances)],
             inputs=_tensors(EDIT_INPUTS),
             outputs=_tensors(EDIT_OUTPUTS),
             config=model_config(service_config),
@@ -239,7 +259,7 @@ def serve(
         )
         triton.bind(
             model_name=INVERT_MODEL,
-            infer_func=[InvertModel(service) for _ in range(server_config.invert_instances)],
+            infer_func=[InvertModel(service, metrics) for _ in range(server_config.invert_instances)],
             inputs=_tensors(INVERT_INPUTS),
             outputs=_tensors(INVERT_OUTPUTS),
             config=model_config(service_config),
@@ -250,7 +270,10 @@ def serve(
     previous = _install_signal_handlers(stop)
     service.start()
     triton = None
+    endpoint = None
     try:
+        if server_config.service_metrics_port is not None:
+            endpoint = MetricsEndpoint(metrics, server_config.host, server_config.service_metrics_port)
         triton = start_triton(bound_triton)
         logger.info("serving %s and %s on %s", EDIT_MODEL, INVERT_MODEL, server_config.host)
         if on_ready is not None:
@@ -265,6 +288,8 @@ def serve(
         if triton is not None:
             triton.stop()  # SIGINT to tritonserver: it finishes the requests in flight, then exits
         service.close()
+        if endpoint is not None:
+            endpoint.close()
         _restore_signal_handlers(previous)
 
 

@@ -35,7 +35,14 @@ from ..batch import BatchRequest, edit_batch
 from ..config import PRESET_NAMES, EditConfig
 from ..devices import on_device, retry_on_oom
 from ..editor import Editor
-from ..errors import ConfigError, GnrError, InputError, ServiceBusyError
+from ..errors import (
+    ConfigError,
+    GnrError,
+    InputError,
+    RequestTimeoutError,
+    ServiceBusyError,
+    ServiceShuttingDownError,
+)
 from ..images import PreparedImage, prepare_image
 from ..inversion import Inversion
 from ..prompts import check_prompt
@@ -306,10 +313,15 @@ class EditService:
             self._thread = threading.Thread(target=self._serve_queue, name="gnr-engine", daemon=True)
             self._thread.start()
 
+    @property
+    def queue_depth(self) -> int:
+        """Jobs submitted and not yet taken by the engine thread (approximate while it gathers a batch)."""
+        return self._queue.qsize() + len(self._held)
+
     def submit(self, job: Job) -> Future:
         """Queue ``job``; its future resolves to an :class:`Outcome` or raises the job's error."""
         if self._closing.is_set():
-            raise ServiceBusyError("the server is shutting down; retry on another instance")
+            raise ServiceShuttingDownError("the server is shutting down; retry on another instance")
         if self._queue.qsize() >= self.config.max_queue:
             raise ServiceBusyError(f"the server has {self.config.max_queue} requests queued; retry later")
         self._queue.put(job)
@@ -327,7 +339,7 @@ class EditService:
             return future.result(timeout=self.config.request_timeout_s)
         except TimeoutError as exc:
             state = "it was cancelled before it ran" if future.cancel() else "its result will be discarded"
-            raise ServiceBusyError(
+            raise RequestTimeoutError(
                 f"the request did not finish within {self.config.request_timeout_s:g}s ({state}); the server is overloaded"
             ) from exc
 

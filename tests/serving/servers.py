@@ -79,9 +79,13 @@ class ServerProcess:
 
 
 def serve_argv(model: Path, ports: list[int], *extra: str) -> list[str]:
-    http, grpc, metrics = ports
+    """``gnr-fast serve`` on ``ports``: http, grpc, metrics and optionally the service metrics port
+    (else a free one: the CLI's default 8003 would collide between servers running side by side)."""
+    if len(ports) == 3:
+        ports = [*ports, next(port for port in iter(lambda: free_ports(1)[0], None) if port not in ports)]
+    http, grpc, metrics, service_metrics = ports
     return [
         sys.executable, "-m", "gnr_fast.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-        "--torch-threads", "1", "--exit-timeout", "10", *extra,
+        "--service-metrics-port", str(service_metrics), "--torch-threads", "1", "--exit-timeout", "10", *extra,
     ]
