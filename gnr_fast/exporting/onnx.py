@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import BackendUnavailableError, ExportError
+from ..families import family_for
 from .info import (
     EXPORT_DTYPES,
     INFO_FILE,
@@ -80,9 +81,10 @@ class _ExportedUNet(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self.dtype = dtype
+        self.family = family_for(unet.config)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        out = self.unet(sample.to(self.dtype), timestep, encoder_hidden_states=context.to(self.dtype), return_dict=False)[0]
+        out = self.family.call_unet(self.unet, sample.to(self.dtype), timestep, context.to(self.dtype))
         return out.float()  # [B, 4, h, w]
 
 
@@ -163,8 +165,7 @@ def export_unet_onnx(
     """
     import onnx
 
-    # imported here: gnr_fast/__init__ imports the runtimes, which import this module
-    from .. import __version__
+    from ..version import __version__
 
     latent_sizes = tuple(dict.fromkeys((int(h), int(w)) for h, w in latent_sizes))
     size_multiple = 2 ** (len(unet.config.block_out_channels) - 1)

@@ -14,39 +14,44 @@ from __future__ import annotations
 import torch
 
 from ..attention.capture import CaptureOutputs, CaptureSpec, Recorder
+from ..families import ModelFamily, family_for
 
 
 class PlainUNet(torch.nn.Module):
-    """ε (or v) of a batch: latents [B, 4, h, w], timestep 0-dim long tensor, context [B, 77, C]."""
+    """ε (or v) of a batch: latents [B, 4, h, w], timestep 0-dim long tensor, context [B, 77, C],
+    then the family's extra conditioning (e.g. ``timestep_cond`` [B, W]), float32, one row per row."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, family: ModelFamily | None = None) -> None:
         super().__init__()
         self.unet = unet
+        self.family = family if family is not None else family_for(unet.config)
         # diffusers' ``unet.dtype`` walks every module on each access; the weights' dtype is fixed.
         self.dtype = next(unet.parameters()).dtype
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        out = self.unet(latents.to(self.dtype), timestep, encoder_hidden_states=context.to(self.dtype), return_dict=False)[0]
+    def forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *extras: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.family.call_unet(self.unet, latents.to(self.dtype), timestep, context.to(self.dtype),
+                                    tuple(e.to(self.dtype) for e in extras))
         return out.float()  # [B, 4, h, w]
 
 
 class CapturingUNet(torch.nn.Module):
-    """ε of a batch and the guider inputs ``spec`` names, both returned (nothing recorded on the side)."""
+    """ε of a batch and the guider inputs ``spec`` names, both returned (nothing recorded on the side);
+    the family's extra conditioning follows ``spec`` as in :class:`PlainUNet`."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, family: ModelFamily | None = None) -> None:
         super().__init__()
         self.unet = unet
+        self.family = family if family is not None else family_for(unet.config)
         self.dtype = next(unet.parameters()).dtype
 
     def forward(
-        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec,
+        *extras: torch.Tensor,
     ) -> tuple[torch.Tensor, CaptureOutputs]:
         recorder = Recorder(spec)  # this call's own sink, read back below
-        out = self.unet(
-            latents.to(self.dtype),
-            timestep,
-            encoder_hidden_states=context.to(self.dtype),
-            cross_attention_kwargs={"recorder": recorder},
-            return_dict=False,
-        )[0]
+        out = self.family.call_unet(self.unet, latents.to(self.dtype), timestep, context.to(self.dtype),
+                                    tuple(e.to(self.dtype) for e in extras),
+                                    cross_attention_kwargs={"recorder": recorder})
         return out.float(), recorder.outputs()  # [B, 4, h, w], tensors of spec.rows
