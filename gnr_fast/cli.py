@@ -11,6 +11,7 @@ from typing import Sequence
 
 from . import demo
 from .config import PRESET_NAMES
+from .cli_parser import CliParser
 from .errors import GnrError
 from .outputs import check_writable_file
 from .runtime.config import RUNTIME_NAMES
@@ -34,6 +35,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                              "(default: eager)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show gnr-fast's info log and the third-party notes it hides (gnr_fast.quiet)")
 
 def _add_single_file_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
@@ -43,7 +46,7 @@ def _add_single_file_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gnr-fast", description="Guide-and-Rescale real-image editing")
+    parser = CliParser(prog="gnr-fast", description="Guide-and-Rescale real-image editing")
     sub = parser.add_subparsers(dest="command", required=True)
 
     edit = sub.add_parser("edit", help="edit an image toward a target prompt")
@@ -472,12 +475,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] != ["eval"]:
-        args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv) if argv[:1] != ["eval"] else None  # eval parses its own
+    from .quiet import show_third_party_noise
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
+    if getattr(args, "verbose", False):
+        logging.getLogger("gnr_fast").setLevel(logging.INFO)
+        show_third_party_noise()
         if argv[:1] == ["eval"]:
             from .evaluation.quality import main as eval_main
 

@@ -19,10 +19,12 @@ from .errors import (
     NotAPipelineError,
     UnsupportedArchitectureError,
 )
+from .hub import resolve_model
 from .model_defaults import METADATA_NAME, load_model_defaults
 from .precision import MODEL_DTYPES, ModelDtype, PrecisionPolicy
 from .runtime.precision import default_model_dtype
 from .schedules import NoiseSchedule
+from .quiet import third_party_noise_filtered
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ BUNDLED_MODEL = Path(__file__).parent / "models" / "shapes-v1"
 """The small model trained by this project's own scripts; the default of the API and CLI."""
 
 SUPPORTED_PIPELINES = {
+    "GuideAndRescalePipeline",  # gnr_fast.pipeline's save_pretrained
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
@@ -276,7 +279,9 @@ def load_components(
 ) -> Components:
     """Load UNet, VAE, text encoder, tokenizer and noise schedule from a local pipeline folder or single file.
 
-    Never contacts a hub (``local_files_only=True`` everywhere). ``path=None`` loads the bundled model.
+    Never contacts a hub (``local_files_only=True`` everywhere). ``path=None`` loads the bundled model;
+    a hub id ``org/name`` that is not a local path is read from the local Hugging Face cache
+    (:func:`gnr_fast.hub.resolve_hub_id`; :class:`ModelNotFoundError` saying where it looked).
     A ``.safetensors``/``.ckpt``/``.pt``/``.pth`` file is a single-file SD 1.x/2.x checkpoint
     (:func:`gnr_fast.checkpoints.load_single_file`: family detection, shipped configs).
     ``prediction_type`` ('epsilon' or 'v_prediction') overrides the detected or configured one;
@@ -289,7 +294,7 @@ def load_components(
     """
     from .checkpoints import check_prediction_type, is_single_file
 
-    path = Path(path) if path is not None else BUNDLED_MODEL
+    path = resolve_model(path) or BUNDLED_MODEL  # a hub id ('org/name') is read from the local hub cache
     check_prediction_type(prediction_type)
     single_file = is_single_file(path)
     if not single_file:
@@ -339,16 +344,11 @@ def load_components(
             for encoder in text_encoders:
                 encoder.to(dtype=dtype)
     # A no-op for a folder loaded in the policy's dtype; single files and "auto" casts land here.
-    vae.to(dtype=precision.vae_dtype(bool(vae.config.get("force_upcast", True))))
+    with third_party_noise_filtered():  # diffusers' note on any .to(dtype) of a VAE (gnr_fast.quiet)
+        vae.to(dtype=precision.vae_dtype(bool(vae.config.get("force_upcast", True))))
     if prediction_type is not None:
         scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
-    schedule = NoiseSchedule.from_betas(
-        beta_start=scheduler_config.get("beta_start", 0.00085),
-        beta_end=scheduler_config.get("beta_end", 0.012),
-        num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
-        beta_schedule=scheduler_config.get("beta_schedule", "scaled_linear"),
-        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-    )
+    schedule = noise_schedule(scheduler_config)
     if tokenizer.model_max_length > 1024:
         # Tokenizers rebuilt from vocab.json + merges.txt carry a huge sentinel length; CLIP's is 77.
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
@@ -371,6 +371,18 @@ def load_components(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
+def noise_schedule(scheduler_config: Any) -> NoiseSchedule:
+    """The DDIM noise schedule of a diffusers scheduler config (a dict or a scheduler's ``config``;
+    SD 1.x defaults for missing entries), whatever scheduler class the config belongs to."""
+    return NoiseSchedule.from_betas(
+        beta_start=scheduler_config.get("beta_start", 0.00085),
+        beta_end=scheduler_config.get("beta_end", 0.012),
+        num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
+        beta_schedule=scheduler_config.get("beta_schedule", "scaled_linear"),
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+    )
+
+
         tokenizer=tokenizer,
         schedule=schedule,
         path=path,
