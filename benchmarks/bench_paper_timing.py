@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         editor = editor_for(components, runtime)
         seconds = (timed_edit(editor, args.latent, args.steps) if real
                    else estimated_edit(editor, args.latent, args.steps, args.repeats))
-        plain = editor.runner.runtime.plain_dtype  # "auto" resolved for this UNet (gnr_fast.runtime.precision)
+        plain = editor.runner.runtime.plain_dtype  # "auto" resolved for this UNet (gnr_fast.precision)
         label = f"runtime {runtime}, plain calls {str(plain or components.dtype).removeprefix('torch.')}"
         print(f"| gnr-fast, {label}{'' if real else ' (estimate)'} | {seconds:.2f} | {where} |", flush=True)
     for method, seconds in PAPER_TABLE_1.items():

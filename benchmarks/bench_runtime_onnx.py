@@ -48,7 +48,7 @@ from benchmarks.alternating import alternate
 from gnr_fast.exporting.info import unet_fingerprint
 from gnr_fast.exporting.onnx import export_unet_onnx, fresh_unet
 from gnr_fast.runtime.onnx import OnnxPlainUNet
-from gnr_fast.runtime.precision import cpu_has_bf16
+from gnr_fast.precision import cpu_has_bf16
 from gnr_fast.schedules import ddim_step_up, ddim_timesteps
 
 MODELS = {"tiny": 8, "bundled": 16, "golden": 32, "sd15_256": 32, "sd15_512": 64}  # name → latent side

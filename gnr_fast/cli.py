@@ -14,7 +14,8 @@ from .config import PRESET_NAMES
 from .cli_parser import CliParser
 from .errors import GnrError
 from .outputs import check_writable_file
-from .runtime.config import RUNTIME_NAMES
+from .runtime.config import runtime_names
+from .runtime.registry import backend_spec
 
 logger = logging.getLogger("gnr_fast.cli")
 
@@ -30,9 +31,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="model dtype; auto = bfloat16 for an SD-size model on a CPU with native bfloat16, "
                              "else float32 (default: auto)")
     parser.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
-    parser.add_argument("--runtime", default="eager", choices=RUNTIME_NAMES,
-                        help="UNet backend: eager PyTorch, or torch.compile (inductor; compiles on first use) "
-                             "(default: eager)")
+    parser.add_argument("--runtime", default="eager", choices=runtime_names(),
+                        help="UNet backend: " + "; ".join(f"{name}: {backend_spec(name).summary}" for name in runtime_names())
+                             + " (default: eager)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
     parser.add_argument("--verbose", action="store_true",
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serving_parsers(sub) -> None:
+    from .serving.triton_repo import repository_runtimes
+
     serve = sub.add_parser("serve", help="serve gnr_edit and gnr_invert on Triton Inference Server")
     serve.add_argument("--host", default="127.0.0.1", help="address every endpoint binds to (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port (default 8000)")
@@ -148,7 +151,7 @@ def _add_serving_parsers(sub) -> None:
     repo.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
     repo.add_argument("--torch-threads", type=int, default=None, help="torch threads per instance (default: torch's)")
     repo.add_argument("--force", action="store_true", help="overwrite an existing repository folder")
-    repo.add_argument("--runtime", default="eager", choices=("eager", "compiled", "onnx"),
+    repo.add_argument("--runtime", default="eager", choices=repository_runtimes(),
                       help="backend of plain UNet calls; onnx exports the UNet into the repository (default eager)")
     _add_export_engine_parsers(export_sub)
 

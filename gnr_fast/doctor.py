@@ -1,4 +1,4 @@
-"""``gnr-fast doctor``: which runtime backends and kernel implementations work here, and why not.
+"""``gnr-fast doctor``: which runtime backends (every one the registry lists) and kernel implementations work here, and why not.
 
 Each check is a pure function returning a :class:`Check`; nothing is loaded beyond what a check
 needs to answer (packages are found with ``importlib.util.find_spec`` and imported only when
@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
+
+from .runtime.config import RuntimeConfig
+from .runtime.registry import BACKENDS, BackendSpec
 
 Kind = Literal["runtime", "kernel", "environment"]
 
@@ -44,42 +47,20 @@ def _found(module: str) -> bool:
 # --- runtime backends --------------------------------------------------------------------------
 
 
-def check_eager() -> Check:
-    return Check("runtime", "eager", True, f"torch {torch.__version__}")
+def check_backend(spec: BackendSpec) -> Check:
+    """The line of one registered backend: its own availability rule
+    (:attr:`~gnr_fast.runtime.registry.BackendSpec.unavailable_reason`) on this host's default
+    device (CUDA when visible, else CPU) with the default :class:`RuntimeConfig`."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reason = spec.why_unavailable(device, RuntimeConfig())
+    if reason is not None:
+        return Check("runtime", spec.name, False, reason)
+    return Check("runtime", spec.name, True, spec.describe())
 
 
-def cpp_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU backend would call: ``$CXX``, else c++/g++/clang++."""
-    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
-    return None
-
-
-def check_compiled() -> Check:
-    compiler = cpp_compiler()
-    if compiler is None:
-        return Check("runtime", "compiled", False, "torch.compile (inductor) on CPU needs a C++ compiler: none of $CXX, c++, g++, clang++ is on PATH")
-    gpu = "; on CUDA it also needs triton" + ("" if _found("triton") else " (not installed)")
-    return Check("runtime", "compiled", True, f"torch.compile with C++ compiler {compiler}{gpu}")
-
-
-def check_onnx() -> Check:
-    if not _found("onnxruntime"):
-        return Check("runtime", "onnx", False, "onnxruntime is not installed (pip install 'gnr-fast[export]')")
-    import onnxruntime
-
-    exporter = "onnx " + _version("onnx") if _found("onnx") else "onnx not installed: export unavailable"
-    providers = ", ".join(onnxruntime.get_available_providers())
-    return Check("runtime", "onnx", True, f"onnxruntime {onnxruntime.__version__} (providers: {providers}); {exporter}")
-
-
-def check_tensorrt() -> Check:
-    if not _found("tensorrt"):
-        return Check("runtime", "tensorrt", False, "the tensorrt package is not installed (NVIDIA TensorRT, CUDA GPUs only)")
-    if not torch.cuda.is_available():
-        return Check("runtime", "tensorrt", False, f"tensorrt {_version('tensorrt')} is installed but no CUDA GPU is visible")
-    return Check("runtime", "tensorrt", True, f"tensorrt {_version('tensorrt')}")
+def runtime_checks() -> list[Check]:
+    """One line per backend of :data:`gnr_fast.runtime.registry.BACKENDS`, in registry order."""
+    return [check_backend(spec) for spec in BACKENDS.values()]
 
 
 # --- kernel implementations ----------------------------------------------------------------------
@@ -96,17 +77,6 @@ def check_native_cpu() -> Check:
     return Check("kernel", "native CPU ops", True,
                  f"gnr_fast_native from {native.library_path()} ({lanes}-lane vectors: built for "
                  f"{'AVX-512' if lanes == 16 else 'AVX2 or older'}; loops on {threads} of torch's {wanted} threads)")
-
-
-def check_native_cuda() -> Check:
-    from gnr_fast.ops import native
-
-    if native.native_unavailable_reason() is not None:
-        return Check("kernel", "native CUDA ops", False, "the native library is not loaded (see native CPU ops)")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("gnr_fast_native::attn_map_energy_fwd", "CUDA"):
-        why = "torch has no CUDA" if torch.version.cuda is None else "the library was built without nvcc"
-        return Check("kernel", "native CUDA ops", False, f"not compiled in ({why}); the Triton kernels serve CUDA")
-    return Check("kernel", "native CUDA ops", True, "registered for CUDA")
 
 
 def check_triton() -> Check:
@@ -137,16 +107,14 @@ def check_cuda() -> Check:
     return Check("kernel", "cuda", True, f"CUDA {torch.version.cuda}: {names}; {toolkit}")
 
 
-CHECKS: tuple[Callable[[], Check], ...] = (
-    check_eager, check_compiled, check_onnx, check_tensorrt,
-    check_native_cpu, check_native_cuda, check_triton, check_xformers, check_cuda,
-)
+CHECKS: tuple[Callable[[], Check], ...] = (check_native_cpu, check_triton, check_xformers, check_cuda)
+"""The kernel checks; the runtime lines come from the backend registry (:func:`runtime_checks`)."""
 
 
 def run_checks() -> list[Check]:
-    """Every check of :data:`CHECKS`, in order, plus one line naming the platform."""
+    """One line naming the platform, one per registered backend, then every check of :data:`CHECKS`."""
     env = Check("environment", "platform", True, f"Python {platform.python_version()}, {platform.platform()}, torch threads {torch.get_num_threads()}")
-    return [env, *(check() for check in CHECKS)]
+    return [env, *runtime_checks(), *(check() for check in CHECKS)]
 
 
 def format_report(checks: list[Check]) -> str:

@@ -95,7 +95,7 @@ class Editor:
         ``dtype`` is the UNet's and text encoder's (the VAE's follows ``precision``); ``"auto"``, the
         default, loads bfloat16 for an SD-size model (widest UNet block ≥ 1280 channels) on a CPU with
         native bfloat16 and float32 elsewhere — the small bundled model, CUDA
-        (:func:`gnr_fast.runtime.precision.default_model_dtype`, logged once; an explicit
+        (:func:`gnr_fast.precision.default_model_dtype`, logged once; an explicit
         ``precision`` policy's dtype wins).
         ``precision`` (:class:`~gnr_fast.precision.PrecisionPolicy`, docs/precision.md) sets the VAE
         upcast, the float16 loss scale and whether inversions of another dtype may be edited; its

@@ -21,8 +21,7 @@ from .errors import (
 )
 from .hub import resolve_model
 from .model_defaults import METADATA_NAME, load_model_defaults
-from .precision import MODEL_DTYPES, ModelDtype, PrecisionPolicy
-from .runtime.precision import default_model_dtype
+from .precision import MODEL_DTYPES, ModelDtype, PrecisionPolicy, default_model_dtype
 from .schedules import NoiseSchedule
 from .quiet import third_party_noise_filtered
 
@@ -287,7 +286,7 @@ def load_components(
     ``prediction_type`` ('epsilon' or 'v_prediction') overrides the detected or configured one;
     ``config`` is a folder of diffusers component configs for single files of another architecture.
     UNet and text encoder are loaded in ``dtype`` (``"auto"``: float32, or bfloat16 where
-    :func:`gnr_fast.runtime.precision.default_model_dtype` says it pays off); the VAE in ``precision.vae_dtype(force_upcast)``
+    :func:`gnr_fast.precision.default_model_dtype` says it pays off); the VAE in ``precision.vae_dtype(force_upcast)``
     (float32 for a low-precision ``dtype`` when the VAE config says ``force_upcast``, the default).
     ``precision`` defaults to ``PrecisionPolicy(model_dtype=dtype)``; if given, its model dtype
     must be ``dtype``.

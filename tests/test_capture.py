@@ -6,6 +6,7 @@ import torch
 from gnr_fast.attention import CaptureMode, CaptureSpec, PassCapture, select_layers
 from gnr_fast.config import FeatureSite
 from gnr_fast.errors import ConfigError, UnsupportedArchitectureError
+from gnr_fast.reference.recording import RecordingUNet
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_captured_maps_equal_hand_computed_softmax(setup):
     seen, handles = _module_io(editor, [name])
     capture = PassCapture(layers=frozenset({3}), mode=CaptureMode.MAPS)
     with torch.no_grad():
-        editor.runner(z[:1], 500, ctx, (capture,))  # the reference step's recording convention
+        RecordingUNet(editor.runner)(z[:1], 500, ctx, (capture,))  # the reference step's recording convention
     for h in handles:
         h.remove()
     attn_module = dict(editor.components.unet.named_modules())[name]

@@ -10,7 +10,7 @@ from gnr_fast import doctor
 from gnr_fast.cli import main
 from gnr_fast.ops import native
 
-NAMES = ["platform", "eager", "compiled", "onnx", "tensorrt", "native CPU ops", "native CUDA ops", "triton", "xformers", "cuda"]
+NAMES = ["platform", "eager", "compiled", "onnx", "tensorrt", "native CPU ops", "triton", "xformers", "cuda"]
 
 
 def test_doctor_lists_every_backend_and_kernel(capsys):
@@ -38,7 +38,8 @@ def test_missing_pieces_give_reasons(monkeypatch, tmp_path):
     monkeypatch.setenv(native.LIBRARY_ENV, str(tmp_path / "missing.so"))
     real_find = doctor.importlib.util.find_spec
     monkeypatch.setattr(doctor.importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find(name, *a))
-    compiled, native_cpu, onnx = doctor.check_compiled(), doctor.check_native_cpu(), doctor.check_onnx()
+    runtime = {c.name: c for c in doctor.runtime_checks()}
+    compiled, native_cpu, onnx = runtime["compiled"], doctor.check_native_cpu(), runtime["onnx"]
     assert not compiled.available and "C++ compiler" in compiled.detail
     assert not native_cpu.available and "missing.so" in native_cpu.detail and "pure-torch" in native_cpu.detail
     assert not onnx.available and "gnr-fast[export]" in onnx.detail

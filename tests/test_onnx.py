@@ -115,7 +115,6 @@ def test_every_plain_call_of_an_inversion_and_edit_steps(export_dir, components,
         worst = max(worst, rel(runner(pair, t, ctx), eager_eps(components.unet, pair, t, ctx)))
         z = z + 0.1 * eps
     assert worst < PARITY, worst
-    assert runner.calls == 20 and runner.rows == 30
 
 
 def test_context_of_one_row_serves_every_row(export_dir, components, unet_id):
@@ -258,7 +257,7 @@ def test_onnxruntime_missing_is_a_clear_error(monkeypatch):
     import gnr_fast.runtime.onnx as runtime_onnx
 
     monkeypatch.setattr(runtime_onnx, "onnxruntime_available", lambda: False)
-    with pytest.raises(BackendUnavailableError, match="needs onnxruntime; pip install"):
+    with pytest.raises(BackendUnavailableError, match="runtime .onnx. is unavailable: onnxruntime is not installed; pip install"):
         choose_provider("auto", torch.device("cpu"), "float32")
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gnr_fast.errors import BackendUnavailableError, ConfigError
-from gnr_fast.runtime import precision
-from gnr_fast.runtime.precision import (
+from gnr_fast import precision
+from gnr_fast.precision import (
     AutocastPlainRunner,
     check_plain_dtype,
     cpu_has_bf16,
@@ -85,19 +85,20 @@ def test_auto_plain_dtype_is_bf16_only_for_float32_sd_size_unets_on_bf16_cpus(mo
 
 def test_auto_plain_dtype_resolves_per_unet_and_splits_the_source_row(monkeypatch):
     from gnr_fast.runtime import RuntimeConfig
+    from gnr_fast.runtime.backends import resolve_plain_dtype
 
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     assert RuntimeConfig().plain_dtype is None  # the default: the model dtype
     auto = RuntimeConfig(plain_dtype="auto")
     assert not auto.split_source
-    sd = precision.resolve_plain_dtype(auto, _Unet(precision.SD_SIZE_CHANNELS))
+    sd = resolve_plain_dtype(auto, _Unet(precision.SD_SIZE_CHANNELS))
     assert sd.plain_dtype is torch.bfloat16 and sd.split_source  # ε_u/ε_trg in bf16, the source row float32
-    small = precision.resolve_plain_dtype(auto, _Unet(64))
+    small = resolve_plain_dtype(auto, _Unet(64))
     assert small.plain_dtype is None and not small.split_source
-    onnx = precision.resolve_plain_dtype(RuntimeConfig("onnx", "eager"), _Unet(precision.SD_SIZE_CHANNELS))
+    onnx = resolve_plain_dtype(RuntimeConfig("onnx", "eager"), _Unet(precision.SD_SIZE_CHANNELS))
     assert onnx.plain_dtype is None  # exported backends run their export's dtype
     explicit = RuntimeConfig()
-    assert precision.resolve_plain_dtype(explicit, _Unet(precision.SD_SIZE_CHANNELS)) is explicit
+    assert resolve_plain_dtype(explicit, _Unet(precision.SD_SIZE_CHANNELS)) is explicit
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])

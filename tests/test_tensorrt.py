@@ -113,12 +113,12 @@ def test_without_tensorrt_the_error_names_what_is_missing(tmp_path, capsys):
     from gnr_fast.exporting.tensorrt import build_engine
     from gnr_fast.runtime.tensorrt import TensorRTPlainUNet
 
-    with pytest.raises(BackendUnavailableError, match="TensorRT 10: pip install tensorrt|needs a CUDA device"):
+    with pytest.raises(BackendUnavailableError, match="TensorRT 10 is not installed: pip install tensorrt|no CUDA device"):
         build_engine(tmp_path, tmp_path / "e.engine")
-    with pytest.raises(BackendUnavailableError, match="runtime 'tensorrt' needs"):
+    with pytest.raises(BackendUnavailableError, match="runtime 'tensorrt' is unavailable"):
         TensorRTPlainUNet(tmp_path / "e.engine", "u1")
     assert main(["export", "tensorrt", "--onnx", str(tmp_path), "--out", str(tmp_path / "e.engine")]) == 2
-    assert "gnr-fast export tensorrt needs" in capsys.readouterr().err
+    assert "gnr-fast export tensorrt is unavailable" in capsys.readouterr().err
 
 
 MISSING = [what for what, present in (("tensorrt is not installed (pip install tensorrt-cu12, NVIDIA's index)",

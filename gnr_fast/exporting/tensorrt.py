@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import (
     BackendUnavailableError,
@@ -44,17 +45,33 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
-def require_tensorrt(what: str):
-    """Import ``tensorrt`` and check a CUDA device exists, or raise naming what is missing."""
+def tensorrt_unavailable_reason(device: Any = None, config: Any = None) -> str | None:
+    """The registry's availability rule of the ``"tensorrt"`` backend (and of engine builds): the
+    ``tensorrt`` package is installed and a CUDA device is visible (``device``, when given, is one)."""
     import torch
 
     if not tensorrt_available():
-        raise BackendUnavailableError(
-            f"{what} needs NVIDIA TensorRT 10: pip install tensorrt-cu12 (its libraries come from NVIDIA's package "
-            "index), on a host with an NVIDIA GPU; or use runtime 'onnx' (ONNX Runtime)"
-        )
+        return ("NVIDIA TensorRT 10 is not installed: pip install tensorrt-cu12 (its libraries come from NVIDIA's "
+                "package index) on a host with an NVIDIA GPU; or use runtime 'onnx' (ONNX Runtime)")
     if not torch.cuda.is_available():
-        raise BackendUnavailableError(f"{what} needs a CUDA device; torch.cuda.is_available() is False here")
+        return "no CUDA device: torch.cuda.is_available() is False here"
+    if device is not None and torch.device(device).type != "cuda":
+        return f"TensorRT runs on CUDA devices, not {str(device)!r}"
+    return None
+
+
+def tensorrt_detail() -> str:
+    """What ``gnr-fast doctor`` reports when TensorRT is available."""
+    import tensorrt
+
+    return f"tensorrt {tensorrt.__version__}"
+
+
+def require_tensorrt(what: str, device: Any = None):
+    """Import ``tensorrt`` after :func:`tensorrt_unavailable_reason`, or raise naming what is missing."""
+    reason = tensorrt_unavailable_reason(device)
+    if reason is not None:
+        raise BackendUnavailableError(f"{what} is unavailable: {reason}")
     import tensorrt
 
     return tensorrt

@@ -3,33 +3,23 @@
 * plain ``(latents, timestep, context) -> eps`` — :class:`PlainRunner`;
 * capturing ``(latents, timestep, context, spec) -> (eps, outputs)`` — :class:`CapturingRunner`.
 
-:class:`RuntimeConfig` names the backend of each; :func:`make_plain_runner` /
-:func:`make_capturing_runner` build them from the registry; :class:`UNetExecutor` dispatches and
-counts every call.
+Every backend has one :class:`BackendSpec` in :mod:`gnr_fast.runtime.registry` (its runners'
+factories, availability rule and options) and one module holding its runners (``eager``,
+``compiled``, ``onnx``, ``tensorrt``). :class:`RuntimeConfig` names the backend of each
+convention; :class:`UNetExecutor` builds the runners, dispatches and counts every call.
 """
 
-from .backends import (
-    CAPTURING_BACKENDS,
-    PLAIN_BACKENDS,
-    CapturingRunner,
-    PlainRunner,
-    make_capturing_runner,
-    make_plain_runner,
-)
-from .compiled import (
-    CompiledCapturingRunner,
-    CompiledPlainRunner,
-    inductor_unavailable_reason,
-)
-from .config import RUNTIME_NAMES, RUNTIME_PRESETS, RuntimeConfig
+from .backends import CapturingRunner, PlainRunner, make_capturing_runner, make_plain_runner
+from .calls import CallKind
+from .compiled import CompiledCapturingRunner, CompiledPlainRunner, inductor_unavailable_reason
+from .config import RuntimeConfig, runtime_names
 from .eager import EagerCapturingRunner, EagerPlainRunner
-from .executor import CallKind, UNetExecutor
+from .executor import UNetExecutor
+from .registry import BACKENDS, BackendSpec, backend_names, backend_spec, register_backend
 
 __all__ = [
-    "CAPTURING_BACKENDS",
-    "PLAIN_BACKENDS",
-    "RUNTIME_NAMES",
-    "RUNTIME_PRESETS",
+    "BACKENDS",
+    "BackendSpec",
     "CallKind",
     "CapturingRunner",
     "CompiledCapturingRunner",
@@ -39,7 +29,11 @@ __all__ = [
     "PlainRunner",
     "RuntimeConfig",
     "UNetExecutor",
+    "backend_names",
+    "backend_spec",
     "inductor_unavailable_reason",
     "make_capturing_runner",
     "make_plain_runner",
+    "register_backend",
+    "runtime_names",
 ]

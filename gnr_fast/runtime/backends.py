@@ -1,25 +1,24 @@
-"""The backend registry: a name → a factory of plain or capturing runners.
+"""The two calling conventions and building their runners from the registry.
 
-Adding a backend is a few lines: a runner class with the calling convention, then
-``PLAIN_BACKENDS["onnx"] = OnnxPlainRunner`` (a factory ``(unet, config) -> runner`` that raises
-:class:`~gnr_fast.errors.BackendUnavailableError` naming what is missing).
+:func:`make_plain_runner` / :func:`make_capturing_runner` look a backend up in
+:mod:`gnr_fast.runtime.registry`, check its availability rule on the UNet's device (raising
+:class:`~gnr_fast.errors.BackendUnavailableError` with the reason) and call its factory; plain
+runners of backends that run the PyTorch UNet are wrapped for a low ``plain_dtype``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from typing import Protocol
 
 import torch
 
 from ..attention.capture import CaptureOutputs, CaptureSpec
 from ..errors import BackendUnavailableError
-from .compiled import CompiledCapturingRunner, CompiledPlainRunner
+from ..precision import default_plain_dtype, with_plain_dtype
+from .calls import CallKind
 from .config import RuntimeConfig
-from .eager import EagerCapturingRunner, EagerPlainRunner
-from .onnx import onnx_plain_runner
-from .precision import resolve_plain_dtype, with_plain_dtype
-from .tensorrt import tensorrt_plain_runner
+from .registry import BackendSpec, backend_spec
 
 
 class PlainRunner(Protocol):
@@ -41,28 +40,32 @@ class CapturingRunner(Protocol):
     ) -> tuple[torch.Tensor, CaptureOutputs]: ...
 
 
-PlainFactory = Callable[[torch.nn.Module, RuntimeConfig], PlainRunner]
-CapturingFactory = Callable[[torch.nn.Module, RuntimeConfig], CapturingRunner]
+def resolve_plain_dtype(config: RuntimeConfig, unet: torch.nn.Module) -> RuntimeConfig:
+    """``config`` with ``plain_dtype="auto"`` replaced by
+    :func:`~gnr_fast.precision.default_plain_dtype` of ``unet``; other configs as they are.
+    Exported backends (a spec with an ``export``) run their export's dtype: "auto" is the model
+    dtype there."""
+    if config.plain_dtype != "auto":
+        return config
+    exported = backend_spec(config.plain).export is not None
+    return dataclasses.replace(config, plain_dtype=None if exported else default_plain_dtype(unet))
 
-PLAIN_BACKENDS: dict[str, PlainFactory] = {
-    "eager": EagerPlainRunner,
-    "compiled": CompiledPlainRunner,
-    "onnx": onnx_plain_runner,
-    "tensorrt": tensorrt_plain_runner,
-}
-EXPORTED_BACKENDS = frozenset({"onnx", "tensorrt"})
-"""Plain backends that run an exported graph in its own dtype (``plain_dtype`` picks the export's)."""
-CAPTURING_BACKENDS: dict[str, CapturingFactory] = {"eager": EagerCapturingRunner, "compiled": CompiledCapturingRunner}
+
+def _available_spec(name: str, kind: CallKind, unet: torch.nn.Module, config: RuntimeConfig) -> BackendSpec:
+    spec = backend_spec(name, kind)
+    reason = spec.why_unavailable(next(unet.parameters()).device, config)
+    if reason is not None:
+        raise BackendUnavailableError(f"the {name!r} runtime is unavailable: {reason}; use runtime='eager'")
+    return spec
 
 
 def make_plain_runner(name: str, unet: torch.nn.Module, config: RuntimeConfig) -> PlainRunner:
     """The plain runner of backend ``name`` over ``unet`` (raises :class:`BackendUnavailableError`
-    for an unknown name or a backend that cannot run here)."""
-    if name not in PLAIN_BACKENDS:
-        raise BackendUnavailableError(f"plain backend {name!r} is unknown; available: {sorted(PLAIN_BACKENDS)}")
+    for an unknown name or a backend that cannot run here, naming why)."""
+    spec = _available_spec(name, CallKind.PLAIN, unet, config)
     config = resolve_plain_dtype(config, unet)
-    runner = PLAIN_BACKENDS[name](unet, config)
-    if name in EXPORTED_BACKENDS:
+    runner = spec.factory(CallKind.PLAIN)(unet, config)
+    if spec.export is not None:
         return runner
     weights = next(unet.parameters())
     return with_plain_dtype(runner, config.plain_dtype, weights.dtype, weights.device)
@@ -70,6 +73,5 @@ def make_plain_runner(name: str, unet: torch.nn.Module, config: RuntimeConfig) -
 
 def make_capturing_runner(name: str, unet: torch.nn.Module, config: RuntimeConfig) -> CapturingRunner:
     """The capturing runner of backend ``name`` over ``unet`` (see :func:`make_plain_runner`)."""
-    if name not in CAPTURING_BACKENDS:
-        raise BackendUnavailableError(f"capturing backend {name!r} is unknown; available: {sorted(CAPTURING_BACKENDS)}")
-    return CAPTURING_BACKENDS[name](unet, config)
+    spec = _available_spec(name, CallKind.CAPTURING, unet, config)
+    return spec.factory(CallKind.CAPTURING)(unet, config)

@@ -3,12 +3,14 @@
 One dynamo graph per (call kind, batch size, capture spec): shapes are static (``dynamic=False``),
 timesteps are tensors, and a spec is a frozen value, so no graph depends on the step, the prompt,
 the timestep or where an image sits in a batch. A grad call's backward is compiled by AOTAutograd
-with the forward. Availability is a named predicate (:func:`inductor_unavailable_reason`),
-checked in the constructors, never discovered by catching a compile failure.
+with the forward. Availability is a named predicate (:func:`compiled_unavailable_reason`, the
+registry's rule for this backend, checked before a runner is built and by ``gnr-fast doctor``),
+never discovered by catching a compile failure.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -17,7 +19,6 @@ from typing import Any
 import torch
 
 from ..attention.capture import CaptureOutputs, CaptureSpec
-from ..errors import BackendUnavailableError
 from .config import RuntimeConfig
 from .decompositions import cache_key_tag, inductor_decompositions
 from .modules import CapturingUNet, PlainUNet
@@ -41,8 +42,6 @@ def inductor_unavailable_reason(device: torch.device | str) -> str | None:
     if device.type == "cpu" and cpp_compiler() is None:
         return f"no C++ compiler found ({', '.join(CXX_CANDIDATES)} or $CXX); inductor compiles CPU kernels with one"
     if device.type == "cuda":
-        import importlib.util
-
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed; inductor generates CUDA kernels with it (pip install triton)"
     if device.type not in ("cpu", "cuda"):
@@ -50,11 +49,16 @@ def inductor_unavailable_reason(device: torch.device | str) -> str | None:
     return None
 
 
-def check_inductor(device: torch.device | str) -> None:
-    """Raise :class:`BackendUnavailableError` naming what is missing for inductor on ``device``."""
-    reason = inductor_unavailable_reason(device)
-    if reason is not None:
-        raise BackendUnavailableError(f"the 'compiled' runtime is unavailable: {reason}; use runtime='eager'")
+def compiled_unavailable_reason(device: torch.device, config: RuntimeConfig) -> str | None:
+    """The registry's availability rule of the ``"compiled"`` backend: inductor's
+    (:func:`inductor_unavailable_reason`), none with ``compiler="aot_eager"`` (no code generation)."""
+    return None if config.compiler == "aot_eager" else inductor_unavailable_reason(device)
+
+
+def compiled_detail() -> str:
+    """What ``gnr-fast doctor`` reports when the backend is available."""
+    triton = "" if importlib.util.find_spec("triton") else " (not installed)"
+    return f"torch.compile with C++ compiler {cpp_compiler()}; on CUDA it also needs triton{triton}"
 
 
 class CountingBackend:
@@ -104,18 +108,12 @@ def compile_options(config: RuntimeConfig) -> dict[str, Any]:
     return {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 
 
-def _device_of(unet: torch.nn.Module) -> torch.device:
-    return next(unet.parameters()).device
-
-
 class CompiledPlainRunner:
     """Plain calls through ``torch.compile(PlainUNet, fullgraph=True)`` with inductor."""
 
     name = "compiled"
 
     def __init__(self, unet: torch.nn.Module, config: RuntimeConfig) -> None:
-        if config.compiler == "inductor":
-            check_inductor(_device_of(unet))
         configure_compilation(config)
         self.backend = CountingBackend(config, freezing=config.freezing)
         self.module = PlainUNet(unet)
@@ -142,8 +140,6 @@ class CompiledCapturingRunner:
     name = "compiled"
 
     def __init__(self, unet: torch.nn.Module, config: RuntimeConfig) -> None:
-        if config.compiler == "inductor":
-            check_inductor(_device_of(unet))
         configure_compilation(config)
         self.module = CapturingUNet(unet)
         self.no_grad_backend = CountingBackend(config, freezing=config.freezing)

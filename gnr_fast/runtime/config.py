@@ -8,7 +8,9 @@ from typing import Literal
 
 import torch
 
-from ..errors import BackendUnavailableError, ConfigError
+from ..errors import ConfigError
+from .calls import CallKind
+from .registry import backend_names, backend_spec
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -20,11 +22,13 @@ class RuntimeConfig:
 
     Attributes:
         plain: backend of plain calls (no grad, no captures: inversion, ε_u / ε_trg, unguided
-            steps), a name registered in :mod:`gnr_fast.runtime.backends` (``"eager"``,
-            ``"compiled"``; exporters register more). An unknown or unavailable name raises
-            :class:`~gnr_fast.errors.BackendUnavailableError` when the editor builds its runners.
+            steps), a name in :mod:`gnr_fast.runtime.registry` serving plain calls (``"eager"``,
+            ``"compiled"``, ``"onnx"``, ``"tensorrt"``, or one registered later). An unknown name
+            raises :class:`~gnr_fast.errors.BackendUnavailableError` here; one that cannot run on
+            the model's device raises it when the editor builds its runners.
         capturing: backend of capturing calls (the source pass, no grad) and grad calls (the
-            current-latent pass the energies differentiate); ``"eager"`` or ``"compiled"``.
+            current-latent pass the energies differentiate); a registered name serving them
+            (``"eager"`` or ``"compiled"``).
             When it differs from ``plain``, the source row runs in a call of its own instead of
             sharing the no-grad call with the plain rows.
         compile_mode: ``torch.compile`` mode for compiled backends.
@@ -47,7 +51,7 @@ class RuntimeConfig:
             CPUs with AVX-512 BF16, ``torch.float16`` on CUDA): eager/compiled plain calls run under
             autocast, the ``onnx`` backend exports a graph in that dtype. ``None`` (the default):
             the model dtype. ``"auto"``: bfloat16 where
-            :func:`~gnr_fast.runtime.precision.bf16_plain_calls_pay_off` (a float32 SD-size UNet on
+            :func:`~gnr_fast.precision.bf16_plain_calls_pay_off` (a float32 SD-size UNet on
             a CPU with native bfloat16: 1.23–1.53x faster plain calls on SD 1.5's architecture,
             benchmarks/README.md), else the model dtype. Not the default: its edit quality was not
             measured, and ONNX Runtime in float32 was faster still.
@@ -77,10 +81,11 @@ class RuntimeConfig:
     tensorrt_engine: Path | None = None
 
     def __post_init__(self) -> None:
-        for name in ("plain", "capturing"):
+        for name, kind in (("plain", CallKind.PLAIN), ("capturing", CallKind.CAPTURING)):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"RuntimeConfig.{name} must be a backend name such as 'eager', got {value!r}")
+            backend_spec(value, kind)
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"RuntimeConfig.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
         for name in ("freezing", "cpp_wrapper", "guard_modules"):
@@ -117,32 +122,30 @@ class RuntimeConfig:
 
     @classmethod
     def preset(cls, name: str) -> RuntimeConfig:
-        """A named preset: ``"eager"`` (every call eager PyTorch) or ``"compiled"`` (every call
-        through ``torch.compile`` with inductor)."""
-        if name not in RUNTIME_PRESETS:
-            raise BackendUnavailableError(
-                f"runtime {name!r} is unknown; choose one of {list(RUNTIME_PRESETS)} or pass a RuntimeConfig"
-            )
-        return RUNTIME_PRESETS[name]
+        """The preset of backend ``name`` (:func:`runtime_names`): every call on it, or, for a
+        backend serving plain calls only (``"onnx"``, ``"tensorrt"``), plain calls on it and
+        capturing/grad calls eager. Raises :class:`~gnr_fast.errors.BackendUnavailableError` for an
+        unknown name."""
+        backend_spec(name)  # an unknown name: "runtime ... is unknown"
+        spec = backend_spec(name, CallKind.PLAIN)  # a preset runs its backend's plain calls
+        return cls(name, name if spec.serves(CallKind.CAPTURING) else "eager")
 
     @classmethod
     def resolve(cls, runtime: RuntimeConfig | str | None) -> RuntimeConfig:
         """``runtime`` as a config: a preset name, a config, or ``None`` for the eager preset."""
         if runtime is None:
-            return RUNTIME_PRESETS["eager"]
+            return cls()
         if isinstance(runtime, RuntimeConfig):
             return runtime
         if isinstance(runtime, str):
             return cls.preset(runtime)
-        raise ConfigError(f"runtime must be a preset name {list(RUNTIME_PRESETS)} or a RuntimeConfig, got {type(runtime).__name__}")
+        raise ConfigError(f"runtime must be a preset name {list(runtime_names())} or a RuntimeConfig, got {type(runtime).__name__}")
 
     def with_cache_dir(self, cache_dir: str | Path | None) -> RuntimeConfig:
         return replace(self, cache_dir=cache_dir)
 
 
-RUNTIME_PRESETS: dict[str, RuntimeConfig] = {
-    "eager": RuntimeConfig("eager", "eager"),
-    "compiled": RuntimeConfig("compiled", "compiled"),
-    "onnx": RuntimeConfig("onnx", "eager"),  # plain calls on ONNX Runtime, capturing/grad calls eager
-}
-RUNTIME_NAMES = tuple(RUNTIME_PRESETS)
+def runtime_names() -> tuple[str, ...]:
+    """The preset names (``RuntimeConfig.preset``, ``--runtime``): every registered backend serving
+    plain calls, read when called (a backend registered later is included)."""
+    return backend_names(CallKind.PLAIN)

@@ -1,4 +1,4 @@
-"""Eager PyTorch backends of both calling conventions."""
+"""The ``"eager"`` backend: PyTorch runs both calling conventions eagerly (always available)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import torch
 from ..attention.capture import CaptureOutputs, CaptureSpec
 from .config import RuntimeConfig
 from .modules import CapturingUNet, PlainUNet
+
+
+def eager_detail() -> str:
+    """What ``gnr-fast doctor`` reports: eager calls run wherever torch does."""
+    return f"torch {torch.__version__}"
 
 
 class EagerPlainRunner:

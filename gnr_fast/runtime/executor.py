@@ -1,19 +1,21 @@
 """The one place UNet calls go through: dispatch to the configured backends, and counting.
 
-:class:`UNetExecutor` holds a plain runner and a capturing runner (built by the registry from a
+:class:`UNetExecutor` holds a plain runner and a capturing runner (built from the registry for a
 :class:`~gnr_fast.runtime.config.RuntimeConfig`) and counts every call and batch row, by kind, so
-no backend counts anything itself.
+no backend counts anything itself. The paper-literal reference mode reaches it through its
+recording adapter (:class:`gnr_fast.reference.recording.RecordingUNet`), which runs
+:meth:`UNetExecutor.reference_capture` on an eager runner.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from enum import Enum
 
 import torch
 
 from ..attention.capture import (
+    CaptureOutputs,
     CaptureSpec,
     PassCapture,
     SelfAttnLayer,
@@ -26,18 +28,12 @@ from .backends import (
     PlainRunner,
     make_capturing_runner,
     make_plain_runner,
+    resolve_plain_dtype,
 )
+from .calls import CallKind
 from .config import RuntimeConfig
-from .eager import EagerCapturingRunner
-from .precision import resolve_plain_dtype
 
-
-class CallKind(str, Enum):
-    """The three kinds of UNet call a plan is made of (DESIGN.md §9)."""
-
-    PLAIN = "plain"  # no grad, no captures: any backend
-    CAPTURING = "capturing"  # no grad, returns (ε, captures): the source pass
-    GRAD = "grad"  # autograd on, returns (ε, captures) for the energies' backward
+__all__ = ["CallKind", "UNetExecutor"]
 
 
 class UNetExecutor:
@@ -62,7 +58,7 @@ class UNetExecutor:
         self.capturing_runner: CapturingRunner = make_capturing_runner(runtime.capturing, unet, runtime)
         # The paper-literal reference mode always runs eagerly (it is the baseline).
         self.reference_runner: CapturingRunner = (
-            self.capturing_runner if isinstance(self.capturing_runner, EagerCapturingRunner) else EagerCapturingRunner(unet)
+            self.capturing_runner if runtime.capturing == "eager" else make_capturing_runner("eager", unet, runtime)
         )
         self.device = next(unet.parameters()).device
         self.calls = 0
@@ -90,43 +86,26 @@ class UNetExecutor:
         self._count(CallKind.PLAIN, latents.shape[0])
         return self.plain_runner(latents, timestep, self._broadcast(latents, context))
 
+    def _capturing_call(
+        self, runner: CapturingRunner, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+        spec: CaptureSpec,
+    ) -> tuple[torch.Tensor, CaptureOutputs]:
+        check_sites(spec, self.feature_sites)
+        grad = torch.is_grad_enabled() and latents.requires_grad
+        self._count(CallKind.GRAD if grad else CallKind.CAPTURING, latents.shape[0])
+        return runner(latents, timestep, self._broadcast(latents, context), spec)
+
     def capture(
         self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec
     ) -> tuple[torch.Tensor, list[PassCapture]]:
         """ε of the batch and one :class:`PassCapture` per row of ``spec.rows``; a grad call when
         grad mode is on and ``latents`` requires grad."""
-        check_sites(spec, self.feature_sites)
-        grad = torch.is_grad_enabled() and latents.requires_grad
-        self._count(CallKind.GRAD if grad else CallKind.CAPTURING, latents.shape[0])
-        eps, outputs = self.capturing_runner(latents, timestep, self._broadcast(latents, context), spec)
+        eps, outputs = self._capturing_call(self.capturing_runner, latents, timestep, context, spec)
         return eps, row_captures(spec, outputs, self.layers)
 
-    def __call__(
-        self,
-        latents: torch.Tensor,
-        timestep: int | torch.Tensor,
-        context: torch.Tensor,
-        captures: tuple[PassCapture, ...] = (),
-    ) -> torch.Tensor:
-        """The recording convention of the paper-literal reference step (and of quick scripts):
-        ``timestep`` may be an int, and each capture of ``captures`` (one per call, all rows) is
-        filled with what it asks for. Runs on the eager backend; the fast path never uses it."""
-        if not isinstance(timestep, torch.Tensor):
-            timestep = torch.tensor(int(timestep), dtype=torch.long, device=latents.device)
-        if not captures:
-            return self.plain(latents, timestep, context)
-        (capture,) = captures
-        spec = CaptureSpec(capture.layers, capture.feature_sites, tuple(range(latents.shape[0])), capture.with_lse,
-                           capture.mode)
-        check_sites(spec, self.feature_sites)
-        grad = torch.is_grad_enabled() and latents.requires_grad
-        self._count(CallKind.GRAD if grad else CallKind.CAPTURING, latents.shape[0])
-        eps, outputs = self.reference_runner(latents, timestep, self._broadcast(latents, context), spec)
-        order, sites = spec.layer_order, spec.site_order
-        capture.maps.update(zip(order, outputs.maps))
-        capture.queries.update(zip(order, outputs.queries))
-        capture.keys.update(zip(order, outputs.keys))
-        capture.lse.update(zip(order, outputs.lse))
-        capture.scales.update({layer.index: layer.scale for layer in self.layers if layer.index in spec.layers})
-        capture.features.update(zip(sites, outputs.features))
-        return eps
+    def reference_capture(
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec
+    ) -> tuple[torch.Tensor, CaptureOutputs]:
+        """A capturing (or grad) call on the eager reference runner, counted like any other; the
+        outputs as the runner returns them (the reference mode's recording adapter reads them)."""
+        return self._capturing_call(self.reference_runner, latents, timestep, context, spec)

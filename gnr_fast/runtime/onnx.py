@@ -1,4 +1,4 @@
-"""Plain UNet calls on ONNX Runtime (DESIGN.md §9: ``plain`` calls may run on any backend).
+"""The ``"onnx"`` backend: plain UNet calls on ONNX Runtime (DESIGN.md §9: ``plain`` calls may run on any backend).
 
 :class:`OnnxPlainUNet` implements the plain convention
 ``(latents [B, 4, h, w], timestep 0-dim or [B], context [B or 1, 77, C]) -> eps [B, 4, h, w] float32``
@@ -66,6 +66,23 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def onnx_unavailable_reason(device: torch.device, config: Any) -> str | None:
+    """The registry's availability rule of the ``"onnx"`` backend: onnxruntime is installed (which
+    provider serves ``device`` depends on ``config.onnx_provider``: :func:`choose_provider`)."""
+    if not onnxruntime_available():
+        return "onnxruntime is not installed; pip install 'gnr-fast[export]' (or onnxruntime-gpu on CUDA hosts)"
+    return None
+
+
+def onnx_detail() -> str:
+    """What ``gnr-fast doctor`` reports: the onnxruntime version, its providers and the exporter."""
+    import onnxruntime
+
+    exporter = f"onnx {importlib.import_module('onnx').__version__}" if importlib.util.find_spec("onnx") else (
+        "onnx not installed: export unavailable")
+    return f"onnxruntime {onnxruntime.__version__} (providers: {', '.join(_offered())}); {exporter}"
+
+
 def _offered() -> list[str]:
     import onnxruntime
 
@@ -91,10 +108,9 @@ def choose_provider(requested: Provider, device: torch.device, dtype: str) -> st
     """
     if requested not in PROVIDERS:
         raise ConfigError(f"onnx provider must be one of {PROVIDERS}, got {requested!r}")
-    if not onnxruntime_available():
-        raise BackendUnavailableError(
-            "runtime 'onnx' needs onnxruntime; pip install 'gnr-fast[export]' (or onnxruntime-gpu on CUDA hosts)"
-        )
+    reason = onnx_unavailable_reason(device, None)
+    if reason is not None:
+        raise BackendUnavailableError(f"runtime 'onnx' is unavailable: {reason}")
     if device.type == "cpu":
         if requested not in ("auto", "cpu"):
             raise ConfigError(f"onnx provider {requested!r} runs on CUDA devices, but device is 'cpu'; use provider 'cpu'")
@@ -220,8 +236,6 @@ class OnnxPlainUNet:
         self.unet = unet
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.batch = batch
-        self.calls = 0
-        self.rows = 0
         self._lock = threading.Lock()
         self._sessions: dict[tuple[int, int], _Session] = {}
         for folder in exports:
@@ -272,13 +286,11 @@ class OnnxPlainUNet:
         ctx = context.to(self.device, torch.float32)
         if ctx.shape[0] != rows:
             ctx = ctx.expand(rows, -1, -1)
-        self.calls += 1
-        self.rows += rows
         return session.run(sample, t, ctx.contiguous())  # [B, 4, h, w]
 
 
 def onnx_plain_runner(unet: torch.nn.Module, config: Any) -> OnnxPlainUNet:
-    """The ``"onnx"`` plain backend of :mod:`gnr_fast.runtime.backends`: ``(unet, RuntimeConfig) -> runner``.
+    """The ``"onnx"`` plain backend's factory (:mod:`gnr_fast.runtime.registry`): ``(unet, RuntimeConfig) -> runner``.
 
     Reads ``config.onnx_exports`` (folders made ahead of time; others are made lazily from
     ``unet``), ``config.onnx_provider``, ``config.export_cache_dir`` (``None``: the default cache)

@@ -1,4 +1,5 @@
-"""Plain UNet calls on a TensorRT engine (TensorRT 10 Python API, imported lazily).
+"""The ``"tensorrt"`` backend: plain UNet calls on a TensorRT engine (TensorRT 10 Python API,
+imported lazily; the engine is built by :mod:`gnr_fast.exporting.tensorrt`).
 
 :class:`TensorRTPlainUNet` implements the plain convention on an engine built by
 :func:`gnr_fast.exporting.tensorrt.build_engine`. Each optimisation profile gets its own
@@ -31,10 +32,8 @@ class TensorRTPlainUNet:
     name = "tensorrt"
 
     def __init__(self, engine: str | Path, unet_id: str, device: str | torch.device = "cuda") -> None:
-        trt = require_tensorrt("runtime 'tensorrt'")
         self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ConfigError(f"runtime 'tensorrt' runs on CUDA devices, not {str(self.device)!r}")
+        trt = require_tensorrt("runtime 'tensorrt'", self.device)
         self.record = EngineRecord.read(engine)
         with torch.cuda.device(self.device):
             self.record.check(unet_id, trt.__version__, torch.cuda.get_device_name())
@@ -53,8 +52,6 @@ class TensorRTPlainUNet:
                 self.contexts.append(context)
             stream.synchronize()
         self.out_channels = self.record.export.out_channels
-        self.calls = 0
-        self.rows = 0
 
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """ε of ``latents`` [B, 4, h, w] at ``timestep`` (0-dim or [B]) under ``context`` ([B or 1, 77, C]);
@@ -75,13 +72,11 @@ class TensorRTPlainUNet:
         execution.set_tensor_address(OUTPUT_NAMES[0], out.data_ptr())
         if not execution.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise ExportError(f"TensorRT failed to run {self.record.path!r} on {rows} rows at {size}; see its log")
-        self.calls += 1
-        self.rows += rows
         return out
 
 
 def tensorrt_plain_runner(unet: torch.nn.Module, config: Any) -> TensorRTPlainUNet:
-    """The ``"tensorrt"`` plain backend: ``(unet, RuntimeConfig) -> runner`` over
+    """The ``"tensorrt"`` plain backend's factory: ``(unet, RuntimeConfig) -> runner`` over
     ``config.tensorrt_engine`` (built by ``gnr-fast export tensorrt``)."""
     from ..exporting.info import unet_fingerprint
 

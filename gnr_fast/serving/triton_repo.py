@@ -29,15 +29,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, ExportError, GnrError
+from ..runtime.calls import CallKind
+from ..runtime.registry import backend_names, backend_spec
 from .protocol import EDIT_INPUTS, EDIT_MODEL, EDIT_OUTPUTS, Field, bytes_tensor, error_line, read_inputs
 
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-RUNTIMES = ("eager", "compiled", "onnx")  # RuntimeConfig presets (gnr_fast.runtime.config)
 ONNX_FOLDER = "unet-onnx"  # OUT/gnr_edit/1/unet-onnx: the UNet for plain calls (runtime "onnx")
 ONNX_CACHE_FOLDER = "unet-onnx-cache"  # lazy exports of working sizes the repository's export lacks
+
+
+def repository_runtimes() -> tuple[str, ...]:
+    """The runtime presets a repository can run (from :mod:`gnr_fast.runtime.registry`): every
+    backend serving plain calls that runs the PyTorch UNet or an ONNX export (which the repository
+    holds); a TensorRT engine is built for one GPU, on the serving host, so it is not written here."""
+    return tuple(name for name in backend_names(CallKind.PLAIN) if backend_spec(name).export in (None, "onnx"))
+
 
 MODEL_PY = '''"""gnr-fast edit model for Triton's Python backend (written by `gnr-fast export triton-repo`)."""
 
@@ -67,8 +76,8 @@ class RepoConfig:
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.runtime not in RUNTIMES:
-            raise ConfigError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.runtime not in repository_runtimes():
+            raise ConfigError(f"runtime must be one of {repository_runtimes()}, got {self.runtime!r}")
         for name in ("max_batch", "instances", "default_steps", "max_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

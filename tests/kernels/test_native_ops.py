@@ -31,7 +31,7 @@ from gnr_fast.ops.attn_map_energy import (
     native_supported,
 )
 from gnr_fast.ops.path_choice import forget_logged_choices
-from gnr_fast.runtime.precision import cpu_flags
+from gnr_fast.precision import cpu_flags
 
 ops = importlib.import_module("gnr_fast.ops.attn_map_energy")
 

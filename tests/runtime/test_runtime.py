@@ -10,7 +10,8 @@ from PIL import Image
 from gnr_fast import BackendUnavailableError, ConfigError, Editor
 from gnr_fast.parity import rel_err
 from gnr_fast.runtime import (
-    PLAIN_BACKENDS,
+    BACKENDS,
+    BackendSpec,
     CallKind,
     EagerPlainRunner,
     RuntimeConfig,
@@ -43,11 +44,13 @@ def test_presets_and_validation():
         compiled.plain = "eager"
 
 
-def test_unknown_backend_is_unavailable(tiny_model_path):
-    with pytest.raises(BackendUnavailableError, match="plain backend 'nosuch' is unknown"):
-        Editor.from_pretrained(tiny_model_path, runtime=RuntimeConfig(plain="nosuch"))
-    with pytest.raises(BackendUnavailableError, match="capturing backend 'tensorrt' is unknown"):
-        Editor.from_pretrained(tiny_model_path, runtime=RuntimeConfig(capturing="tensorrt"))
+def test_unknown_backend_is_unavailable():
+    """RuntimeConfig validates its names against the registry: unknown, or not serving the kind."""
+    with pytest.raises(BackendUnavailableError, match=r"plain backend 'nosuch' is unknown; choose one of \['eager'"):
+        RuntimeConfig(plain="nosuch")
+    with pytest.raises(BackendUnavailableError, match="capturing backend 'tensorrt' is not offered: 'tensorrt' serves plain"):
+        RuntimeConfig(capturing="tensorrt")
+    assert RuntimeConfig.preset("tensorrt") == RuntimeConfig("tensorrt", "eager")  # every plain backend is a preset
 
 
 def test_inductor_without_a_cpp_compiler_is_unavailable(tiny_model_path, monkeypatch):
@@ -62,7 +65,7 @@ def test_inductor_without_a_cpp_compiler_is_unavailable(tiny_model_path, monkeyp
 @pytest.fixture
 def split_backend(monkeypatch):
     """A second plain backend name (the eager runner registered again), so plain and capturing differ."""
-    monkeypatch.setitem(PLAIN_BACKENDS, "eager-too", EagerPlainRunner)
+    monkeypatch.setitem(BACKENDS, "eager-too", BackendSpec("eager-too", "eager again", plain=EagerPlainRunner))
     return RuntimeConfig(plain="eager-too", capturing="eager")
 
 
