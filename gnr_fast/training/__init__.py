@@ -7,4 +7,6 @@ Command-line entry points (each seeded, resumable with ``--resume``, with a ``--
 - ``python -m gnr_fast.training.export`` — assemble a diffusers StableDiffusionPipeline folder.
 - ``python -m gnr_fast.training.judge`` — the pixel-space attribute classifier.
 - ``python -m gnr_fast.training.evaluate`` — text-to-image fidelity and inversion PSNR.
+- ``python -m gnr_fast.training.guidance_teacher`` — distil CFG into a guidance-embedded UNet (``teacher.pt``).
+- ``python -m gnr_fast.training.consistency`` — iCD reverse + forward consistency LoRAs of that teacher.
 """

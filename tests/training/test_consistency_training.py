@@ -1,0 +1,127 @@
+"""Consistency distillation of the bundled model (issue 35): the guidance-distilled teacher, the
+LoRA adapters in the authors' file layout, the iCD jumps and boundaries, and --smoke runs of both
+training CLIs whose outputs load through the engine's consistency loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from gnr_fast.consistency_models import ConsistencyFiles, load_consistency_unets
+from gnr_fast.lora import PEFT_PREFIX, fuse_lora, read_lora
+from gnr_fast.training import consistency, guidance_teacher
+from gnr_fast.training.lora_adapters import attach_lora, save_lora_file
+from gnr_fast.training.unet import SD_SCHEDULE
+from gnr_fast.training.w_embedding import cfg_target, guidance_scale_embedding
+
+MODEL = Path(guidance_teacher.__file__).resolve().parents[1] / "models" / "shapes-v1"
+GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "consistency_scene0" / "golden.pt"
+
+
+@pytest.fixture(scope="module")
+def base_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(MODEL / "unet").eval()
+
+
+def _inputs(seed: int = 0, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 16, 16, generator=gen), torch.tensor([999, 259])[:batch],
+            torch.randn(batch, 77, 64, generator=gen))
+
+
+def test_w_embedding_matches_the_golden() -> None:
+    golden = torch.load(GOLDEN, weights_only=True)
+    embedding = guidance_scale_embedding(golden["w_values"])
+    # measured 2.4e-4 (one float32 ulp of exp() in a frequency, times 1000·w = 19000 rad)
+    assert (embedding - golden["w_embedding"]).abs().max() < 2e-3
+    assert torch.equal(embedding[0], torch.cat([torch.zeros(256), torch.ones(256)]))  # w = 0 is not zero
+
+
+def test_cfg_target_is_conditional_at_w0() -> None:
+    cond, uncond = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    out = cfg_target(cond, uncond, torch.tensor([0.0, 1.0, 7.0]))
+    assert torch.equal(out[0], cond[0])
+    torch.testing.assert_close(out[2], cond[2] + 7.0 * (cond[2] - uncond[2]))
+
+
+def test_guided_unet_starts_as_the_w_free_model(base_unet: UNet2DConditionModel) -> None:
+    student = guidance_teacher.guided_unet(base_unet).eval()
+    assert student.config.time_cond_proj_dim == 512
+    assert torch.count_nonzero(student.time_embedding.cond_proj.weight) == 0
+    z, t, context = _inputs()
+    with torch.no_grad():
+        expected = base_unet(z, t, encoder_hidden_states=context).sample
+        got = student(z, t, encoder_hidden_states=context,
+                      timestep_cond=guidance_scale_embedding(torch.tensor([7.0, 19.0]))).sample
+    assert torch.equal(got, expected)
+
+
+def test_relative_mse_weighs_rows_by_their_target() -> None:
+    target = torch.stack([torch.ones(4), 10 * torch.ones(4)])
+    pred = target * 1.1  # 10 % off in every row
+    torch.testing.assert_close(guidance_teacher.relative_mse(pred, target), torch.tensor(0.01))
+
+
+def test_lora_adapters_fuse_like_the_engine_loader(base_unet: UNet2DConditionModel, tmp_path: Path) -> None:
+    unet = guidance_teacher.guided_unet(base_unet).eval()
+    reference = guidance_teacher.guided_unet(base_unet).eval()
+    adapters = attach_lora(unet, rank=4, seed=0)
+    assert len(adapters) == 277  # the authors' lora_modules on the SD 1.x layout (as tiny-icd has)
+    z, t, context = _inputs(1)
+    emb = guidance_scale_embedding(torch.tensor([0.0, 7.0]))
+    with torch.no_grad():
+        before = unet(z, t, encoder_hidden_states=context, timestep_cond=emb).sample
+        plain = reference(z, t, encoder_hidden_states=context, timestep_cond=emb).sample
+        assert torch.equal(before, plain)  # B = 0: a fresh adapter changes nothing
+        gen = torch.Generator().manual_seed(2)
+        for delta in adapters.values():
+            delta.lora_B.copy_(torch.randn(delta.lora_B.shape, generator=gen) * 0.02)
+        trained = unet(z, t, encoder_hidden_states=context, timestep_cond=emb).sample
+    path = save_lora_file(tmp_path / "lora.safetensors", adapters)
+    pairs = read_lora(path)
+    assert all(key.startswith(PEFT_PREFIX) for key in load_file(str(path)))
+    fuse_lora(reference, pairs)
+    with torch.no_grad():
+        fused = reference(z, t, encoder_hidden_states=context, timestep_cond=emb).sample
+    rel = float((fused - trained).norm() / (trained - plain).norm())
+    assert rel < 5e-3  # measured 2.7e-4: the loader's float16 rounding of A and B
+    assert float((trained - plain).norm() / plain.norm()) > 1e-2  # the adapters did move the UNet
+
+
+def test_boundaries_and_jumps() -> None:
+    assert consistency.reverse_boundary(torch.tensor([0, 19, 259, 260, 778, 779, 999])).tolist() == \
+        [0, 0, 259, 259, 519, 779, 779]
+    assert consistency.forward_boundary(torch.tensor([39, 259, 260, 980, 999])).tolist() == [259, 259, 519, 999, 999]
+    grid = consistency.Grid.build(DDPMScheduler(**SD_SCHEDULE))
+    assert grid.timesteps[0] == 19 and grid.timesteps[-1] == 999 and grid.gap == 20
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
+    t, s = torch.tensor([999, 519, 259]), torch.tensor([779, 259, 0])
+    zt = grid.alphas[t].view(-1, 1, 1, 1) * x0 + grid.sigmas[t].view(-1, 1, 1, 1) * eps
+    expected = grid.alphas[s].view(-1, 1, 1, 1) * x0 + grid.sigmas[s].view(-1, 1, 1, 1) * eps
+    expected[2] = x0[2]  # s = 0 is the hard boundary: the clean latent
+    torch.testing.assert_close(consistency.jump(eps, zt, t, s, grid), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_smoke_runs_write_files_the_engine_loads(tmp_path: Path) -> None:
+    teacher_out, icd_out = tmp_path / "teacher", tmp_path / "icd"
+    metrics = guidance_teacher.train(guidance_teacher.parse_args(
+        ["--model", str(MODEL), "--out", str(teacher_out), "--smoke", "--seed", "1"]))
+    assert metrics["step"] == 3 and set(metrics["heldout_rel_err"]) == set(guidance_teacher.EVAL_W)
+    teacher_file = teacher_out / guidance_teacher.TEACHER_FILE
+    icd = consistency.train(consistency.parse_args(
+        ["--model", str(MODEL), "--teacher", str(teacher_file), "--out", str(icd_out), "--smoke", "--seed", "1",
+         "--rank", "2", "--pool-from", str(teacher_out / "latent_pool.pt")]))
+    assert icd["step"] == 3 and icd["recon_psnr_db"] > 5
+    loaded = load_consistency_unets(dict(UNet2DConditionModel.load_config(MODEL / "unet")), ConsistencyFiles(
+        teacher_file, icd_out / consistency.REVERSE_FILE, icd_out / consistency.FORWARD_FILE))
+    assert loaded.guidance_embedding_dim == 512
+    # resume: a second run starts from the checkpoint's step
+    consistency.train(consistency.parse_args(
+        ["--model", str(MODEL), "--teacher", str(teacher_file), "--out", str(icd_out), "--smoke", "--seed", "1",
+         "--rank", "2", "--pool-from", str(teacher_out / "latent_pool.pt"), "--resume"]))
+    assert "start step=3" in (icd_out / "train.log").read_text()
