@@ -84,7 +84,7 @@ class LoadResult:
         )
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     try:
         for s in sockets:
@@ -95,7 +95,7 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _images(count: int, size: int, seed: int) -> list[bytes]:
+def shape_images(count: int, size: int, seed: int) -> list[bytes]:
     from PIL import Image, ImageDraw
 
     from gnr_fast.serving.service import encode_png
@@ -118,7 +118,7 @@ class Server:
 
     def __init__(self, model: Path, log: Path, max_batch: int, steps: int, threads: int | None,
                  runtime: str = "eager") -> None:
-        self.http, self.grpc, self.metrics, self.service_metrics = _free_ports(4)
+        self.http, self.grpc, self.metrics, self.service_metrics = free_ports(4)
         argv = [
             sys.executable, "-m", "gnr_fast.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
@@ -284,15 +284,15 @@ def run(args: argparse.Namespace, command: str) -> Report:
                 server.wait_ready(timeout_s=180)
                 with GnrClient(f"127.0.0.1:{server.http}", timeout_s=args.timeout) as client:
                     for w in range(args.warmup):  # first-call overheads out of the measurement
-                        client.edit(_images(1, size, seed=900 + w)[0], SOURCE, "warm-up", preset=args.preset)
+                        client.edit(shape_images(1, size, seed=900 + w)[0], SOURCE, "warm-up", preset=args.preset)
             for w in range(args.warmup_rounds):  # untimed, so each batch size a round meets is compiled
-                images = _images(args.clients, size, seed=800 + w)
+                images = shape_images(args.clients, size, seed=800 + w)
                 for setting, _, _ in settings:
                     result = run_load(servers[setting], setting, args.clients, args.edits, images, budget_end,
                                       args.timeout, args.preset)
                     print(f"warm-up round {w + 1}: " + result.row(), flush=True)
             for r in range(args.rounds):
-                images = _images(args.clients, size, seed=100 + r)  # fresh each round, the same for both settings
+                images = shape_images(args.clients, size, seed=100 + r)  # fresh each round, the same for both settings
                 for setting, _, _ in settings if r % 2 == 0 else reversed(settings):
                     result = run_load(servers[setting], setting, args.clients, args.edits, images, budget_end,
                                       args.timeout, args.preset)
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace, command: str) -> Report:
                     print(f"round {r + 1}: " + result.row(), flush=True)
                     for error in result.errors[:5]:
                         print("  error:", error, flush=True)
-            firsts, repeats = first_vs_repeat(servers[settings[0][0]], _images(args.repeats, size, seed=1234),
+            firsts, repeats = first_vs_repeat(servers[settings[0][0]], shape_images(args.repeats, size, seed=1234),
                                               args.timeout, args.preset)
         finally:
             for server in servers.values():

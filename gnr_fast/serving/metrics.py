@@ -14,6 +14,7 @@ metric                                   type       meaning
 ``gnr_cache_hits_total``                 counter    requests whose inversion came from the cache
 ``gnr_cache_misses_total``               counter    requests whose inversion was computed
 ``gnr_requests_refused_total``           counter    requests answered with an error, by ``reason``
+``gnr_requests_in_flight``               gauge      requests a model instance holds now (queued or running)
 ``gnr_batch_size``                       histogram  edits sharing the UNet calls of a served edit;
                                                     images inverted together for a computed inversion
 ``gnr_phase_seconds``                    histogram  time per ``phase``: queue, inversion (misses only),
@@ -80,6 +81,10 @@ class ServiceMetrics:
         self.misses = Counter("gnr_cache_misses", "Requests whose inversion was computed", ["model"], registry=registry)
         self.refused = Counter(
             "gnr_requests_refused", "Requests answered with an error, by reason", ["model", "reason"], registry=registry
+        )
+        self.in_flight = Gauge(
+            "gnr_requests_in_flight", "Requests a model instance holds now (queued or running)", ["model"],
+            registry=registry,
         )
         self.batch_size = Histogram(
             "gnr_batch_size", "Edits sharing a served edit's UNet calls; images inverted together for a computed inversion",

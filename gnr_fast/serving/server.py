@@ -144,11 +144,15 @@ class InvertModel:
 
 def _counted(metrics: ServiceMetrics, model: str, answer: Callable, request) -> dict[str, np.ndarray]:
     """``answer(request)``'s tensors, counting the request as served or refused in ``metrics``."""
+    in_flight = metrics.in_flight.labels(model)
+    in_flight.inc()
     try:
         tensors, job, outcome = answer(request)
     except Exception as error:  # counted, then re-raised for pytriton to answer with it
         metrics.record_refused(model, error)
         raise
+    finally:
+        in_flight.dec()
     metrics.record_served(model, job, outcome)
     return tensors
 
