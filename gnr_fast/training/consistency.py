@@ -143,12 +143,14 @@ def consistency_loss(student: UNet2DConditionModel, teacher: UNet2DConditionMode
     return pseudo_huber(pred, target, huber_c)
 
 
-@torch.no_grad()
 def invert(forward_unet: UNet2DConditionModel, z0: torch.Tensor, context: torch.Tensor, grid: Grid,
-           scheduler: DDPMScheduler) -> torch.Tensor:
-    """4-jump consistency inversion at w = 0: z0 noised to t = 0 with the fixed seed-10500 noise,
-    then jumps 0 → 259 → 519 → 779 → 999."""
-    noise = torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(INVERSION_NOISE_SEED)).expand_as(z0)
+           scheduler: DDPMScheduler, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """4-jump consistency inversion at w = 0: z0 noised to t = 0 with ``noise`` (default: the
+    editing code's fixed seed-10500 noise), then jumps 0 → 259 → 519 → 779 → 999. Keeps the autograd
+    graph unless called under ``torch.no_grad``."""
+    if noise is None:
+        noise = torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(INVERSION_NOISE_SEED))
+        noise = noise.expand_as(z0)
     z = scheduler.add_noise(z0, noise, torch.zeros(len(z0), dtype=torch.long))
     w_emb = guidance_scale_embedding(torch.zeros(len(z0)))
     for t_value, s_value in zip((0,) + FORWARD_BOUNDARIES[:-1], FORWARD_BOUNDARIES):
@@ -158,10 +160,10 @@ def invert(forward_unet: UNet2DConditionModel, z0: torch.Tensor, context: torch.
     return z
 
 
-@torch.no_grad()
 def reverse_sample(reverse_unet: UNet2DConditionModel, z: torch.Tensor, context: torch.Tensor, w: float,
                    grid: Grid) -> torch.Tensor:
-    """4-jump reverse consistency sampling 999 → 779 → 519 → 259 → 0 at guidance scale ``w``."""
+    """4-jump reverse consistency sampling 999 → 779 → 519 → 259 → 0 at guidance scale ``w`` (keeps
+    the autograd graph unless called under ``torch.no_grad``)."""
     w_emb = guidance_scale_embedding(torch.full((len(z),), float(w)))
     starts = tuple(reversed(FORWARD_BOUNDARIES))  # 999, 779, 519, 259
     for t_value, s_value in zip(starts, tuple(reversed(REVERSE_BOUNDARIES))):

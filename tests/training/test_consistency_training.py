@@ -1,6 +1,7 @@
 """Consistency distillation of the bundled model (issue 35): the guidance-distilled teacher, the
-LoRA adapters in the authors' file layout, the iCD jumps and boundaries, and --smoke runs of both
-training CLIs whose outputs load through the engine's consistency loader."""
+LoRA adapters in the authors' file layout, the iCD jumps and boundaries, and --smoke runs of the
+three training CLIs (teacher, iCD, cycle fine-tune) whose outputs load through the engine's
+consistency loader."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from gnr_fast.consistency_models import ConsistencyFiles, load_consistency_unets
 from gnr_fast.lora import PEFT_PREFIX, fuse_lora, read_lora
-from gnr_fast.training import consistency, guidance_teacher
+from gnr_fast.training import consistency, cycle_finetune, guidance_teacher
 from gnr_fast.training.lora_adapters import attach_lora, save_lora_file
 from gnr_fast.training.unet import SD_SCHEDULE
 from gnr_fast.training.w_embedding import cfg_target, guidance_scale_embedding
@@ -125,3 +126,10 @@ def test_smoke_runs_write_files_the_engine_loads(tmp_path: Path) -> None:
         ["--model", str(MODEL), "--teacher", str(teacher_file), "--out", str(icd_out), "--smoke", "--seed", "1",
          "--rank", "2", "--pool-from", str(teacher_out / "latent_pool.pt"), "--resume"]))
     assert "start step=3" in (icd_out / "train.log").read_text()
+    cycle_out = tmp_path / "cycle"
+    cycle = cycle_finetune.train(cycle_finetune.parse_args(
+        ["--model", str(MODEL), "--teacher", str(teacher_file), "--lora-dir", str(icd_out), "--out", str(cycle_out),
+         "--pool-from", str(teacher_out / "latent_pool.pt"), "--smoke", "--seed", "1"]))
+    assert cycle["step"] == 3 and cycle["cycle_mse_last25"] > 0
+    tuned = read_lora(cycle_out / consistency.FORWARD_FILE)
+    assert set(tuned) == set(read_lora(icd_out / consistency.FORWARD_FILE))  # same modules, same layout
