@@ -105,14 +105,14 @@ def estimate(editor: Editor, config: EditConfig, latent: int, repeats: int = 3) 
                 continue
             z = z_star if step == 0 and config.align_inversion == "reference" else z_moved
             if source_cached:
-                ctx.source_cache = editor.new_source_cache(ctx)
+                ctx.state.source_cache = editor.new_source_cache(ctx)
                 fast_step(ctx, z, z_star, step)  # fills the step's source entry
 
                 def run(step=step, z=z) -> None:
                     fast_step(ctx, z, z_star, step)
             else:
                 def run(step=step, z=z) -> None:
-                    ctx.source_cache = editor.new_source_cache(ctx)  # empty: the step runs and stores its source row
+                    ctx.state.source_cache = editor.new_source_cache(ctx)  # empty: the step runs and stores its source row
                     fast_step(ctx, z, z_star, step)
             rows_before = editor.runner.rows
             run()  # also the warm-up

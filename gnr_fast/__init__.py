@@ -22,8 +22,7 @@ from .errors import (
     ModelLoadError,
 )
 from .inversion import Inversion
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "BackendUnavailableError",

@@ -18,30 +18,21 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from .editing import (
-    BatchStepFunction,
-    EditContext,
-    LoopItem,
-    StepCallback,
-    run_edit_loop,
-)
 from .devices import synchronize
+from .editing import BatchStepFunction, LoopItem, StepCallback, run_edit_loop
 from .errors import GnrError, InputError
 from .fast.step import batch_step
 from .images import decode_latent, to_output_image
 from .requests import BatchRequest, EditRequest, ResolvedRequest, resolve_request
 from .results import EditResult, Timings
-
-if TYPE_CHECKING:  # for annotations only: editor.py imports this module
-    from .editor import Editor
+from .session import EditSession
 
 __all__ = ["BatchRequest", "EditRequest", "edit_batch"]
 
 
 def edit_batch(
-    editor: Editor,
+    session: EditSession,
     requests: Sequence[EditRequest],
     progress: bool = False,
     return_exceptions: bool = False,
@@ -66,13 +57,13 @@ def edit_batch(
     resolved: list[ResolvedRequest] = []
     for index, request in enumerate(requests):
         try:
-            resolved.append(resolve_request(editor, request, index if len(requests) > 1 else None))
+            resolved.append(resolve_request(session, request, index if len(requests) > 1 else None))
             resolved[-1].index = index
         except GnrError as exc:
             if not return_exceptions:
                 raise
             results[index] = exc
-    for index, error in _invert_images(editor, resolved, progress):
+    for index, error in _invert_images(session, resolved, progress):
         if not return_exceptions:
             raise error
         results[index] = error
@@ -85,14 +76,14 @@ def edit_batch(
         size = max_group or len(group)
         for start in range(0, len(group), size):
             chunk = group[start : start + size]
-            for item, outcome in zip(chunk, _run_group(editor, chunk, step_fn, progress, callback, source_cache)):
+            for item, outcome in zip(chunk, _run_group(session, chunk, step_fn, progress, callback, source_cache)):
                 if isinstance(outcome, GnrError) and not return_exceptions:
                     raise outcome
                 results[item.index] = outcome
     return results
 
 
-def _invert_images(editor: Editor, resolved: list[ResolvedRequest], progress: bool) -> list[tuple[int, GnrError]]:
+def _invert_images(session: EditSession, resolved: list[ResolvedRequest], progress: bool) -> list[tuple[int, GnrError]]:
     """Invert the images of ``resolved`` (one batched inversion per step count); the failures."""
     by_steps: dict[int, list[ResolvedRequest]] = {}
     for item in resolved:
@@ -102,8 +93,8 @@ def _invert_images(editor: Editor, resolved: list[ResolvedRequest], progress: bo
     for num_steps, group in by_steps.items():
         start = time.perf_counter()
         try:
-            inversions = editor.invert_prepared([p.image for p in group], [p.source_prompt for p in group], num_steps, progress)
-            synchronize(editor.components.device)
+            inversions = session.invert_prepared([p.image for p in group], [p.source_prompt for p in group], num_steps, progress)
+            synchronize(session.components.device)
         except GnrError as exc:
             failures.extend((p.index, exc) for p in group)
             continue
@@ -120,7 +111,7 @@ class _Counts:
 
 
 def _run_group(
-    editor: Editor,
+    session: EditSession,
     group: list[ResolvedRequest],
     step_fn: BatchStepFunction,
     progress: bool,
@@ -128,26 +119,19 @@ def _run_group(
     source_cache: bool,
 ) -> list[EditResult | GnrError]:
     """The edit loop over a group of compatible requests; then decode each image."""
-    components = editor.components
+    components, runner = session.components, session.runner
     items = []
     for item in group:
-        ctx = EditContext.build(
-            components,
-            editor.runner,
-            item.config,
-            editor.self_attn_layers,
-            c_uncond=editor.embed(""),
-            c_src=editor.embed(item.inversion.source_prompt),
-            c_trg=editor.embed(item.request.target_prompt),
-        )
-        ctx.source_cache = editor.source_cache_for(item.inversion, ctx) if source_cache else None
+        ctx = session.context(item.config, item.inversion.source_prompt, item.request.target_prompt)
+        if source_cache:
+            ctx.state.source_cache = session.source_cache.cache_for(item.inversion, ctx)
         items.append(LoopItem(ctx, item.inversion.latents.to(components.device).float(), source=id(item.inversion)))
-    before = _Counts(editor.runner.calls, editor.runner.rows)
+    before = _Counts(runner.calls, runner.rows)
     start = time.perf_counter()
     outcomes = run_edit_loop(items, step_fn, progress=progress, callback=callback)
     synchronize(components.device)  # CUDA runs asynchronously: wait for the loop's kernels before reading the clock
     editing_s = time.perf_counter() - start
-    calls, rows = editor.runner.calls - before.calls, editor.runner.rows - before.rows
+    calls, rows = runner.calls - before.calls, runner.rows - before.rows
     results: list[EditResult | GnrError] = []
     for item, outcome in zip(group, outcomes):
         if isinstance(outcome, GnrError):

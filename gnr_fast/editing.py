@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -23,10 +23,22 @@ from .rescaling import rescale_gamma
 from .runtime.executor import UNetExecutor
 from .schedules import ddim_step_down, ddim_timesteps, timestep_tensors
 
+if TYPE_CHECKING:  # importing gnr_fast.fast runs its __init__, which imports the fast step, which imports this module
+    from .fast.source_cache import SourceCache
 
-@dataclass
+
+@dataclass(eq=False)
+class EditState:
+    """What changes during one edit (the constants are :class:`EditContext`'s)."""
+
+    source_cache: SourceCache | None = None  # the cache of the inversion being edited, if any
+    loss_scale: float | None = None  # float16 grad calls: the scale that last worked (None: the policy's)
+
+
+@dataclass(frozen=True, eq=False)
 class EditContext:
-    """Per-edit constants: model, executor, prompt embeddings, config and the selected layers."""
+    """Per-edit constants: model, executor, prompt embeddings, config and the selected layers; and
+    the edit's mutable :class:`EditState`."""
 
     components: Components
     runner: UNetExecutor
@@ -37,8 +49,7 @@ class EditContext:
     layers: frozenset[int]  # selected self-attention layers
     timesteps: list[int] = field(default_factory=list)
     timestep_tensors: tuple[torch.Tensor, ...] = ()  # the same as 0-dim long tensors on the device
-    source_cache: object = None  # gnr_fast.fast.SourceCache of the inversion being edited, if any
-    loss_scale: float | None = None  # float16 grad calls: the scale that last worked (None: the policy's)
+    state: EditState = field(default_factory=EditState)
 
     @classmethod
     def build(

@@ -9,22 +9,21 @@ from typing import Literal
 
 import torch
 
-from .attention import install_capture_processors
 from .batch import edit_batch
 from .config import EditConfig
 from .editing import EditContext, StepCallback, StepTerms
 from .errors import GnrError, InputError
-from .fast.source_cache import CacheKey, SourceCache
-from .fast.step import source_sites
-from .images import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, prepare_image
-from .inversion import Inversion, invert_many
+from .fast.source_cache import SourceCache
+from .images import DEFAULT_MAX_PIXELS, ImageInput, prepare_image
+from .inversion import Inversion
 from .loading import Components, load_components
 from .model_defaults import ModelDefaults, load_model_defaults
 from .precision import ModelDtype, PrecisionPolicy
-from .prompts import check_prompt, encode_prompt, warn_if_outside_grammar
+from .prompts import check_prompt
 from .requests import EditRequest, check_steps, resolve_config
 from .results import EditResult, Timings
-from .runtime import RuntimeConfig, UNetExecutor
+from .runtime import RuntimeConfig
+from .session import EditSession, SourceCachePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +33,11 @@ MODES = ("fast", "reference")
 __all__ = ["EditResult", "Editor", "Timings"]
 
 
-class Editor:
+class Editor(EditSession):
     """Guide-and-Rescale editing with one loaded Stable Diffusion 1.x/2.x checkpoint.
+
+    An :class:`~gnr_fast.session.EditSession` (components, executor, layers, prompt embeddings,
+    source-cache policy) with the entry points: load, invert, edit.
 
     Every UNet call goes through :attr:`runner`, a :class:`~gnr_fast.runtime.UNetExecutor` over
     the backends :attr:`runtime` names (eager PyTorch by default; ``runtime="compiled"`` for
@@ -51,18 +53,23 @@ class Editor:
         defaults: ModelDefaults | None = None,
         runtime: RuntimeConfig | str | None = None,
     ) -> None:
-        self.components = components
         # What the model folder declares (gnr_fast.json): the preset used when a call names none,
         # and the caption grammar prompts are checked against.
-        self.defaults = defaults if defaults is not None else ModelDefaults()
-        self.default_preset = self.defaults.preset
-        self.max_pixels = max_pixels
-        self.source_cache_bytes = int(source_cache_mb * 1024**2)
-        self.source_cache_dtype = source_cache_dtype or components.dtype
-        self.runtime = RuntimeConfig.resolve(runtime)
-        self.self_attn_layers, feature_sites = install_capture_processors(components.unet)
-        self.runner = UNetExecutor(components.unet, self.self_attn_layers, feature_sites, self.runtime)
-        self._embeddings: dict[str, torch.Tensor] = {}
+        super().__init__(
+            components,
+            RuntimeConfig.resolve(runtime),
+            defaults if defaults is not None else ModelDefaults(),
+            max_pixels,
+            SourceCachePolicy(int(source_cache_mb * 1024**2), source_cache_dtype or components.dtype),
+        )
+
+    @property
+    def source_cache_bytes(self) -> int:
+        return self.source_cache.max_bytes
+
+    @property
+    def source_cache_dtype(self) -> torch.dtype:
+        return self.source_cache.storage_dtype
 
     @classmethod
     def from_pretrained(
@@ -112,33 +119,12 @@ class Editor:
             runtime=runtime,
         )
 
-    @property
-    def model_id(self) -> str:
-        return self.components.model_id
-
-    def embed(self, prompt: str) -> torch.Tensor:
-        """CLIP embedding of ``prompt`` ([1, 77, C]); repeated prompts are served from a small cache."""
-        if prompt not in self._embeddings:
-            warn_if_outside_grammar(self.defaults.caption_grammar, prompt)
-            if len(self._embeddings) > 64:
-                self._embeddings.clear()
-            self._embeddings[prompt] = encode_prompt(self.components, prompt, self.defaults.caption_grammar)
-        return self._embeddings[prompt]
-
     def invert(self, image: ImageInput, source_prompt: str, num_steps: int = 50, progress: bool = True) -> Inversion:
         """DDIM-invert ``image`` with ``source_prompt`` (DESIGN.md §2)."""
         check_prompt(source_prompt, "source_prompt")
         check_steps(num_steps)
         prepared = prepare_image(image, max_pixels=self.max_pixels)
         return self.invert_prepared([prepared], [source_prompt], num_steps, progress)[0]
-
-    def invert_prepared(
-        self, images: Sequence[PreparedImage], source_prompts: Sequence[str], num_steps: int, progress: bool = False
-    ) -> list[Inversion]:
-        """DDIM-invert already prepared and validated images, in order; images of one working size
-        share every UNet call (``inversion.invert_many``)."""
-        embeddings = [self.embed(prompt) for prompt in source_prompts]
-        return invert_many(self.components, self.runner, images, source_prompts, embeddings, num_steps, progress)
 
     def resolve_config(
         self, preset: str | None = None, config: EditConfig | str | Path | None = None, num_steps: int | None = None
@@ -181,18 +167,12 @@ class Editor:
     def source_cache_for(self, inversion: Inversion, ctx: EditContext) -> SourceCache | None:
         """The inversion's source cache for this edit's pairing/layers (a fresh one if they changed);
         ``None`` when this editor keeps no source cache."""
-        if self.source_cache_bytes <= 0:
-            return None
-        fresh = self.new_source_cache(ctx)
-        if inversion.source_cache is None or inversion.source_cache.key != fresh.key:
-            inversion.source_cache = fresh
-        return inversion.source_cache
+        return self.source_cache.cache_for(inversion, ctx)
 
     def new_source_cache(self, ctx: EditContext) -> SourceCache:
         """An empty source cache for edits with ``ctx``'s pairing, layers, feature sites and steps,
         bounded by this editor's ``source_cache_mb`` and stored in its ``source_cache_dtype``."""
-        key = CacheKey(ctx.config.align_inversion, ctx.layers, source_sites(ctx), ctx.config.num_steps)
-        return SourceCache(key, max_bytes=self.source_cache_bytes, storage_dtype=self.source_cache_dtype)
+        return self.source_cache.new_cache(ctx)
 
     def edit_batch(
         self, requests: Sequence[EditRequest], progress: bool = False, return_exceptions: bool = False

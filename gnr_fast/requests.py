@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .config import EditConfig
 from .errors import ConfigError, InputError
 from .images import ImageInput, PreparedImage, prepare_image
 from .inversion import Inversion
 from .prompts import check_prompt
-
-if TYPE_CHECKING:  # for annotations only: editor.py imports this module
-    from .editor import Editor
+from .session import EditSession
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,18 +45,18 @@ class ResolvedRequest:
         return self.inversion.source_prompt if self.inversion is not None else self.request.source_prompt
 
 
-def preset_name(editor: Editor, preset: str | None) -> str:
-    """The preset an edit runs: ``preset`` if given, else the editor's default preset (the one place
+def preset_name(session: EditSession, preset: str | None) -> str:
+    """The preset an edit runs: ``preset`` if given, else the session's default preset (the one place
     that default is resolved)."""
-    return preset if preset is not None else getattr(editor, "default_preset", "nonstyle")
+    return preset if preset is not None else getattr(session, "default_preset", "nonstyle")
 
 
 def resolve_config(
-    editor: Editor, preset: str | None = None, config: EditConfig | str | Path | None = None, num_steps: int | None = None
+    session: EditSession, preset: str | None = None, config: EditConfig | str | Path | None = None, num_steps: int | None = None
 ) -> EditConfig:
     """The config an edit runs: ``config`` (object or YAML path) if given, else the named preset."""
     if config is None:
-        return EditConfig.preset(preset_name(editor, preset), 50 if num_steps is None else num_steps)
+        return EditConfig.preset(preset_name(session, preset), 50 if num_steps is None else num_steps)
     if isinstance(config, (str, Path)):
         config = EditConfig.from_yaml(config)
     if not isinstance(config, EditConfig):
@@ -75,7 +72,7 @@ def check_steps(num_steps: object, name: str = "num_steps") -> None:
         raise InputError(f"{name} must be an integer in [1, 1000], got {num_steps!r}")
 
 
-def resolve_request(editor: Editor, request: EditRequest, index: int | None = None) -> ResolvedRequest:
+def resolve_request(session: EditSession, request: EditRequest, index: int | None = None) -> ResolvedRequest:
     """Check ``request`` and resolve its config; read its image when it has no inversion yet.
 
     ``index`` names the request in messages (``requests[i].…``) when it is part of a batch.
@@ -96,13 +93,13 @@ def resolve_request(editor: Editor, request: EditRequest, index: int | None = No
                 f"{inversion.source_prompt!r}; omit source_prompt or invert again"
             )
         steps = inversion.num_steps if request.num_steps is None else request.num_steps
-        config = resolve_config(editor, request.preset, request.config, steps)
-        precision = editor.components.precision
-        inversion.check_compatible(editor.model_id, config.num_steps, dtype=editor.components.dtype,
+        config = resolve_config(session, request.preset, request.config, steps)
+        precision = session.components.precision
+        inversion.check_compatible(session.model_id, config.num_steps, dtype=session.components.dtype,
                                    allow_dtype_mismatch=precision.allow_dtype_mismatch)
         return ResolvedRequest(position, request, config, inversion=inversion)
     if request.source_prompt is None:
         raise InputError(f"{prefix}source_prompt is required when editing an image (it describes the input image)")
     check_prompt(request.source_prompt, f"{prefix}source_prompt")
-    config = resolve_config(editor, request.preset, request.config, request.num_steps)
-    return ResolvedRequest(position, request, config, image=prepare_image(request.source, max_pixels=editor.max_pixels))
+    config = resolve_config(session, request.preset, request.config, request.num_steps)
+    return ResolvedRequest(position, request, config, image=prepare_image(request.source, max_pixels=session.max_pixels))

@@ -22,7 +22,7 @@ from ..errors import (
     NotACheckpointError,
     UnsupportedArchitectureError,
 )
-from ..loading import read_json
+from ..model_files import BUNDLED_MODEL, read_json
 from .families import (
     Detection,
     check_prediction_type,
@@ -145,8 +145,6 @@ def _load_tokenizer(config_dir: Path, family_dir: Path) -> Any:
     A ``config_dir`` without a tokenizer/ folder takes the detected family's settings (``family_dir``).
     """
     from transformers import CLIPTokenizer
-
-    from ..loading import BUNDLED_MODEL
 
     folder = config_dir / "tokenizer" if (config_dir / "tokenizer").is_dir() else family_dir / "tokenizer"
     has_vocab = (folder / "tokenizer.json").is_file() or (

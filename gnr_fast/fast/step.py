@@ -101,7 +101,8 @@ def batch_step(
     plans: list[StepPlan] = []
     for ctx, source in zip(ctxs, sources):
         if source not in cached:
-            cached[source] = ctx.source_cache.get(step, ctx.components.dtype) if ctx.source_cache is not None else None
+            cache = ctx.state.source_cache
+            cached[source] = cache.get(step, ctx.components.dtype) if cache is not None else None
         plans.append(plan_step(ctx.config, step, source_cached=cached[source] is not None, energies_vanish=vanish,
                                split_source=runner.split_source))
     captures: list[dict[Role, PassCapture]] = [{} for _ in range(count)]
@@ -161,8 +162,8 @@ def batch_step(
                     for other in range(count):  # every image of this inversion reads the one source pass
                         if sources[other] == sources[b] and plans[other].energies:
                             captures[other][Role.INV_INV] = capture
-                    if ctxs[b].source_cache is not None:
-                        ctxs[b].source_cache.put(step, capture)
+                    if ctxs[b].state.source_cache is not None:
+                        ctxs[b].state.source_cache.put(step, capture)
                 else:
                     captures[b][row.role] = capture
         for j, (b, row) in enumerate(rows):
@@ -183,10 +184,12 @@ def batch_step(
         # The scale that worked is carried to the next step, so an overflow is not retried every step.
         grads = None
         if active:
-            loss_scale = ctx0.loss_scale if ctx0.loss_scale is not None else ctx0.components.precision.grad_loss_scale
+            loss_scale = ctx0.state.loss_scale
+            if loss_scale is None:
+                loss_scale = ctx0.components.precision.grad_loss_scale
             grads, loss_scale = energy_grad_to_latent(torch.stack(active).sum(), z_cur, loss_scale)  # [B, 4, h, w]
             for ctx in ctxs:
-                ctx.loss_scale = loss_scale
+                ctx.state.loss_scale = loss_scale
 
     # 4. Per-image CFG, direct terms and noise rescaling.
     terms = []

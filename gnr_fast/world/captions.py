@@ -30,7 +30,7 @@ from gnr_fast.world.palette import COLOUR_NAMES, SHAPES, SIZES
 if TYPE_CHECKING:
     import numpy as np
 
-    from gnr_fast.world.scenes import SceneSpec
+    from gnr_fast.world.specs import SceneSpec
 
 _BACKGROUND_TEMPLATES = {
     "gradient": "{0} to {1} gradient background",
