@@ -23,7 +23,7 @@ from enum import Enum
 
 from ..config import EditConfig
 from ..guiders import Guider, Role, cfg_guider, energy_guiders, scale_at
-from ..runtime.executor import CallKind
+from ..runtime.calls import CallKind
 
 
 class Latent(str, Enum):

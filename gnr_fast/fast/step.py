@@ -26,7 +26,7 @@ from ..attention.sites import FeatureSite
 from ..editing import EditContext, StepTerms, combine_terms
 from ..guiders import Guider, Role, capture_need, cfg_guider, direct_guiders, scale_at
 from ..precision import energy_grad_to_latent
-from ..runtime.executor import CallKind
+from ..runtime.calls import CallKind
 from .plan import Eps, Latent, Prompt, Row, StepPlan, energies_vanish, plan_step
 
 
