@@ -21,6 +21,7 @@ an edit is a pure function of its inputs, the same request gives the same image 
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import logging
@@ -58,7 +59,7 @@ class GnrClient:
 
     ``url`` is ``host:port``, optionally prefixed by ``http://`` or ``grpc://`` (which sets the
     protocol); ``failover`` more addresses of the same protocol (other replicas) that retries go
-    to in turn. ``timeout_s`` bounds each call, connection included. ``affinity`` sends the route
+    to in turn (later requests start at the address that answered last). ``timeout_s`` bounds each call, connection included. ``affinity`` sends the route
     key header; ``retries`` is how many times a request refused as busy / shutting down or left
     unanswered is re-sent (:attr:`retried` counts them). Not thread-safe: use one client per thread.
     """
@@ -95,6 +96,7 @@ class GnrClient:
         self._module = module
         self._clients: dict[str, Any] = {}
         self._client = self._connection(address)
+        self._current = 0  # index into addresses: the replica that answered last (failover sticks)
         self._batched: dict[str, bool] = {}
 
     def _connection(self, address: str):
@@ -141,7 +143,7 @@ class GnrClient:
         kwargs = {"client_timeout": min(self.timeout_s, 10.0)} if self.protocol == "grpc" else {}
         try:
             return bool(probe(**kwargs))
-        except (InferenceServerException, OSError):
+        except (InferenceServerException, OSError, http.client.HTTPException):
             return False
 
     # --- calls --------------------------------------------------------------------------------
@@ -199,12 +201,14 @@ class GnrClient:
         it as busy or shutting down or leaves it unanswered; other errors are raised at once."""
         attempt = 0
         while True:
-            address = self.addresses[attempt % len(self.addresses)]
+            index = (self._current + attempt) % len(self.addresses)
             # Behind one balancer address a retry takes another point of its hash ring; with
             # several addresses the next address is already another replica.
             sent_key = retry_key(key, attempt) if key is not None and len(self.addresses) == 1 else key
             try:
-                return self._infer_once(address, model, fields, values, output_names, sent_key)
+                outputs = self._infer_once(self.addresses[index], model, fields, values, output_names, sent_key)
+                self._current = index  # later requests start at the replica that answered
+                return outputs
             except (errors.ServiceBusyError, errors.ReplicaUnavailableError) as exc:
                 if attempt >= self.retries:
                     raise
@@ -244,6 +248,11 @@ class GnrClient:
         except OSError as exc:
             raise errors.ReplicaUnavailableError(
                 f"cannot reach the gnr-fast server at {address} ({self.protocol}): {exc}"
+            ) from exc
+        except http.client.HTTPException as exc:  # geventhttpclient: the connection closed mid-answer
+            raise errors.ReplicaUnavailableError(
+                f"the gnr-fast server at {address} closed the connection before answering "
+                f"({type(exc).__name__}: {exc}); it may have stopped"
             ) from exc
         return {name: bytes(result.as_numpy(name).reshape(-1)[0]) for name in output_names}
 

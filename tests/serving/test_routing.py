@@ -126,3 +126,13 @@ def test_shipped_nginx_config_is_rendered_and_accepted_by_nginx(tmp_path, capsys
     ))
     checked = _nginx_accepts(local, tmp_path)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_client_command_takes_the_replica_options():
+    from gnr_fast.cli import build_parser
+
+    args = build_parser().parse_args(["client", "edit", "in.png", "-s", "a", "-t", "b", "--url", "http://lb:8080",
+                                      "--affinity", "--retries", "2", "--failover", "http://r1:8000", "http://r2:8000"])
+    assert (args.affinity, args.retries, args.failover) == (True, 2, ["http://r1:8000", "http://r2:8000"])
+    serve = build_parser().parse_args(["serve", "--service-metrics-port", "0"])
+    assert serve.service_metrics_port == 0  # off
