@@ -19,6 +19,7 @@ from .errors import (
     NotAPipelineError,
     UnsupportedArchitectureError,
 )
+from .fingerprint import config_bytes, model_fingerprint
 from .hub import resolve_model
 from .model_defaults import METADATA_NAME, load_model_defaults
 from .precision import MODEL_DTYPES, ModelDtype, PrecisionPolicy, default_model_dtype
@@ -162,10 +163,6 @@ PROBE_EMBEDDING_ROWS = 64
 """Rows of the token-embedding table hashed (the whole table is 49408 × 768 in SD 1.x)."""
 
 
-_LOAD_ONLY_CONFIG_KEYS = frozenset({"_name_or_path", "dtype", "torch_dtype"})
-"""Config entries set by the loader (path, load dtype), not by the checkpoint: left out of the model id."""
-
-
 def module_probes(unet: Any, vae: Any, text_encoder: Any) -> list[torch.Tensor]:
     """The :data:`PROBES` tensors of loaded modules, as float32 on the CPU (in that order)."""
     tensors = [unet.conv_in.weight, unet.conv_out.weight, vae.encoder.conv_in.weight, vae.decoder.conv_out.weight]
@@ -198,26 +195,6 @@ def stored_probes(path: Path) -> list[torch.Tensor] | None:
                 tensor = tensor[:PROBE_EMBEDDING_ROWS] if name.startswith("embeddings.") else tensor[:]
                 probes.append(tensor.to(torch.float32))
     return probes
-
-
-def model_fingerprint(unet: Any, vae: Any, text_encoder: Any, schedule: NoiseSchedule, probes: list[torch.Tensor]) -> str:
-    """A short id that changes when the weights or the configs change (saved with inversions).
-
-    ``probes`` are the :data:`PROBES` weights as float32 (:func:`stored_probes`, else
-    :func:`module_probes`). The dtype the model runs in is not part of the id: it is recorded beside
-    it (``Inversion.dtype``). Nor is the folder's path: the config entries the loaders add
-    (:data:`_LOAD_ONLY_CONFIG_KEYS`) are left out, so a copied checkpoint keeps its id.
-    """
-    digest = hashlib.sha256()
-    configs = [dict(unet.config), dict(vae.config), text_encoder.config.to_dict()]
-    for config in configs:
-        kept = {k: v for k, v in config.items() if k not in _LOAD_ONLY_CONFIG_KEYS}
-        digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
-    digest.update(schedule.alphas_cumprod.numpy().tobytes())
-    digest.update(schedule.prediction_type.encode())
-    for tensor in probes:
-        digest.update(tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 _ALIGNMENT = 64  # bytes; torch's CPU allocator aligns every allocation to this
@@ -426,9 +403,7 @@ def _with_relaxed_text_encoder(model_id: str, folder: Path) -> str:
     stored in ``folder`` — like the main id, the same in every load dtype; the whole file, since a
     fine-tune of the main encoder may leave the probed embedding rows unchanged."""
     digest = hashlib.sha256(model_id.encode())
-    config = read_json(folder / _CONFIG_FILES["text_encoder"])
-    kept = {k: v for k, v in config.items() if k not in _LOAD_ONLY_CONFIG_KEYS}
-    digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
+    digest.update(config_bytes(read_json(folder / _CONFIG_FILES["text_encoder"])))
     weights = next(folder / name for name in _WEIGHT_FILES["text_encoder"] if (folder / name).is_file())
     with open(weights, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

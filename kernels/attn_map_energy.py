@@ -29,11 +29,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# The interpreter decision is taken when ``@triton.jit`` runs, i.e. when this module is imported;
-# the wrapper in ``gnr_fast.ops.attn_map_energy`` reads this flag to know which devices it may use.
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
-
-
 @triton.jit
 def _scores_tile(q, k, scale, DOT_PRECISION: tl.constexpr):
     """scale · q kᵀ for a [BLOCK_M, BLOCK_D] query tile and a [BLOCK_N, BLOCK_D] key tile."""

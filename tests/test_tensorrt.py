@@ -128,7 +128,7 @@ MISSING = [what for what, present in (("tensorrt is not installed (pip install t
 @pytest.mark.skipif(bool(MISSING), reason="; ".join(MISSING))
 def test_engine_matches_eager(tiny_model_path, tmp_path):
     from gnr_fast.exporting import export_onnx
-    from gnr_fast.exporting.info import unet_fingerprint
+    from gnr_fast.fingerprint import unet_fingerprint
     from gnr_fast.exporting.tensorrt import build_engine
     from gnr_fast.loading import load_components
     from gnr_fast.runtime.tensorrt import TensorRTPlainUNet

@@ -10,7 +10,6 @@ refused instead of producing wrong ε.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,22 +28,6 @@ OUTPUT_NAMES = ("eps",)  # [B, 4, h, w] float32 (ε, or v for v-prediction check
 EXPORT_DTYPES = ("float32", "float16")
 
 
-def unet_fingerprint(unet: torch.nn.Module) -> str:
-    """A short id of a diffusers UNet: its config and probe weights (first and last convolution,
-    time embedding, the mid block's first convolution), read in float32.
-
-    The export depends on the UNet alone, so this, not the checkpoint's model id (which also
-    covers the VAE and text encoder), is what an export is matched by. Weights are read in
-    float32, so a float16 copy of the same checkpoint has another id (its weights differ).
-    """
-    digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
-    probes = (unet.conv_in.weight, unet.conv_out.weight, unet.time_embedding.linear_1.weight,
-              unet.mid_block.resnets[0].conv1.weight)
-    for tensor in probes:
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 @dataclass(frozen=True)
 class ExportInfo:
     """The model, precision and shapes an exported UNet serves.
@@ -53,7 +36,7 @@ class ExportInfo:
     size ÷ the VAE factor, 8 for SD); the batch axis is dynamic within ``[min_batch, max_batch]``.
     """
 
-    unet_id: str  # unet_fingerprint of the exported UNet: what a loaded UNet is matched by
+    unet_id: str  # gnr_fast.fingerprint.unet_fingerprint of the exported UNet: what a loaded UNet is matched by
     dtype: str  # one of EXPORT_DTYPES: the precision the graph computes in (its IO is float32)
     latent_sizes: tuple[tuple[int, int], ...]
     min_batch: int

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import BackendUnavailableError, ExportError
 from ..families import family_for
+from ..fingerprint import unet_fingerprint
 from .info import (
     EXPORT_DTYPES,
     INFO_FILE,
@@ -43,7 +44,6 @@ from .info import (
     METADATA_KEY,
     OUTPUT_NAMES,
     ExportInfo,
-    unet_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ def export_onnx(
 
     ``model``: a diffusers SD 1.x/2.x folder (``None``: the bundled model), loaded in float32, or
     already loaded :class:`~gnr_fast.loading.Components`; the export is matched to UNets by
-    :func:`~gnr_fast.exporting.info.unet_fingerprint` (float32 weights), whatever its ``dtype``. ``sizes`` are image
+    :func:`~gnr_fast.fingerprint.unet_fingerprint` (float32 weights), whatever its ``dtype``. ``sizes`` are image
     (height, width) pairs in pixels, each side a multiple of 64; ``batch`` the (min, max) rows per
     call. See :func:`export_unet_onnx` for the files written.
     """

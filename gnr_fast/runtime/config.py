@@ -116,10 +116,6 @@ class RuntimeConfig:
         plain calls run in a dtype of their own (``"auto"`` is decided per model by the executor)."""
         return self.plain != self.capturing or self.plain_dtype not in (None, torch.float32, "auto")
 
-    @property
-    def compiled(self) -> bool:
-        return "compiled" in (self.plain, self.capturing)
-
     @classmethod
     def preset(cls, name: str) -> RuntimeConfig:
         """The preset of backend ``name`` (:func:`runtime_names`): every call on it, or, for a

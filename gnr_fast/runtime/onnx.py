@@ -43,6 +43,7 @@ from ..exporting.info import (
     OUTPUT_NAMES,
     ExportInfo,
 )
+from ..fingerprint import unet_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class OnnxPlainUNet:
     """Plain UNet calls (no grad, no captures) on ONNX Runtime.
 
     ``exports``: folders written by :func:`~gnr_fast.exporting.export_onnx`, each refused unless it
-    was made from the UNet ``unet_id`` (:func:`~gnr_fast.exporting.info.unet_fingerprint`) in
+    was made from the UNet ``unet_id`` (:func:`~gnr_fast.fingerprint.unet_fingerprint`) in
     ``dtype``. ``unet`` (optional): the diffusers UNet to export from
     when a call needs a latent size no given export serves; the export is written once into
     ``cache_dir`` (default :func:`default_cache_dir`) and reused by later processes. Without
@@ -297,8 +298,6 @@ def onnx_plain_runner(unet: torch.nn.Module, config: Any) -> OnnxPlainUNet:
     and ``config.plain_dtype`` (``None``: the UNet's dtype; ``torch.float16`` exports a float16
     graph, for the CUDA and TensorRT providers).
     """
-    from ..exporting.info import unet_fingerprint
-
     weights = next(unet.parameters())
     dtype = config.plain_dtype or weights.dtype
     return OnnxPlainUNet(

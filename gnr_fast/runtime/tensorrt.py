@@ -19,13 +19,14 @@ import torch
 from ..errors import ConfigError, ExportError
 from ..exporting.info import INPUT_NAMES, OUTPUT_NAMES
 from ..exporting.tensorrt import EngineRecord, require_tensorrt
+from ..fingerprint import unet_fingerprint
 
 
 class TensorRTPlainUNet:
     """Plain UNet calls (no grad, no captures) on a TensorRT engine on a CUDA device.
 
     Refuses (:class:`~gnr_fast.errors.ExportMismatchError`) an engine built from another UNet
-    (``unet_id``, :func:`~gnr_fast.exporting.info.unet_fingerprint`), another TensorRT version or
+    (``unet_id``, :func:`~gnr_fast.fingerprint.unet_fingerprint`), another TensorRT version or
     another GPU; raises :class:`~gnr_fast.errors.BackendUnavailableError` without TensorRT or CUDA.
     """
 
@@ -78,8 +79,6 @@ class TensorRTPlainUNet:
 def tensorrt_plain_runner(unet: torch.nn.Module, config: Any) -> TensorRTPlainUNet:
     """The ``"tensorrt"`` plain backend's factory: ``(unet, RuntimeConfig) -> runner`` over
     ``config.tensorrt_engine`` (built by ``gnr-fast export tensorrt``)."""
-    from ..exporting.info import unet_fingerprint
-
     if config.tensorrt_engine is None:
         raise ConfigError("runtime 'tensorrt' needs RuntimeConfig.tensorrt_engine: an engine from `gnr-fast export tensorrt`")
     return TensorRTPlainUNet(config.tensorrt_engine, unet_fingerprint(unet), device=next(unet.parameters()).device)

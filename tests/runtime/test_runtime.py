@@ -25,7 +25,7 @@ STEPS = 4
 def test_presets_and_validation():
     assert RuntimeConfig.preset("eager") == RuntimeConfig() and not RuntimeConfig().split_source
     compiled = RuntimeConfig.preset("compiled")
-    assert (compiled.plain, compiled.capturing) == ("compiled", "compiled") and compiled.compiled
+    assert (compiled.plain, compiled.capturing) == ("compiled", "compiled")
     assert RuntimeConfig.resolve(None) == RuntimeConfig() and RuntimeConfig.resolve(compiled) is compiled
     assert RuntimeConfig(plain="onnx", capturing="eager").split_source
     with pytest.raises(BackendUnavailableError, match="runtime 'turbo' is unknown"):
