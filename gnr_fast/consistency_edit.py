@@ -149,6 +149,7 @@ class ConsistencyTerms:
 
     eps_trg: torch.Tensor
     eps_inv: torch.Tensor | None  # None: no energy active (ε_inv not needed)
+    eps_src: torch.Tensor | None  # ε(z, c_src, w = 0), run only when an energy reads it (its captures)
     guider_grad: torch.Tensor | None
     gamma: torch.Tensor
     energy: torch.Tensor
@@ -290,7 +291,7 @@ class ConsistencyEditor:
         if not energies:
             eps_trg = self.calls.plain(z, t, c_trg, [w] * count)
             one = torch.ones((), device=z.device)
-            return [ConsistencyTerms(eps_trg[b : b + 1], None, None, one, torch.zeros((), device=z.device),
+            return [ConsistencyTerms(eps_trg[b : b + 1], None, None, None, one, torch.zeros((), device=z.device),
                                      eps_trg[b : b + 1]) for b in range(count)]
         layers = select_layers(self.calls.layers, config.self_attn_layers)
 
@@ -331,7 +332,8 @@ class ConsistencyEditor:
             guider_grad = grad[b : b + 1]
             gamma = rescale_gamma(config.rescale, eps_trg[b : b + 1] - eps_inv, guider_grad)
             eps_final = compose_consistency_noise(eps_trg[b : b + 1], gamma, guider_grad)
-            terms.append(ConsistencyTerms(eps_trg[b : b + 1], eps_inv, guider_grad, gamma, per_item[b].detach(),
+            eps_src = eps[b : b + 1].detach() if with_src else None
+            terms.append(ConsistencyTerms(eps_trg[b : b + 1], eps_inv, eps_src, guider_grad, gamma, per_item[b].detach(),
                                           eps_final.detach()))
         return terms
 
