@@ -5,9 +5,11 @@ For each replica count it starts the replicas (``--torch-threads`` each, ephemer
 and two nginx balancers in front of them (``gnr_fast.serving.balancer``: ``affine`` hashes the
 client's route key, ``round_robin`` does not), warms every replica up with one edit, then runs one
 load per policy (alternating the policy order per replica count) with fresh images: K clients, each
-owning its own images and editing each of them E times in a row (other targets). The first edit of
-an image inverts it; the E − 1 repeats hit the cache only where they meet the replica that inverted
-it. CPU per replica is the CPU time of the replica's process group (server, tritonserver, Python
+owning its own images and editing each of them E times in a row (other targets), with a random
+pause (``--jitter-ms``) before each request so that the clients do not move in lockstep (in
+lockstep, K clients over N replicas with N dividing K would meet the same replica every time under
+round-robin too). The first edit of an image inverts it; the E − 1 repeats hit the cache only where
+they meet the replica that inverted it. CPU per replica is the CPU time of the replica's process group (server, tritonserver, Python
 stubs) during the load, as a share of the machine (cores × wall). Servers and balancers are
 stopped by PID; the request count and the wall time are bounded.
 
@@ -82,16 +84,19 @@ def group_cpu_s(pgid: int) -> float:
 
 
 def run_load(url: str, load: Load, clients: int, images: list[list[bytes]], edits_per_image: int, steps: int,
-             preset: str, timeout_s: float, deadline: float) -> None:
-    """``clients`` threads; client k edits each of ``images[k]`` ``edits_per_image`` times in a row."""
+             preset: str, timeout_s: float, deadline: float, jitter_s: float, seed: int) -> None:
+    """``clients`` threads; client k edits each of ``images[k]`` ``edits_per_image`` times in a row,
+    pausing a uniform random 0–``jitter_s`` before each request (latency counts from the send)."""
     from gnr_fast.client import GnrClient
 
     lock = threading.Lock()
 
     def client_loop(k: int) -> None:
+        pauses = np.random.default_rng(seed + k)
         with GnrClient(url, timeout_s=timeout_s, affinity=True) as client:
             for i, image in enumerate(images[k]):
                 for e in range(edits_per_image):
+                    time.sleep(float(pauses.uniform(0.0, jitter_s)))
                     if time.monotonic() > deadline:
                         with lock:
                             load.errors.append("not sent: time budget exhausted")
@@ -129,7 +134,11 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path, size: int, cou
     balancers: dict[str, Nginx] = {}
     try:
         for replica in replicas:
-            replica.wait_ready(timeout_s=300)
+            try:
+                replica.wait_ready(timeout_s=300)
+            except RuntimeError:  # its log lives in the temporary directory: show it before it goes
+                print(replica.log.read_text(errors="replace")[-3000:], file=sys.stderr)
+                raise
             with GnrClient(f"127.0.0.1:{replica.http}", timeout_s=args.timeout) as client:  # warm-up
                 client.edit(shape_images(1, size, seed=9000 + seed)[0], SOURCE, "warm-up", steps=args.steps)
         for policy in POLICIES:
@@ -147,7 +156,7 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path, size: int, cou
             load = Load(count, policy)
             before = [group_cpu_s(r.process.pid) for r in replicas]
             run_load(balancers[policy].http_url, load, args.clients, images, args.edits_per_image, args.steps,
-                     args.preset, args.timeout, deadline)
+                     args.preset, args.timeout, deadline, args.jitter_ms / 1000, seed=seed + 100 * p)
             load.cpu_s = [group_cpu_s(r.process.pid) - b for r, b in zip(replicas, before)]
             print(load.row(os.cpu_count() or 1), flush=True)
             for error in load.errors[:3]:
@@ -183,7 +192,8 @@ def run(args: argparse.Namespace, command: str) -> str:
             f"at the end {os.getloadavg()[0]:.1f}), torch {torch.__version__}, {args.threads} torch thread(s) per "
             f"replica, no GPU; model: {description}, {size}×{size} images, {args.steps} DDIM steps, {args.preset} "
             f"preset, `--max-batch {args.max_batch}`; nginx on 127.0.0.1 (HTTP). {args.clients} clients, each "
-            f"editing its own {args.images_per_client} image(s) {args.edits_per_image} times in a row; repeat-edit "
+            f"editing its own {args.images_per_client} image(s) {args.edits_per_image} times in a row, a random "
+            f"0–{args.jitter_ms:g} ms pause before each request; repeat-edit "
             "hit rate = repeats answered from the replica's cache / repeats. CPU per replica = its process group's "
             f"CPU time during the load / ({cores} cores × wall)."
         ),
@@ -206,6 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=128, help="image side (default 128)")
     parser.add_argument("--max-batch", type=int, default=4, help="--max-batch of each replica (default 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica (default 1)")
+    parser.add_argument("--jitter-ms", type=float, default=500.0,
+                        help="longest random pause before each request, ms (default 500)")
     parser.add_argument("--preset", default="nonstyle", choices=PRESET_NAMES, help="edit preset (default nonstyle)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s (default 300)")
     parser.add_argument("--time-budget", type=float, default=1800.0, help="no request is sent after this, s (default 1800)")
