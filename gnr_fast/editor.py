@@ -11,6 +11,7 @@ import torch
 
 from .batch import edit_batch
 from .config import EditConfig
+from .consistency_edit import ConsistencyEditor, compiler_for_runtime, is_consistency_model
 from .editing import EditContext, StepCallback, StepTerms
 from .errors import GnrError, InputError
 from .fast.source_cache import SourceCache
@@ -108,6 +109,9 @@ class Editor(EditSession):
         upcast, the float16 loss scale and whether inversions of another dtype may be edited; its
         ``model_dtype`` must equal ``dtype`` (default: ``PrecisionPolicy(model_dtype=dtype)``).
         """
+        if is_consistency_model(path):  # few-step consistency models: their own sampler (docs/consistency-models.md)
+            return ConsistencyEditor.from_pretrained(path, device=device, dtype=dtype,  # type: ignore[return-value]
+                                                     compiler=compiler_for_runtime(runtime))
         components = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type, config=config,
                                      precision=precision)
         return cls(
