@@ -139,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=128, help="scene side in pixels")
     p.add_argument("--pool", type=int, default=3000, help="pre-encoded training scenes")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--cond-lr-mult", type=float, default=10.0,
+                   help="learning rate of the new time_embedding.cond_proj as a multiple of --lr")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--lr-floor", type=float, default=0.05, help="final lr as a fraction of --lr")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
@@ -154,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-initial-eval", action="store_true", help="skip the held-out error at step 0")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
@@ -189,7 +192,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     student = guided_unet(base)
     params = list(student.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    cond_proj = student.time_embedding.cond_proj.weight
+    # the new, zero-initialised guidance projection gets its own (higher) rate: it has to grow from 0
+    opt = torch.optim.AdamW([{"params": [p for p in params if p is not cond_proj], "lr_mult": 1.0},
+                             {"params": [cond_proj], "lr_mult": args.cond_lr_mult}], lr=args.lr, weight_decay=0.0)
     ema = {f"unet.{k}": v.detach().clone() for k, v in student.state_dict().items()}
     step, elapsed = 0, 0.0
     state = load_checkpoint(args.out) if args.resume else None
@@ -217,7 +223,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         log.write(f"step={step} heldout_rel_err " + " ".join(f"w{w:g}={e:.4f}" for w, e in errors.items()))
         return errors
 
-    if step == 0:
+    if step == 0 and not args.no_initial_eval:
         evaluate()
     student.train()
     budget = TimeBudget(args.steps, deadline, step)
@@ -242,7 +248,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             context = text_encoder(tokens[idx]).last_hidden_state
         target = cfg_prediction(base, zt, t, context, empty_context, w)
         for group in opt.param_groups:
-            group["lr"] = warmup_cosine_lr(step, args.lr, args.warmup, total, args.lr_floor)
+            group["lr"] = group["lr_mult"] * warmup_cosine_lr(step, args.lr, args.warmup, total, args.lr_floor)
         pred = student(zt, t, encoder_hidden_states=context, timestep_cond=guidance_scale_embedding(w)).sample
         loss = relative_mse(pred, target)
         opt.zero_grad(set_to_none=True)
