@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -22,9 +22,12 @@ from .model_defaults import ModelDefaults, load_model_defaults
 from .precision import ModelDtype, PrecisionPolicy
 from .prompts import check_prompt
 from .requests import EditRequest, check_steps, resolve_config
+from .hub import resolve_model
+from .output_types import OutputType, check_output_type
 from .results import EditResult, Timings
 from .runtime import RuntimeConfig
 from .session import EditSession, SourceCachePolicy
+from .step_callbacks import StepEnd, StepEndCallback
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,8 @@ class Editor(EditSession):
     ) -> Editor:
         """Load a local diffusers SD 1.x/2.x folder or single-file checkpoint (``None``: the bundled model).
 
-        Never contacts a hub. A ``.safetensors``/``.ckpt`` file is detected as SD 1.x or 2.x and loaded
+        Never contacts a hub: a hub id ``org/name`` is read from the local Hugging Face cache
+        (:mod:`gnr_fast.hub`). A ``.safetensors``/``.ckpt`` file is detected as SD 1.x or 2.x and loaded
         with shipped configs; ``prediction_type`` ('epsilon' | 'v_prediction') overrides the detected
         or configured one, ``config`` names a folder of diffusers configs for other architectures
         (README, "Single-file checkpoints").
@@ -109,11 +113,45 @@ class Editor(EditSession):
         upcast, the float16 loss scale and whether inversions of another dtype may be edited; its
         ``model_dtype`` must equal ``dtype`` (default: ``PrecisionPolicy(model_dtype=dtype)``).
         """
+        path = resolve_model(path)  # a hub id: its snapshot in the local Hugging Face cache
         if is_consistency_model(path):  # few-step consistency models: their own sampler (docs/consistency-models.md)
             return ConsistencyEditor.from_pretrained(path, device=device, dtype=dtype,  # type: ignore[return-value]
                                                      compiler=compiler_for_runtime(runtime))
         components = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type, config=config,
                                      precision=precision)
+        return cls(
+            components,
+            max_pixels=max_pixels,
+            source_cache_mb=source_cache_mb,
+            source_cache_dtype=source_cache_dtype,
+            defaults=load_model_defaults(components.path),
+            runtime=runtime,
+        )
+
+    @classmethod
+    def from_pipe(
+        cls,
+        pipe: Any,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        source_cache_mb: float = 2048,
+        source_cache_dtype: torch.dtype | None = None,
+        runtime: RuntimeConfig | str | None = None,
+    ) -> Editor:
+        """An editor on the modules of a loaded diffusers ``StableDiffusionPipeline`` (or
+        ``StableDiffusionImg2ImgPipeline``, :class:`~gnr_fast.pipeline.GuideAndRescalePipeline`).
+
+        No weight is copied: edits run the pipeline's own UNet, VAE and text encoder on their device
+        and in their dtypes, with any LoRA loaded or fused into them, and the noise schedule of its
+        scheduler's config (gnr-fast always inverts and edits with DDIM). The UNet gets gnr-fast's
+        attention processors (plain attention outside edits) and the modules are set to eval mode
+        without gradients (:mod:`gnr_fast.pipe_components`). Other pipelines raise
+        :class:`~gnr_fast.errors.UnsupportedArchitectureError` naming the supported ones. The other
+        arguments mean what they mean in :meth:`from_pretrained`; the preset defaults come from the
+        pipeline's folder's ``gnr_fast.json`` when it was loaded from one.
+        """
+        from .pipe_components import components_from_pipe
+
+        components = components_from_pipe(pipe)
         return cls(
             components,
             max_pixels=max_pixels,
@@ -148,6 +186,9 @@ class Editor(EditSession):
         progress: bool = True,
         num_steps: int | None = None,
         callback: StepCallback | None = None,
+        output_type: OutputType = "pil",
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None = None,
     ) -> EditResult:
         """Edit an image (or a saved inversion of one) toward ``target_prompt``.
 
@@ -157,15 +198,29 @@ class Editor(EditSession):
         (and fills/uses the inversion's source cache) — the same path as :meth:`edit_batch` with
         one request; ``mode="reference"`` runs the paper-literal four passes per step. Both give
         the same edit within the golden tolerances.
+
+        ``output_type`` (``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``, :mod:`gnr_fast.output_types`)
+        is the type of ``result.image``; ``"latent"`` skips the VAE decode. Two step callbacks:
+        ``callback(step, timestep, latent, terms)``, gnr-fast's read-only observer of each step's
+        typed :class:`~gnr_fast.editing.StepTerms`, and diffusers' ``callback_on_step_end(editor,
+        step, timestep, callback_kwargs) -> dict`` with ``callback_on_step_end_tensor_inputs``
+        (:mod:`gnr_fast.step_callbacks`), which can replace the latents and stop the edit by
+        setting ``editor._interrupt = True`` — the result is then the partial one, marked
+        ``interrupted=True`` with its ``steps_done``.
         """
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        check_output_type(output_type)
+        step_end = StepEnd(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         request = EditRequest(image_or_inversion, target_prompt, source_prompt, preset, config, num_steps)
+        options = {"progress": progress, "callback": callback, "output_type": output_type, "on_step_end": step_end}
         if mode == "fast":
-            (result,) = edit_batch(self, [request], progress=progress, callback=callback)
+            (result,) = edit_batch(self, [request], **options)
         else:
-            (result,) = edit_batch(self, [request], progress=progress, callback=callback, step_fn=_reference_batch_step,
-                                   max_group=1, source_cache=False)
+            (result,) = edit_batch(self, [request], **options, step_fn=_reference_batch_step, max_group=1,
+                                   source_cache=False)
+        result.steps_done = step_end.steps_done
+        result.interrupted = step_end.stopped and step_end.steps_done < result.config.num_steps
         return result
 
     def source_cache_for(self, inversion: Inversion, ctx: EditContext) -> SourceCache | None:
