@@ -35,6 +35,7 @@ __all__ = [
     "FeaturesMapL2",
     "GnrError",
     "GuidanceError",
+    "GuideAndRescalePipeline",
     "InputError",
     "Inversion",
     "InversionMismatchError",
@@ -45,3 +46,13 @@ __all__ = [
     "SelfAttnMapL2Appearance",
     "Timings",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``GuideAndRescalePipeline`` on first use: :mod:`gnr_fast.pipeline` imports diffusers' pipeline
+    machinery, which ``import gnr_fast`` alone does not need."""
+    if name == "GuideAndRescalePipeline":
+        from .pipeline import GuideAndRescalePipeline
+
+        return GuideAndRescalePipeline
+    raise AttributeError(f"module 'gnr_fast' has no attribute {name!r}")

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .devices import synchronize
-from .editing import BatchStepFunction, LoopItem, StepCallback, run_edit_loop
+from .editing import BatchStepFunction, LoopItem, StepCallback, StepEndHook, run_edit_loop
 from .errors import GnrError, InputError
 from .fast.step import batch_step
 from .images import decode_latent, to_output_image
+from .output_types import OutputType, convert_image, decodes
 from .requests import BatchRequest, EditRequest, ResolvedRequest, resolve_request
 from .results import EditResult, Timings
 from .session import EditSession
@@ -40,8 +41,15 @@ def edit_batch(
     step_fn: BatchStepFunction = batch_step,
     max_group: int | None = None,
     source_cache: bool = True,
+    output_type: OutputType = "pil",
+    on_step_end: StepEndHook | None = None,
 ) -> list[EditResult | GnrError]:
     """Run ``requests``, sharing UNet calls between compatible ones; results in request order.
+
+    ``output_type`` (:mod:`gnr_fast.output_types`) is the type of each result's ``image``
+    (``"latent"``: no VAE decode, ``image`` is ``None``); ``on_step_end`` runs after each step of
+    each group's loop and may replace its latents or stop it (``Editor.edit``'s
+    ``callback_on_step_end``, one request).
 
     Each :class:`EditResult` reports its own inversion and decoding time, and the editing time,
     UNet calls and rows of the group it ran in, with ``batch_size`` = the number of edits that
@@ -76,7 +84,8 @@ def edit_batch(
         size = max_group or len(group)
         for start in range(0, len(group), size):
             chunk = group[start : start + size]
-            for item, outcome in zip(chunk, _run_group(session, chunk, step_fn, progress, callback, source_cache)):
+            outcomes = _run_group(session, chunk, step_fn, progress, callback, source_cache, output_type, on_step_end)
+            for item, outcome in zip(chunk, outcomes):
                 if isinstance(outcome, GnrError) and not return_exceptions:
                     raise outcome
                 results[item.index] = outcome
@@ -117,8 +126,11 @@ def _run_group(
     progress: bool,
     callback: StepCallback | None,
     source_cache: bool,
+    output_type: OutputType = "pil",
+    on_step_end: StepEndHook | None = None,
 ) -> list[EditResult | GnrError]:
-    """The edit loop over a group of compatible requests; then decode each image."""
+    """The edit loop over a group of compatible requests; then decode each image (unless ``output_type``
+    is ``"latent"``)."""
     components, runner = session.components, session.runner
     items = []
     for item in group:
@@ -128,7 +140,7 @@ def _run_group(
         items.append(LoopItem(ctx, item.inversion.latents.to(components.device).float(), source=id(item.inversion)))
     before = _Counts(runner.calls, runner.rows)
     start = time.perf_counter()
-    outcomes = run_edit_loop(items, step_fn, progress=progress, callback=callback)
+    outcomes = run_edit_loop(items, step_fn, progress=progress, callback=callback, on_step_end=on_step_end)
     synchronize(components.device)  # CUDA runs asynchronously: wait for the loop's kernels before reading the clock
     editing_s = time.perf_counter() - start
     calls, rows = runner.calls - before.calls, runner.rows - before.rows
@@ -137,10 +149,13 @@ def _run_group(
         if isinstance(outcome, GnrError):
             results.append(outcome)
             continue
-        start = time.perf_counter()
-        array = decode_latent(components.vae, outcome, components.scaling_factor)[0]  # on the host: synchronised
-        image = to_output_image(array, item.inversion.original_size)
-        timings = Timings(inversion_s=item.inversion_s, editing_s=editing_s, decoding_s=time.perf_counter() - start)
+        image, decoding_s = None, 0.0
+        if decodes(output_type):
+            start = time.perf_counter()
+            array = decode_latent(components.vae, outcome, components.scaling_factor)[0]  # on the host: synchronised
+            image = convert_image(to_output_image(array, item.inversion.original_size), output_type)
+            decoding_s = time.perf_counter() - start
+        timings = Timings(inversion_s=item.inversion_s, editing_s=editing_s, decoding_s=decoding_s)
         results.append(EditResult(
             image=image,
             latents=outcome.detach().clone(),

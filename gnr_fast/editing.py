@@ -141,6 +141,16 @@ StepCallback = Callable[[int, int, torch.Tensor, StepTerms], None]
 """callback(step, timestep, new_latent, terms) after each step (per image of a batch)."""
 
 
+class StepEndHook(Protocol):
+    """Runs after each step (and its callbacks) on the batch's latents ``[B, 4, h, w]`` float32; returns
+    the latents the next step starts from (these, or a replacement of their shape) and whether the
+    edit stops here (:class:`gnr_fast.step_callbacks.StepEnd`: diffusers' ``callback_on_step_end``)."""
+
+    def __call__(
+        self, step: int, timestep: int, latents: torch.Tensor, terms: Sequence[StepTerms]
+    ) -> tuple[torch.Tensor, bool]: ...
+
+
 @dataclass(eq=False)
 class LoopItem:
     """One image moving through :func:`run_edit_loop`."""
@@ -155,9 +165,11 @@ def run_edit_loop(
     step_fn: BatchStepFunction,
     progress: bool = True,
     callback: StepCallback | None = None,
+    on_step_end: StepEndHook | None = None,
 ) -> list[torch.Tensor | GuidanceError]:
     """Denoise every item from inv[N] with ``step_fn``'s noise; the final latent ([1, 4, h, w],
     float32) of each item, or the :class:`GuidanceError` of an item whose noise turned non-finite.
+    When ``on_step_end`` stops the loop early, the latents reached so far are the final ones.
 
     Items must share the config, the working size and the executor. Host syncs per step: one (the
     finite check of every item's ε_final and γ, which decides who stays in the batch).
@@ -198,6 +210,10 @@ def run_edit_loop(
         if callback is not None:
             for j, term in enumerate(terms):
                 callback(i, t, z[j : j + 1], term)
+        if on_step_end is not None:
+            z, stop = on_step_end(i, t, z, terms)
+            if stop:
+                break
     for j, b in enumerate(live):
         outcomes[b] = z[j : j + 1]
     return outcomes  # type: ignore[return-value]

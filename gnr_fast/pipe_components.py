@@ -9,14 +9,14 @@ every module is put in eval mode with ``requires_grad_(False)``, as diffusers' i
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import ModelLoadError, UnsupportedArchitectureError
-from .loading import Components, model_fingerprint, module_probes, noise_schedule
+from .fingerprint import fingerprint, model_fingerprint
+from .loading import Components, module_probes, noise_schedule
 from .precision import MODEL_DTYPES, PrecisionPolicy
 
 SUPPORTED_PIPE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "GuideAndRescalePipeline")
@@ -56,11 +56,8 @@ def lora_digest(model_id: str, unet: Any, text_encoder: Any) -> str:
             if LORA_PARAMETER in name]
     if not lora:
         return model_id
-    digest = hashlib.sha256(model_id.encode())
-    for name, tensor in lora:
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    names = [model_id.encode(), *(name.encode() for name, _ in lora)]
+    return fingerprint([], [tensor for _, tensor in lora], names)
 
 
 def components_from_pipe(pipe: Any) -> Components:
