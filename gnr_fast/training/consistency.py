@@ -41,6 +41,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from gnr_fast.consistency_models import ConsistencyFiles, load_consistency_unets, load_guidance_unet
 from gnr_fast.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
+from gnr_fast.training.guidance_teacher import embed_w
 from gnr_fast.training.lora_adapters import (
     attach_lora,
     load_peft_state_dict,
@@ -52,7 +53,6 @@ from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine
 from gnr_fast.training.seeds import HELD_OUT_SEED_START
 from gnr_fast.training.unet import SD_SCHEDULE, encode_pool, tokenize, training_noise
 from gnr_fast.training.vae import psnr, to_model_range
-from gnr_fast.training.w_embedding import guidance_scale_embedding
 from gnr_fast.world import generate_scene
 
 REVERSE_BOUNDARIES = (0, 259, 519, 779)
@@ -127,7 +127,7 @@ def consistency_loss(student: UNet2DConditionModel, teacher: UNet2DConditionMode
         t = grid.timesteps[index]
         t_next = (t - grid.gap).clamp(min=0)
         boundary = reverse_boundary(t_next)
-    w_emb = guidance_scale_embedding(w)
+    w_emb = embed_w(w)
     zt = scheduler.add_noise(z0, noise, t)
     pred = jump(student(zt, t, encoder_hidden_states=context, timestep_cond=w_emb).sample, zt, t, boundary, grid)
     with torch.no_grad():
@@ -152,7 +152,7 @@ def invert(forward_unet: UNet2DConditionModel, z0: torch.Tensor, context: torch.
         noise = torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(INVERSION_NOISE_SEED))
         noise = noise.expand_as(z0)
     z = scheduler.add_noise(z0, noise, torch.zeros(len(z0), dtype=torch.long))
-    w_emb = guidance_scale_embedding(torch.zeros(len(z0)))
+    w_emb = embed_w(torch.zeros(len(z0)))
     for t_value, s_value in zip((0,) + FORWARD_BOUNDARIES[:-1], FORWARD_BOUNDARIES):
         t = torch.full((len(z0),), t_value)
         eps = forward_unet(z, t, encoder_hidden_states=context, timestep_cond=w_emb).sample
@@ -164,7 +164,7 @@ def reverse_sample(reverse_unet: UNet2DConditionModel, z: torch.Tensor, context:
                    grid: Grid) -> torch.Tensor:
     """4-jump reverse consistency sampling 999 → 779 → 519 → 259 → 0 at guidance scale ``w`` (keeps
     the autograd graph unless called under ``torch.no_grad``)."""
-    w_emb = guidance_scale_embedding(torch.full((len(z),), float(w)))
+    w_emb = embed_w(torch.full((len(z),), float(w)))
     starts = tuple(reversed(FORWARD_BOUNDARIES))  # 999, 779, 519, 259
     for t_value, s_value in zip(starts, tuple(reversed(REVERSE_BOUNDARIES))):
         t = torch.full((len(z),), t_value)

@@ -4,7 +4,7 @@
         --out runs/cfg_teacher --steps 20000 --deadline 13:05 --threads 1 --seed 35 --resume
 
 The student is the folder's UNet rebuilt with ``time_cond_proj_dim = 512`` (the guidance-scale
-embedding, :mod:`gnr_fast.training.w_embedding`) and initialised from the folder's weights with the
+embedding, :mod:`gnr_fast.families.guidance_embedding`; sin first, of 1000·w) and initialised from the folder's weights with the
 new ``time_embedding.cond_proj`` zero, so at step 0 it is the w-free model at every w. Each step
 draws training latents (the folder's VAE posterior means of training scenes, pre-encoded once),
 a timestep, noise (with the folder's offset noise) and a guidance scale w (0 with ``--w-zero-prob``,
@@ -32,6 +32,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from gnr_fast.families.guidance_embedding import guidance_scale_embedding
+
 from gnr_fast.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
 from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine_lr
 from gnr_fast.training.seeds import HELD_OUT_SEED_START
@@ -43,13 +45,26 @@ from gnr_fast.training.unet import (
     update_ema,
 )
 from gnr_fast.training.vae import to_model_range
-from gnr_fast.training.w_embedding import W_EMBEDDING_DIM, cfg_target, guidance_scale_embedding
 from gnr_fast.world import generate_scene
 
 TEACHER_FILE = "teacher.pt"
+W_EMBEDDING_DIM = 512
+"""Width of the guidance embedding; hard-coded in the authors' editing code, so every teacher we ship uses it."""
 EVAL_W = (0.0, 3.0, 7.0, 11.0, 19.0)
 """Guidance scales of the held-out error (0: the conditional model; 3: CFG 4, the ``shapes``
 preset's; 7 … 19: the consistency preset's)."""
+
+
+def embed_w(w: torch.Tensor) -> torch.Tensor:
+    """``timestep_cond`` [N, 512] for guidance scales ``w`` [N] (the engine's embedding,
+    :func:`gnr_fast.families.guidance_embedding.guidance_scale_embedding`)."""
+    return guidance_scale_embedding(w, W_EMBEDDING_DIM)
+
+
+def cfg_target(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """ε_c + w · (ε_c − ε_u) for per-row scales ``w`` [B]: the LCM / iCD convention, in which w = 0 is
+    the plain conditional prediction (inversion and source calls) and w is CFG's scale minus one."""
+    return eps_cond + w.view(-1, *([1] * (eps_cond.ndim - 1))) * (eps_cond - eps_uncond)
 
 
 def guided_unet(base: UNet2DConditionModel) -> UNet2DConditionModel:
@@ -107,7 +122,7 @@ def heldout_error(student: UNet2DConditionModel, base: UNet2DConditionModel, bat
         w = torch.full((len(zt),), w_value)
         target = cfg_prediction(base, zt, batch["t"], batch["context"], empty_context, w)
         pred = student(zt, batch["t"], encoder_hidden_states=batch["context"],
-                       timestep_cond=guidance_scale_embedding(w)).sample
+                       timestep_cond=embed_w(w)).sample
         errors[w_value] = float((pred - target).norm() / target.norm())
     return errors
 
@@ -249,7 +264,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         target = cfg_prediction(base, zt, t, context, empty_context, w)
         for group in opt.param_groups:
             group["lr"] = group["lr_mult"] * warmup_cosine_lr(step, args.lr, args.warmup, total, args.lr_floor)
-        pred = student(zt, t, encoder_hidden_states=context, timestep_cond=guidance_scale_embedding(w)).sample
+        pred = student(zt, t, encoder_hidden_states=context, timestep_cond=embed_w(w)).sample
         loss = relative_mse(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

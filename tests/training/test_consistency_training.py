@@ -17,7 +17,6 @@ from gnr_fast.lora import PEFT_PREFIX, fuse_lora, read_lora
 from gnr_fast.training import consistency, cycle_finetune, guidance_teacher
 from gnr_fast.training.lora_adapters import attach_lora, save_lora_file
 from gnr_fast.training.unet import SD_SCHEDULE
-from gnr_fast.training.w_embedding import cfg_target, guidance_scale_embedding
 
 MODEL = Path(guidance_teacher.__file__).resolve().parents[1] / "models" / "shapes-v1"
 GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "consistency_scene0" / "golden.pt"
@@ -36,15 +35,16 @@ def _inputs(seed: int = 0, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, 
 
 def test_w_embedding_matches_the_golden() -> None:
     golden = torch.load(GOLDEN, weights_only=True)
-    embedding = guidance_scale_embedding(golden["w_values"])
+    embedding = guidance_teacher.embed_w(golden["w_values"])
     # measured 2.4e-4 (one float32 ulp of exp() in a frequency, times 1000·w = 19000 rad)
     assert (embedding - golden["w_embedding"]).abs().max() < 2e-3
+    assert embedding.shape == (4, guidance_teacher.W_EMBEDDING_DIM)
     assert torch.equal(embedding[0], torch.cat([torch.zeros(256), torch.ones(256)]))  # w = 0 is not zero
 
 
 def test_cfg_target_is_conditional_at_w0() -> None:
     cond, uncond = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
-    out = cfg_target(cond, uncond, torch.tensor([0.0, 1.0, 7.0]))
+    out = guidance_teacher.cfg_target(cond, uncond, torch.tensor([0.0, 1.0, 7.0]))
     assert torch.equal(out[0], cond[0])
     torch.testing.assert_close(out[2], cond[2] + 7.0 * (cond[2] - uncond[2]))
 
@@ -57,7 +57,7 @@ def test_guided_unet_starts_as_the_w_free_model(base_unet: UNet2DConditionModel)
     with torch.no_grad():
         expected = base_unet(z, t, encoder_hidden_states=context).sample
         got = student(z, t, encoder_hidden_states=context,
-                      timestep_cond=guidance_scale_embedding(torch.tensor([7.0, 19.0]))).sample
+                      timestep_cond=guidance_teacher.embed_w(torch.tensor([7.0, 19.0]))).sample
     assert torch.equal(got, expected)
 
 
@@ -73,7 +73,7 @@ def test_lora_adapters_fuse_like_the_engine_loader(base_unet: UNet2DConditionMod
     adapters = attach_lora(unet, rank=4, seed=0)
     assert len(adapters) == 277  # the authors' lora_modules on the SD 1.x layout (as tiny-icd has)
     z, t, context = _inputs(1)
-    emb = guidance_scale_embedding(torch.tensor([0.0, 7.0]))
+    emb = guidance_teacher.embed_w(torch.tensor([0.0, 7.0]))
     with torch.no_grad():
         before = unet(z, t, encoder_hidden_states=context, timestep_cond=emb).sample
         plain = reference(z, t, encoder_hidden_states=context, timestep_cond=emb).sample
