@@ -20,6 +20,7 @@ embedding (the model family's extra input).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,18 +29,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .attention.capture import CaptureSpec, PassCapture, SelfAttnLayer, check_sites, row_captures, select_layers
-from .config import EditConfig
+from .config import CONSISTENCY_PRESET_NAMES, EditConfig
 from .consistency_models import ConsistencyFiles, ConsistencyUNets, load_consistency_unets
-from .errors import ConfigError, GuidanceError, ModelLoadError
+from .errors import ConfigError, GuidanceError, InputError, ModelLoadError
 from .families import GuidanceEmbeddingSD, family_for
 from .guiders import Role, capture_need, cfg_guider, energy_guiders, guider_energy, scale_at
-from .images import PreparedImage, decode_latent, encode_latent, prepare_image
+from .images import PreparedImage, decode_latent, encode_latent, prepare_image, to_output_image
 from .loading import Components, load_components, read_json
 from .model_defaults import load_model_defaults
 from .prompts import encode_prompt
 from .rescaling import rescale_gamma
+from .results import Timings
 from .runtime.modules import CapturingUNet, PlainUNet
 from .samplers.consistency import ConsistencySampler, compose_consistency_noise, invert_consistency, sample_consistency
 
@@ -47,6 +50,21 @@ logger = logging.getLogger(__name__)
 
 COMPILERS = (None, "aot_eager", "inductor")
 """How the UNet calls run: eagerly (None) or through ``torch.compile`` with that backend."""
+
+
+def is_consistency_model(path: object) -> bool:
+    """Whether ``path`` is a model folder whose ``gnr_fast.json`` names the consistency sampler."""
+    return isinstance(path, (str, Path)) and Path(path).is_dir() and load_model_defaults(path).sampler == "consistency"
+
+
+def compiler_for_runtime(runtime: object) -> str | None:
+    """The :data:`COMPILERS` entry an editor's ``runtime`` argument asks for: ``None``/``"eager"``
+    run eagerly, ``"compiled"`` with inductor; other runtimes do not serve consistency models yet."""
+    if runtime is None or runtime == "eager":
+        return None
+    if runtime == "compiled":
+        return "inductor"
+    raise ConfigError(f"runtime={runtime!r} is not available for consistency models; use 'eager' or 'compiled'")
 
 
 class ConsistencyCall(str, Enum):
@@ -200,10 +218,13 @@ class ConsistencyEditor:
         config: EditConfig | None = None,
         compiler: str | None = None,
         progress: bool = False,
+        dtype: torch.dtype | str = torch.float32,
     ) -> ConsistencyEditor:
         """Load an SD 1.x pipeline folder and its consistency files: those ``gnr_fast.json`` names
         (``docs/consistency-models.md``), each replaced by an explicit argument when given.
-        float32 only (the models were distilled and the golden matched in float32)."""
+        float32 only (``dtype`` float32 or ``"auto"``; the golden is matched in float32)."""
+        if dtype not in (torch.float32, "auto"):
+            raise ConfigError(f"consistency models run in float32 for now, got dtype={dtype}; use torch.float32")
         path = Path(path)
         defaults = load_model_defaults(path).consistency
         explicit = (teacher_unet, reverse_lora, forward_lora)
@@ -362,20 +383,77 @@ class ConsistencyEditor:
         decoded = decode_latent(self.components.vae, latent, self.calls.family.latent_scale(self.components.vae))[0]
         return decoded, match_color_stats(decoded, inversion.input_mean, inversion.input_std)
 
-    def edit(self, image: object, source_prompt: str, target_prompt: str) -> np.ndarray:
-        """The edited image (uint8 [H, W, 3], colour-matched to the input) of one edit."""
-        return self.edit_batch([(image, source_prompt, target_prompt)])[0]
+    def edit(
+        self,
+        image: object,
+        target_prompt: str,
+        source_prompt: str | None = None,
+        preset: str | None = None,
+        config: EditConfig | str | Path | None = None,
+        num_steps: int | None = None,
+        progress: bool | None = None,
+    ) -> ConsistencyResult:
+        """Edit ``image`` (path, PIL image or uint8 array) toward ``target_prompt``: the keywords of
+        :meth:`gnr_fast.Editor.edit` that apply. ``preset`` may only be ``"consistency"``; ``config``
+        an :class:`EditConfig` or a YAML file with this model's step count; ``num_steps`` must be the
+        model's (4). The image is colour-matched to the input, at the input's size."""
+        if source_prompt is None:
+            raise InputError("source_prompt is required: a consistency edit inverts the image under it")
+        if num_steps is not None and num_steps != self.sampler.num_steps:
+            raise ConfigError(f"this consistency model edits in {self.sampler.num_steps} steps, got num_steps={num_steps}")
+        if preset is not None and preset not in CONSISTENCY_PRESET_NAMES:
+            raise ConfigError(f"preset {preset!r} is a DDIM preset; a consistency model takes "
+                              f"{list(CONSISTENCY_PRESET_NAMES)}")
+        chosen = self.config
+        if config is not None:
+            chosen = config if isinstance(config, EditConfig) else EditConfig.from_yaml(config)
+            self.check_config(chosen)
+        saved, self.config = self.config, chosen
+        saved_progress, self.progress = self.progress, self.progress if progress is None else progress
+        try:
+            return self.edit_batch([(image, source_prompt, target_prompt)])[0]
+        finally:
+            self.config, self.progress = saved, saved_progress
 
-    def edit_batch(self, requests: Sequence[tuple[object, str, str]]) -> list[np.ndarray]:
+    def edit_batch(self, requests: Sequence[tuple[object, str, str]]) -> list[ConsistencyResult]:
         """Edit several (image, source prompt, target prompt) requests as one batch; every image must
         have the same size. Repeat edits of an image under the same source prompt reuse its
         inversion and source passes."""
+        if not requests:
+            raise InputError("edit_batch needs at least one (image, source_prompt, target_prompt) request")
+        rows_before, calls_before = sum(self.calls.rows.values()), sum(self.calls.calls.values())
+        start = time.perf_counter()
         inversions = [self.invert(image, src) for image, src, _ in requests]
+        inverted = time.perf_counter()
         latents = self.edit_latents(inversions, [r[1] for r in requests], [r[2] for r in requests])
+        edited = time.perf_counter()
         outputs = []
         for latent, inversion in zip(latents, inversions):
             if isinstance(latent, GuidanceError):
                 raise latent
-            outputs.append(self.decode(latent, inversion)[1])
-        return outputs
+            decoded, matched = self.decode(latent, inversion)
+            outputs.append((latent, decoded, matched, inversion))
+        done = time.perf_counter()
+        timings = Timings(inverted - start, edited - inverted, done - edited)
+        rows, calls = sum(self.calls.rows.values()) - rows_before, sum(self.calls.calls.values()) - calls_before
+        return [ConsistencyResult(to_output_image(matched, inversion.image.original_size), latent, decoded, matched,
+                                  inversion, timings, calls, rows, len(requests))
+                for latent, decoded, matched, inversion in outputs]
+
+
+@dataclass
+class ConsistencyResult:
+    """A consistency edit: the output image (colour-matched, at the input's size), the edited latent,
+    the plain decode and the matched array at the working size, timings and the UNet work of the
+    batch it ran in."""
+
+    image: Image.Image
+    latents: torch.Tensor  # [1, 4, h, w] float32
+    decoded: np.ndarray  # uint8 [H, W, 3]: the VAE decode, truncated
+    matched: np.ndarray  # uint8 [H, W, 3]: after the colour-statistics matching
+    inversion: ConsistencyInversion
+    timings: Timings
+    unet_calls: int
+    unet_rows: int
+    batch_size: int = 1
 

@@ -148,11 +148,12 @@ def test_free_running(editor, scene, golden):
 
 def test_repeat_edit_reuses_inversion_and_source_passes(editor, scene):
     """A second edit of the same image and source prompt runs only the guided rows; same result."""
-    first = editor.edit(scene / "input.png", SRC, TRG)
+    first = editor.edit(scene / "input.png", TRG, source_prompt=SRC)
     before = dict(editor.calls.rows)
-    second = editor.edit(scene / "input.png", SRC, TRG)
+    second = editor.edit(scene / "input.png", TRG, source_prompt=SRC)
     after = dict(editor.calls.rows)
-    assert np.array_equal(first, second)
+    assert np.array_equal(first.matched, second.matched) and first.image.size == (256, 256)
+    assert second.unet_rows == 1 + 2 * 3
     assert after[ConsistencyCall.INVERT] == before[ConsistencyCall.INVERT]
     assert after[ConsistencyCall.CAPTURING] == before[ConsistencyCall.CAPTURING]
     # step 0: the target row only (attention scale 0); steps 1-3: source and target rows
