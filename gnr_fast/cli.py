@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import demo
-from .config import PRESET_NAMES
+from .config import ALL_PRESET_NAMES, PRESET_NAMES
 from .cli_parser import CliParser
 from .errors import GnrError
 from .outputs import check_writable_file
@@ -39,6 +39,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="also show gnr-fast's info log and the third-party notes it hides (gnr_fast.quiet)")
 
+def _add_consistency_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "consistency models", "few-step editing (docs/consistency-models.md): the three files, when --model's "
+        "gnr_fast.json does not name them (the sampler follows the model: these files select 'consistency')")
+    group.add_argument("--teacher-unet", default=None, metavar="FILE", help="guidance-distilled UNet state dict (.pt)")
+    group.add_argument("--reverse-lora", default=None, metavar="FILE", help="reverse consistency LoRA (.safetensors)")
+    group.add_argument("--forward-lora", default=None, metavar="FILE", help="forward consistency LoRA (.safetensors)")
+
+
 def _add_single_file_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                         help="what the UNet predicts (default: detected; SD 1.x epsilon, SD 2.x guessed, see README)")
@@ -55,14 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("-s", "--source", help="prompt describing the input image")
     edit.add_argument("-t", "--target", required=True, help="prompt describing the edited image")
     edit.add_argument("-o", "--out", default=None, help="output image path (default: <image>_edited.png)")
-    edit.add_argument("--preset", default=None, choices=PRESET_NAMES,
+    edit.add_argument("--preset", default=None, choices=ALL_PRESET_NAMES,
                       help="guidance preset (default: the model's, from its gnr_fast.json: 'shapes' for the "
-                           "bundled model, else 'nonstyle')")
+                           "bundled model, 'consistency' for a consistency model, else 'nonstyle')")
     edit.add_argument("--config", default=None, help="edit config in the authors' YAML format (overrides --preset)")
     edit.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, or the inversion's)")
     edit.add_argument("--inversion", default=None, help="reuse an inversion file written by `gnr-fast invert`")
     edit.add_argument("--mode", default=None, help="execution mode (default: the library's default)")
     _add_model_args(edit)
+    _add_consistency_args(edit)
 
     inv = sub.add_parser("invert", help="DDIM-invert an image once, for repeated edits")
     inv.add_argument("image", help="input image (PNG/JPEG/WebP)")
@@ -230,6 +240,15 @@ def _editor(args: argparse.Namespace, **options):
     from .editor import Editor
     from .images import DEFAULT_MAX_PIXELS
 
+    consistency_files = [getattr(args, name, None) for name in ("teacher_unet", "reverse_lora", "forward_lora")]
+    if any(f is not None for f in consistency_files):
+        from .consistency_edit import ConsistencyEditor, compiler_for_runtime
+
+        teacher, reverse, forward = consistency_files
+        return ConsistencyEditor.from_pretrained(
+            args.model, device=args.device, teacher_unet=teacher, reverse_lora=reverse, forward_lora=forward,
+            compiler=compiler_for_runtime(args.runtime), dtype="auto" if args.dtype == "auto" else getattr(torch, args.dtype),
+        )
     return Editor.from_pretrained(
         args.model,
         device=args.device,
