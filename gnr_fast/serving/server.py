@@ -20,6 +20,9 @@ repository API, and strict readiness counts loaded models only, so it answers 20
 model store — would fix that, but then pytriton's instance-handshake race, below, kills Triton at
 start and pytriton waits 120 s before it notices; measured: 1 of 2 starts.)
 
+Metrics: Triton's own on ``metrics_port``; the service's (cache, batches, queue depth, refusals by
+reason, per-phase latency; :mod:`gnr_fast.serving.metrics`) on ``service_metrics_port`` when set.
+
 SIGTERM/SIGINT stop the server gracefully: the service refuses requests it has not accepted yet
 ("shutting down", :class:`~gnr_fast.errors.ServiceBusyError`), Triton stops taking requests and
 waits up to ``exit_timeout_s`` for the ones in flight, which the engine thread finishes. A client
