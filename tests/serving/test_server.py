@@ -222,7 +222,9 @@ def test_client_reports_an_unreachable_server():
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits(tiny_model_path, tmp_path):
-    running = _start(tiny_model_path, tmp_path, "--steps", "40", "--max-batch", "2")
+    # --exit-timeout 60 (servers.py: 10): under load (average 10 on 2 cores) the 40-step edit took
+    # longer than 10 s after SIGTERM, Triton closed its connection and the test failed.
+    running = _start(tiny_model_path, tmp_path, "--steps", "40", "--max-batch", "2", "--exit-timeout", "60")
     answers: list = []
 
     def request() -> None:
