@@ -56,8 +56,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gnr_fast.ops.attention_lse import attention_lse
 from gnr_fast.ops.attn_map_energy import (
-    attention_lse,
     attn_map_energy,
     attn_map_energy_ref,
     triton_supported,

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedArchitectureError
-from ..ops.attention_lse import attention_with_lse
-from ..ops.attn_map_energy import attention_lse
+from ..ops.attention_lse import attention_lse, attention_with_lse
 from .capture import CaptureMode, Recorder, SelfAttnLayer, install_feature_taps
 
 

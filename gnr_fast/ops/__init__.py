@@ -4,9 +4,8 @@ from gnr_fast.quiet import third_party_noise_filtered
 
 # Registering a triton_op without triton installed logs torch's "Triton not available" note (gnr_fast.quiet).
 with third_party_noise_filtered():
-    from gnr_fast.ops.attention_lse import attention_with_lse, attention_with_lse_ref
+    from gnr_fast.ops.attention_lse import attention_lse, attention_with_lse, attention_with_lse_ref
     from gnr_fast.ops.attn_map_energy import (
-        attention_lse,
         attn_map_energy,
         attn_map_energy_ref,
         native_supported,

@@ -18,7 +18,7 @@ Implementations, chosen by named predicates and logged once (:func:`attention_ls
 - ``"triton"``: the fused forward of ``kernels/attention_lse.py`` (CUDA; head dims up to 256,
   padded to powers of two; any token count), registered with ``torch.library.triton_op``.
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` plus the chunked lse of
-  :func:`gnr_fast.ops.attn_map_energy.attention_lse` (everything else).
+  :func:`attention_lse` (everything else).
 
 Every path's backward is the same (:class:`_AttentionWithLse`): the output's gradient by
 re-running SDPA under autograd (or the CPU flash backward op), the lse's by two SDPA calls. lse
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 from typing import Literal
 
 import torch
@@ -38,9 +37,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gnr_fast.devices import on_device
-from gnr_fast.errors import BackendUnavailableError, InputError
-from gnr_fast.ops.attn_map_energy import attention_lse as chunked_attention_lse
-from gnr_fast.ops.path_choice import log_choice
+from gnr_fast.errors import InputError
+from gnr_fast.ops import native
+from gnr_fast.ops.attn_map_energy import native_supported
+from gnr_fast.ops.attn_map_energy.chunked import scores
+from gnr_fast.ops.kernel_args import (
+    DOT_PRECISION,
+    cdiv,
+    check_scale_and_chunk,
+    compute_dtype,
+    default_chunk,
+    next_power_of_2,
+    softmax_scale,
+)
+from gnr_fast.ops.path_choice import PathReason, choose_path
 from gnr_fast.ops.triton_kernels import kernel_module, launch_unsupported_reason
 
 logger = logging.getLogger(__name__)
@@ -50,7 +60,6 @@ Backend = Literal["auto", "cpu_flash", "xformers", "triton", "sdpa"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # Triton and xformers
 _TRITON_MAX_HEAD_DIM = 256
-_DOT_PRECISION = "tf32x3"  # fp32 dots at about fp32 accuracy on tensor cores (see attn_map_energy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +70,7 @@ _DOT_PRECISION = "tf32x3"  # fp32 dots at about fp32 accuracy on tensor cores (s
 def attention_with_lse_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
     """Materialised ``(softmax(S) v, logsumexp(S))`` with S = scale·q kᵀ in float32 (float64 for
     float64 inputs); out in the input dtype, lse float32/float64. Differentiable by autograd."""
-    scale = _resolve_scale(q, scale)
+    scale = softmax_scale(q, scale)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = scale * (q.to(dtype) @ k.to(dtype).transpose(-1, -2))  # [B, H, N, L]
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, N]
@@ -113,11 +122,20 @@ def attention_lse_path(q: Tensor, k: Tensor, v: Tensor) -> Path:
     """The implementation ``backend="auto"`` uses for these tensors (first that applies):
     CPU → ``"cpu_flash"``; CUDA with xformers installed → ``"xformers"``; CUDA with Triton →
     ``"triton"``; else ``"sdpa"``. Reasons per path: :func:`path_unavailable_reason`."""
-    for path in ("cpu_flash", "xformers", "triton"):
-        # The interpreter (CPU tensors under TRITON_INTERPRET=1) is for tests: forced only.
-        if path_unavailable_reason(path, q, k, v) is None and (path != "triton" or q.device.type == "cuda"):
-            return path
-    return "sdpa"
+    return next((name for name, reason_of in _kernel_paths(q, k, v) if reason_of(False) is None), "sdpa")
+
+
+def _kernel_paths(q: Tensor, k: Tensor, v: Tensor) -> list[tuple[str, PathReason]]:
+    """The kernels in order of preference with their predicates, for
+    :func:`~gnr_fast.ops.path_choice.choose_path` (``"sdpa"`` is the fallback)."""
+
+    def reason_of(path: Path, forced: bool) -> str | None:
+        reason = path_unavailable_reason(path, q, k, v)
+        if reason is None and path == "triton" and not forced and q.device.type != "cuda":
+            return "the Triton interpreter (CPU tensors under TRITON_INTERPRET=1) is for tests: forced only"
+        return reason
+
+    return [(path, lambda forced, path=path: reason_of(path, forced)) for path in ("cpu_flash", "xformers", "triton")]
 
 
 def path_unavailable_reason(path: Path, q: Tensor, k: Tensor, v: Tensor) -> str | None:
@@ -156,6 +174,33 @@ def _triton_unavailable_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     return None
 
 
+@torch.no_grad()
+def attention_lse(q: Tensor, k: Tensor, scale: float | None = None, chunk: int | None = None) -> Tensor:
+    """Per-row ``logsumexp(scale · q kᵀ, dim=-1)`` computed chunk by chunk, [B, H, N] float32.
+
+    Memory is one [B, H, chunk, N] score tile plus float32 copies of k; no gradient is recorded
+    (the result is a source-pass constant). float64 inputs give a float64 result. ``q`` and ``k``
+    may have different token counts (``q``: [B, H, N, D], ``k``: [B, H, L, D]). CPU tensors use
+    the C++ kernel when :func:`native_supported` holds (``chunk``: its rows per tile).
+
+    Raises:
+        InputError: shapes, dtypes or devices do not match, or ``scale``/``chunk`` is invalid.
+    """
+    _check_lse_inputs(q, k, scale, chunk)
+    scale = softmax_scale(q, scale)
+    if native_supported(q):
+        return native.attention_lse(q.float(), k.float(), scale, chunk or 0)
+    batch, heads, tokens, _ = q.shape
+    chunk = chunk if chunk is not None else default_chunk(batch, heads, k.shape[2], q.device)
+    dtype = compute_dtype(q)
+    keys = k.to(dtype)  # [B, H, L, D]
+    lse = torch.empty(batch, heads, tokens, dtype=dtype, device=q.device)  # [B, H, N]
+    for start in range(0, tokens, chunk):
+        rows = slice(start, min(start + chunk, tokens))
+        lse[:, :, rows] = torch.logsumexp(scores(q[:, :, rows], keys, scale), dim=-1)
+    return lse
+
+
 # --------------------------------------------------------------------------------------------
 # Validation and dispatch
 # --------------------------------------------------------------------------------------------
@@ -176,31 +221,33 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None, need_lse
         raise InputError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in B, H and D")
     if v.shape[:3] != k.shape[:3]:
         raise InputError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in B, H and tokens")
-    bad_scale = isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0
-    if scale is not None and bad_scale:
-        raise InputError(f"scale must be a finite non-zero float (or None for D**-0.5), got {scale!r}")
+    check_scale_and_chunk(scale, None)
     if not isinstance(need_lse, bool):
         raise InputError(f"need_lse must be True or False, got {need_lse!r}")
     if backend not in ("auto", "cpu_flash", "xformers", "triton", "sdpa"):
         raise InputError(f"backend must be 'auto', 'cpu_flash', 'xformers', 'triton' or 'sdpa', got {backend!r}")
 
 
+def _check_lse_inputs(q: Tensor, k: Tensor, scale: float | None, chunk: int | None) -> None:
+    """Raise :class:`InputError` unless ``attention_lse`` can use its inputs."""
+    for name, tensor in (("q", q), ("k", k)):
+        if not isinstance(tensor, Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4 or tensor.numel() == 0:
+            raise InputError(f"{name} must be a non-empty [B, H, N, D] tensor, got shape {tuple(tensor.shape)}")
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise InputError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in B, H and D")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype:
+        raise InputError(f"q and k must share one of {_DTYPES}, got {q.dtype} and {k.dtype}")
+    if k.device != q.device:
+        raise InputError(f"k is on {k.device} but q is on {q.device}; move them to one device")
+    check_scale_and_chunk(scale, chunk)
+
+
 def _choose(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Path:
-    """The path for ``backend`` (raising when a forced one is unavailable), logged once per choice."""
-    if backend == "auto":
-        path = attention_lse_path(q, k, v)
-        why = "auto"
-    else:
-        reason = path_unavailable_reason(backend, q, k, v)  # type: ignore[arg-type]
-        if reason is not None:
-            raise BackendUnavailableError(f"attention_with_lse: backend={backend!r} is unavailable: {reason}")
-        path, why = backend, "forced"  # type: ignore[assignment]
-    log_choice(logger, "attention_with_lse", path, why)
-    return path
-
-
-def _resolve_scale(q: Tensor, scale: float | None) -> float:
-    return float(scale) if scale is not None else q.shape[-1] ** -0.5
+    """The path for ``backend`` (:func:`~gnr_fast.ops.path_choice.choose_path`: raises when a forced
+    one is unavailable, logs each choice once)."""
+    return choose_path(logger, "attention_with_lse", backend, _kernel_paths(q, k, v), fallback="sdpa")  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,14 +262,14 @@ def _forward(path: Path, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return out, lse if lse.dtype == torch.float64 else lse.float()
     if scale is None:
-        scale = _resolve_scale(q, scale)
+        scale = softmax_scale(q, scale)
     if path == "xformers":
         return _xformers_forward(q, k, v, scale)
     if path == "triton":
         out, lse = torch.ops.gnr_fast.attention_lse_fwd(q.contiguous(), k.contiguous(), v.contiguous(), scale)
         return out, lse
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    lse = chunked_attention_lse(q, k, scale=scale)
+    lse = attention_lse(q, k, scale=scale)
     return out, lse if lse.dtype == torch.float64 else lse.float()
 
 
@@ -268,7 +315,7 @@ class _AttentionWithLse(torch.autograd.Function):
             )
             if grad_lse is None:
                 return gq, gk, gv, None, None
-        scale = _resolve_scale(q, ctx.scale)
+        scale = softmax_scale(q, ctx.scale)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.zeros_like(q, dtype=acc)
         dk = torch.zeros_like(k, dtype=acc)
@@ -307,17 +354,13 @@ def _sdpa_vjp(
 # --------------------------------------------------------------------------------------------
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def _launch_config(tokens: int, block_d: int, dtype: torch.dtype) -> dict[str, int]:
     """BLOCK_M/BLOCK_N by padded head dim (smaller for float32, whose fp32 dots use split
     operands), shrunk for short sequences but never below 16 (``tl.dot``'s minimum)."""
     block_m, block_n = (64, 64) if block_d <= 64 else (64, 32) if block_d <= 128 else (32, 32)
     if dtype == torch.float32:
         block_m = max(16, block_m // 2)
-    fit = max(16, _next_power_of_2(tokens))
+    fit = max(16, next_power_of_2(tokens))
     return {"BLOCK_M": min(block_m, fit), "BLOCK_N": min(block_n, fit), "num_warps": 4}
 
 
@@ -329,13 +372,13 @@ def _attention_lse_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tupl
     keys, value_dim = k.shape[2], v.shape[3]
     out = q.new_empty(batch, heads, tokens, value_dim)
     lse = q.new_empty(batch, heads, tokens, dtype=torch.float32)
-    block_d, block_dv = max(16, _next_power_of_2(head_dim)), max(16, _next_power_of_2(value_dim))
+    block_d, block_dv = max(16, next_power_of_2(head_dim)), max(16, next_power_of_2(value_dim))
     config = _launch_config(keys, max(block_d, block_dv), q.dtype)
-    grid = (-(-tokens // config["BLOCK_M"]), batch * heads)
+    grid = (cdiv(tokens, config["BLOCK_M"]), batch * heads)
     kernel = torch.library.wrap_triton(kernel_module("attention_lse")._attention_lse_fwd_kernel)
     with on_device(q.device):  # Triton launches on the current CUDA device, not q's
         kernel[grid](
             q, k, v, out, lse, scale, tokens, keys, head_dim, value_dim,
-            BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=_DOT_PRECISION, **config,
+            BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=DOT_PRECISION, **config,
         )
     return out, lse

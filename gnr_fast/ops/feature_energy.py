@@ -33,7 +33,7 @@ from torch import Tensor
 
 from gnr_fast.devices import on_device
 from gnr_fast.errors import InputError
-from gnr_fast.ops.path_choice import triton_or_torch
+from gnr_fast.ops.path_choice import choose_path
 from gnr_fast.ops.triton_kernels import (
     kernel_module,
     launch_unsupported_reason,
@@ -153,9 +153,9 @@ def _check_inputs(cur: Tensor, inv: Tensor, kind: str, backend: str) -> None:
 
 
 def _choose(cur: Tensor, backend: str) -> str:
-    """``"triton"`` or ``"torch"`` for ``backend`` (:func:`~gnr_fast.ops.path_choice.triton_or_torch`)."""
-    return triton_or_torch(
-        logger, "feature_energy", backend, lambda allow: feature_energy_unsupported_reason(cur, allow_interpreter=allow)
+    """``"triton"`` or ``"torch"`` for ``backend`` (:func:`~gnr_fast.ops.path_choice.choose_path`)."""
+    return choose_path(
+        logger, "feature_energy", backend, [("triton", lambda forced: feature_energy_unsupported_reason(cur, forced))]
     )
 
 

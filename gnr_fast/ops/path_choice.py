@@ -1,7 +1,8 @@
 """How an op picks its implementation and says so: one log line per distinct choice.
 
-Every op in this package decides its path (Triton, native C++, torch, ...) by named predicates
-that return the reason a path cannot run (``None`` when it can), never by catching an exception.
+Every op in this package decides its path (Triton, native C++, torch, ...) with
+:func:`choose_path`, from named predicates that return the reason a path cannot run (``None`` when
+it can), never by catching an exception.
 The choice is logged at INFO on the op's own logger the first time each (op, path, reason)
 occurs in the process, so a user sees once which kernel runs and why the faster one does not.
 """
@@ -9,8 +10,7 @@ occurs in the process, so a user sees once which kernel runs and why the faster 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,30 +37,39 @@ def forget_logged_choices() -> None:
     _logged.clear()
 
 
-def triton_or_torch(
+PathReason = Callable[[bool], "str | None"]
+"""``forced -> why a path cannot take the op's tensors, or None``; ``forced`` is true when the
+caller named that path (e.g. Triton then takes CPU tensors under ``TRITON_INTERPRET=1``)."""
+
+
+def choose_path(
     logger: logging.Logger,
     op: str,
     backend: str,
-    triton_unsupported_reason: Callable[[bool], str | None],
-) -> Literal["triton", "torch"]:
-    """The path of an op that has a Triton kernel and a torch reference.
+    paths: Sequence[tuple[str, PathReason]],
+    fallback: str = "torch",
+) -> str:
+    """The implementation an op runs: the one chooser of every op in this package.
 
-    ``backend`` is ``"auto"``, ``"torch"`` or ``"triton"``; ``triton_unsupported_reason(allow_interpreter)``
-    says why the kernel cannot take the op's tensors (``allow_interpreter`` is true only when
-    Triton is forced, so CPU tensors take it under ``TRITON_INTERPRET=1``). ``"auto"`` takes
-    Triton when the reason is ``None``. The choice is logged by :func:`log_choice`.
+    ``paths`` are the op's kernels in order of preference, each with its named predicate;
+    ``fallback`` (the pure-torch path) always runs. ``backend="auto"`` takes the first path whose
+    reason is ``None``, else the fallback; a path's own name (or the fallback's) forces it. The
+    choice and why are logged once by :func:`log_choice` (the reasons of the paths passed over).
 
     Raises:
-        BackendUnavailableError: ``backend="triton"`` and the kernel cannot run, naming why.
+        BackendUnavailableError: a forced path cannot run, naming why.
     """
-    if backend == "torch":
-        log_choice(logger, op, "torch", "backend='torch'")
-        return "torch"
-    reason = triton_unsupported_reason(backend == "triton")
-    if reason is None:
-        log_choice(logger, op, "triton", "supported")
-        return "triton"
-    if backend == "triton":
-        raise BackendUnavailableError(f"{op}: backend='triton' is unavailable: {reason}")
-    log_choice(logger, op, "torch", f"Triton: {reason}")
-    return "torch"
+    if backend == fallback:
+        return log_choice(logger, op, fallback, f"backend={fallback!r}")
+    passed_over: list[str] = []
+    for name, reason_of in paths:
+        if backend not in ("auto", name):
+            continue
+        reason = reason_of(backend == name)
+        if reason is None:
+            why = f"backend={name!r}" if backend == name else "; ".join(passed_over) or "supported"
+            return log_choice(logger, op, name, why)
+        if backend == name:
+            raise BackendUnavailableError(f"{op}: backend={name!r} is unavailable: {reason}")
+        passed_over.append(f"{name}: {reason}")
+    return log_choice(logger, op, fallback, "; ".join(passed_over))

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from gnr_fast.devices import on_device
 from gnr_fast.errors import InputError
-from gnr_fast.ops.path_choice import triton_or_torch
+from gnr_fast.ops.path_choice import choose_path
 from gnr_fast.ops.triton_kernels import (
     kernel_module,
     launch_unsupported_reason,
@@ -141,11 +141,8 @@ def rescale_path(delta_cfg: Tensor, grad: Tensor, backend: Backend = "auto") -> 
     """``"triton"`` or ``"torch"`` for these tensors and ``backend`` (``"auto"``: Triton when
     :func:`rescale_triton_supported` holds), logged once per (path, reason); raises
     :class:`BackendUnavailableError` when a forced Triton path cannot run."""
-    return triton_or_torch(
-        logger,
-        "rescale_gammas",
-        backend,
-        lambda allow: rescale_unsupported_reason(delta_cfg, grad, allow_interpreter=allow),
+    return choose_path(  # type: ignore[return-value]
+        logger, "rescale_gammas", backend, [("triton", lambda forced: rescale_unsupported_reason(delta_cfg, grad, forced))]
     )
 
 

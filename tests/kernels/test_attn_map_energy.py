@@ -40,8 +40,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton; see above
 
 from gnr_fast.errors import BackendUnavailableError, InputError
+from gnr_fast.ops import kernel_args
+from gnr_fast.ops.attention_lse import attention_lse
 from gnr_fast.ops.attn_map_energy import (
-    attention_lse,
     attn_map_energy,
     attn_map_energy_ref,
     default_chunk,
@@ -320,7 +321,7 @@ def test_chunked_path_never_allocates_an_n_by_n_map(recompute):
 
 def test_default_chunk_respects_tile_budget():
     """The default chunk keeps one [B, H, chunk, N] tile within TILE_BUDGET_FLOATS."""
-    assert default_chunk(1, 8, 4096) * 8 * 4096 <= ops.TILE_BUDGET_FLOATS
+    assert default_chunk(1, 8, 4096) * 8 * 4096 <= kernel_args.TILE_BUDGET_FLOATS
     assert default_chunk(1, 8, 4096) == 512
     assert default_chunk(1, 8, 4096, "cuda") == 512
     assert default_chunk(1, 1, 64) == 64  # short sequences: one chunk
@@ -330,8 +331,8 @@ def test_default_chunk_respects_tile_budget():
 def test_default_chunk_on_cpu():
     """CPU tiles: about CPU_TILE_BUDGET_FLOATS floats but at least CPU_MIN_CHUNK_ROWS rows, and
     never above TILE_BUDGET_FLOATS."""
-    budget, min_rows = ops.CPU_TILE_BUDGET_FLOATS, ops.CPU_MIN_CHUNK_ROWS
-    assert ops.TILE_BUDGET_FLOATS >= budget >= 8 * min_rows * 1024
+    budget, min_rows = kernel_args.CPU_TILE_BUDGET_FLOATS, kernel_args.CPU_MIN_CHUNK_ROWS
+    assert kernel_args.TILE_BUDGET_FLOATS >= budget >= 8 * min_rows * 1024
     chunk = default_chunk(1, 8, 1024, "cpu")
     assert chunk * 8 * 1024 <= budget < 2 * chunk * 8 * 1024
     assert default_chunk(1, 8, 1024, torch.device("cpu")) == chunk

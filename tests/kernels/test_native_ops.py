@@ -24,8 +24,8 @@ import torch
 
 from gnr_fast.errors import BackendUnavailableError
 from gnr_fast.ops import native
+from gnr_fast.ops.attention_lse import attention_lse
 from gnr_fast.ops.attn_map_energy import (
-    attention_lse,
     attn_map_energy,
     attn_map_energy_ref,
     native_supported,
