@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,9 +102,14 @@ def teacher_forced_inversion(editor: Editor, golden: GoldenRun) -> float:
 
 
 def teacher_forced_edit(
-    editor: Editor, golden: GoldenRun, step_fn: StepFunction, config: EditConfig | None = None
+    editor: Editor,
+    golden: GoldenRun,
+    step_fn: StepFunction,
+    config: EditConfig | None = None,
+    steps: Iterable[int] | None = None,
 ) -> list[StepComparison]:
-    """Feed every golden latent to ``step_fn`` and compare all terms with the golden ones."""
+    """Feed the golden latent of each step in ``steps`` (default: every step) to ``step_fn`` and
+    compare all terms with the golden ones; one row per step, in the order given."""
     g = golden.tensors
     dtype = editor.components.dtype
     config = config or EditConfig.preset(golden.preset, golden.num_steps)
@@ -117,7 +123,7 @@ def teacher_forced_edit(
         editor.embed(golden.target_prompt),
     )
     rows = []
-    for i in range(golden.num_steps):
+    for i in range(golden.num_steps) if steps is None else steps:
         z_star = source_latent(g["inv_latents"], i, config).to(dtype)
         terms = step_fn(ctx, g["latents"][i].to(dtype), z_star, i)
         golden_has_grad = bool(g["guider_grad"][i].abs().max() > 0)
