@@ -206,7 +206,6 @@ def test_client_errors_before_connecting(image_file, tmp_path, capsys, argv, mes
 
 
 def test_client_unreachable_server(image_file, tmp_path, capsys):
-    pytest.importorskip("tritonclient.http", reason='needs pip install "gnr-fast[serve]"')
     argv = ["client", "edit", str(image_file), "-s", "a", "-t", "b", "-o", str(tmp_path / "e.png"),
             "--url", f"127.0.0.1:{_free_port()}", "--timeout", "5"]
     assert main(argv) == 2
@@ -215,7 +214,6 @@ def test_client_unreachable_server(image_file, tmp_path, capsys):
 
 
 def test_client_bad_url(image_file, capsys):
-    pytest.importorskip("tritonclient.http", reason='needs pip install "gnr-fast[serve]"')
     assert main(["client", "edit", str(image_file), "-s", "a", "-t", "b", "--url", "ftp://x:1"]) == 2
     _one_line_error(capsys, "http://host:port")
 

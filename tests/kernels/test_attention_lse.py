@@ -11,14 +11,8 @@ inputs, plus 1e-3 for the half rounding of intermediates inside the fused kernel
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from triton_child import run_interpreted_child
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see test_attn_map_energy.py)
 
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops.attention_lse import (
@@ -72,8 +66,11 @@ SHAPES = [  # (B, H, N, L, D, DV): SD head dims; token counts not multiples of t
 ]
 
 
-@pytest.mark.parametrize("path", ["cpu_flash", "sdpa", "triton"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("path, shape", [
+    pytest.param(path, shape, id=f"{'x'.join(map(str, shape))}-{path}")
+    for shape in SHAPES for path in ("cpu_flash", "sdpa", "triton")
+    if not (path == "cpu_flash" and shape[4] != shape[5])  # needs one head dim (test_auto_dispatch_on_cpu)
+])
 def test_paths_match_reference_fp32(path, shape):
     q, k, v = make_qkv(*shape)
     _skip_unavailable(path, q, k, v)
@@ -88,6 +85,8 @@ def test_paths_match_reference_fp32(path, shape):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_paths_half_inputs(path, dtype):
     q, k, v = make_qkv(1, 2, 45, 45, 40, dtype=dtype, seed=3)
+    if path == "triton" and dtype == torch.bfloat16 and not q.is_cuda:
+        pytest.skip("bfloat16 tl.dot needs a CUDA GPU (the Triton interpreter lacks it: triton-lang/triton#11584)")
     _skip_unavailable(path, q, k, v)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     exact = outputs_and_grads(attention_with_lse_ref, q64, k64, v64)
@@ -153,16 +152,3 @@ def test_triton_op_passes_opcheck():
     if q.is_cuda:
         checks += ("test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.gnr_fast.attention_lse_fwd.default, (q, k, v, 0.25), test_utils=checks)
-
-
-def test_triton_in_fresh_process():
-    """When this process cannot interpret Triton (imported in compiled mode before
-    TRITON_INTERPRET=1), run the Triton cases in a child started with it."""
-    from gnr_fast.ops.triton_kernels import triton_importable
-
-    if not triton_importable():
-        pytest.skip("triton is not installed")
-    q, k, v = make_qkv(1, 1, 8, 8, 8)
-    if path_unavailable_reason("triton", q, k, v) is None or torch.cuda.is_available():
-        pytest.skip("the Triton cases ran in this process")
-    run_interpreted_child(__file__, "triton and not fresh")

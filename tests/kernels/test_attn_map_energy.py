@@ -14,30 +14,19 @@ Tolerances:
   rounding to the input dtype dominates.)
 
 Triton kernels run under Triton's interpreter on CPU tensors (compiled on CUDA when a GPU is
-present). The interpreter must be chosen before ``triton.language`` is first imported (its own
-helpers such as ``tl.zeros`` are ``@triton.jit`` functions built at import), so on a machine
-without a GPU this module sets ``TRITON_INTERPRET=1`` when it is imported, i.e. at collection,
-before any test imports triton; an explicit ``TRITON_INTERPRET`` in the environment wins. The
-wrapper loads the kernel module lazily for the current setting. If triton was nevertheless
-imported in compiled mode first (by another module), the in-process kernel tests skip and
-``test_triton_kernels_in_fresh_process`` runs them in a child Python started with
-``TRITON_INTERPRET=1``, so they always run somewhere.
+present): the ``triton_device`` fixture of ``tests/kernels/conftest.py``, which says how the
+interpreter is chosen before triton's first import.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import os
 from collections.abc import Iterator
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from triton_child import INTERPRETER_NOT_READY, run_interpreted_child
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton; see above
 
 from gnr_fast.errors import BackendUnavailableError, InputError
 from gnr_fast.ops import kernel_args
@@ -49,18 +38,12 @@ from gnr_fast.ops.attn_map_energy import (
     triton_supported,
 )
 from gnr_fast.ops.path_choice import forget_logged_choices
-from gnr_fast.ops.triton_kernels import triton_importable
 
 # The module, not the function of the same name that ``gnr_fast.ops`` re-exports.
 ops = importlib.import_module("gnr_fast.ops.attn_map_energy")
 
 FP32_RTOL = 1e-5
 FP32_FLOOR = 1e-5
-
-needs_triton = pytest.mark.skipif(
-    not triton_importable(), reason="triton is not installed (pip install 'gnr-fast[kernels]')"
-)
-
 
 # Its tensors are tiny: on a 2-core machine with a busy second core every multi-threaded matmul
 # waits ~20 ms at the OpenMP barrier.
@@ -435,23 +418,6 @@ def test_cpu_dispatches_to_torch_and_logs_once(caplog, monkeypatch):
 
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def triton_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """'cpu' (interpreted kernels) or 'cuda' (compiled kernels); skips where unavailable."""
-    if not triton_importable():
-        pytest.skip("triton is not installed (pip install 'gnr-fast[kernels]')")
-    if request.param == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        reason = ops.triton_unsupported_reason(torch.empty(1, 1, 1, 8), allow_interpreter=True)
-        if reason is not None:
-            pytest.skip(f"{INTERPRETER_NOT_READY} ({reason}); test_triton_kernels_in_fresh_process runs it")
-    else:
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA GPU")
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    return request.param
-
-
 # Tails in both axes; D padded. SD 1.x/2.x head dims 40, 64, 80, 160 cover every BLOCK_D row of
 # the launch table (64, 64, 128, 256); token counts stay small for the interpreter.
 TRITON_SHAPES = [(1, 1, 16, 4), (2, 3, 50, 8), (1, 2, 100, 40), (1, 1, 37, 64), (1, 2, 40, 80), (1, 1, 33, 160)]
@@ -463,7 +429,7 @@ def test_triton_matches_reference(shape, dtype, triton_device):
     """Kernel energy and gradients vs the reference: fp32 within 1e-5 of the fp32 reference;
     halves by the FlashAttention rule against float64."""
     if triton_device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter does not support bfloat16 tl.dot (triton-lang/triton#11584)")
+        pytest.skip("bfloat16 tl.dot needs a CUDA GPU (the Triton interpreter lacks it: triton-lang/triton#11584)")
     inputs = make_inputs(*shape, dtype=dtype, device=triton_device)
     assert triton_supported(inputs[0], allow_interpreter=True)
     actual = energy_and_grads(attn_map_energy, *inputs, backend="triton")
@@ -520,16 +486,6 @@ def test_triton_refuses_bfloat16_under_interpreter(triton_device):
     assert not triton_supported(inputs[0], allow_interpreter=True)
     with pytest.raises(BackendUnavailableError, match="11584"):
         attn_map_energy(*inputs, backend="triton")
-
-
-@needs_triton
-def test_triton_kernels_in_fresh_process():
-    """Fallback: when this process cannot interpret (triton was imported in compiled mode before
-    TRITON_INTERPRET=1 was set), run the kernel tests above in a child Python started with it."""
-    reason = ops.triton_unsupported_reason(torch.empty(1, 1, 1, 8), allow_interpreter=True)
-    if reason is None:
-        pytest.skip("the interpreted Triton kernel tests ran in this process")
-    run_interpreted_child(__file__, "test_triton and not fresh_process")
 
 
 # ------------------------------------------------------------------------------------------

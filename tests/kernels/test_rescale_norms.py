@@ -1,7 +1,7 @@
 """Tests of ``gnr_fast.ops.rescale_norms`` (both rescale norms and γ per image in one launch).
 
 The Triton kernel runs under the interpreter on CPU tensors (compiled on CUDA with a GPU); see
-test_feature_energy.py for how the interpreter is chosen and the fresh-process fallback.
+the ``triton_device`` fixture of ``tests/kernels/conftest.py``.
 
 Tolerances: both sides accumulate squares in float32 from the same inputs and differ only in
 summation order (the kernel: 1024 lanes, then a tree; ``vector_norm``: its own blocking).
@@ -12,14 +12,9 @@ is clipped the bound applies to γ = clip/ratio, which inherits the ratio's erro
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
-from triton_child import INTERPRETER_NOT_READY, run_interpreted_child
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 from gnr_fast.config import RescaleConfig
 from gnr_fast.errors import BackendUnavailableError, InputError
@@ -31,28 +26,9 @@ from gnr_fast.ops.rescale_norms import (
     rescale_gammas_ref,
     rescale_triton_supported,
 )
-from gnr_fast.ops.triton_kernels import triton_importable
 from gnr_fast.rescaling import rescale_gamma
 
 FP32_RTOL = 1e-5
-
-
-@pytest.fixture(params=["cpu", "cuda"])
-def triton_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """'cpu' (interpreted kernel) or 'cuda' (compiled kernel); skips where unavailable."""
-    if not triton_importable():
-        pytest.skip("triton is not installed (pip install 'gnr-fast[kernels]')")
-    if request.param == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        probe = torch.empty(1)
-        reason = ops.rescale_unsupported_reason(probe, probe, allow_interpreter=True)
-        if reason is not None:
-            pytest.skip(f"{INTERPRETER_NOT_READY} ({reason}); test_triton_in_fresh_process runs it")
-    else:
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA GPU")
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    return request.param
 
 
 def make_terms(shape, dtype=torch.float32, device="cpu", seed=0, grad_scales=None):
@@ -152,13 +128,3 @@ def test_invalid_inputs_raise_input_error(overrides, message):
     args = {"delta_cfg": torch.ones(2, 3), "grad": torch.ones(2, 3), "lo": 0.33, "hi": 3.0, **overrides}
     with pytest.raises(InputError, match=message):
         rescale_gammas(**args)
-
-
-def test_triton_in_fresh_process():
-    """When this process cannot interpret Triton, run the kernel cases in a child started with it."""
-    if not triton_importable():
-        pytest.skip("triton is not installed")
-    probe = torch.empty(1)
-    if torch.cuda.is_available() or ops.rescale_unsupported_reason(probe, probe, True) is None:
-        pytest.skip("the Triton cases ran in this process")
-    run_interpreted_child(__file__, "triton and not fresh")
