@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gnr_fast import Editor, GuideAndRescalePipeline
+from gnr_fast import Editor, GuideAndRescalePipeline, Inversion
 from gnr_fast.errors import InputError, UnsupportedArchitectureError
 
 STEPS = 3
@@ -93,9 +93,9 @@ def test_loras_loaded_or_fused_into_the_pipe_are_used(tiny_model_path, reference
         editor = Editor.from_pipe(pipe)
         edits[label] = editor.edit(sample_image_module, TARGET, source_prompt=SOURCE, num_steps=STEPS, progress=False)
         edits[label + "_id"] = editor.model_id
-    assert (edits["loaded"].latents - reference.latents).abs().max() > 1e-2  # measured 0.5: the LoRA changes the edit
-    # Loaded and fused differ only in rounding (x·Aᵀ·Bᵀ vs (W + BA)·x); measured 1.1e-6.
-    torch.testing.assert_close(edits["loaded"].latents, edits["fused"].latents, atol=2e-5, rtol=0)
+    assert (edits["loaded"].latents - reference.latents).abs().max() > 0.1  # measured 3.9: the LoRA changes the edit
+    # Loaded and fused differ only in rounding (x·Aᵀ·Bᵀ vs (W + BA)·x), grown by the guided steps; measured 1.45e-4.
+    torch.testing.assert_close(edits["loaded"].latents, edits["fused"].latents, atol=2e-3, rtol=0)
     assert edits["loaded_id"] != edits["fused_id"]  # the loaded LoRA's parameters are part of the model id
 
 
@@ -123,14 +123,16 @@ def test_pipeline_edits_bit_for_bit_like_editor_edit(gar_pipe, reference, sample
     assert isinstance(output.images, list) and len(output.images) == 1 and not output.interrupted
     assert np.array_equal(np.asarray(output.images[0]), np.asarray(reference.image))
     assert output.steps_done == STEPS and output.inversion.num_steps == STEPS
-    latent = gar_pipe(output.inversion, None, TARGET, output_type="latent")
-    assert torch.equal(latent.images, reference.latents)  # the same as the editor's (cache-reusing edit included)
-    as_np = gar_pipe(output.inversion, None, TARGET, output_type="np", return_dict=False)
-    as_pt = gar_pipe(output.inversion, None, TARGET, output_type="pt").images
+    # Fresh inversions each time: an edit reusing an inversion's source cache differs from the first
+    # edit of it in float rounding, so every call here is a first edit, like the reference.
+    run = lambda output_type, **kw: gar_pipe(sample_image_module, SOURCE, TARGET, num_inference_steps=STEPS,  # noqa: E731
+                                             output_type=output_type, **kw)
+    assert torch.equal(run("latent").images, reference.latents)
+    as_np, as_pt = run("np", return_dict=False), run("pt").images
     assert as_np[0].shape == (1, 64, 64, 3) and as_pt.shape == (1, 3, 64, 64)
     np.testing.assert_array_equal(as_np[0][0], np.asarray(reference.image, dtype=np.float32) / 255)
     assert torch.equal(as_pt[0], torch.from_numpy(as_np[0][0]).permute(2, 0, 1))
-    assert as_np[1] is output.inversion  # return_dict=False: the output's fields in order
+    assert isinstance(as_np[1], Inversion) and as_np[3] is False  # return_dict=False: the output's fields in order
 
 
 def test_pipeline_callback_gets_the_pipe_and_can_interrupt(gar_pipe, sample_image_module):
