@@ -256,6 +256,10 @@ class ConsistencyEditor:
 
     # --- prompts, inversion -----------------------------------------------------------------
 
+    def forget_inversions(self) -> None:
+        """Drop every kept inversion and its source passes (the next edit of an image is a first edit)."""
+        self._inversions.clear()
+
     def embed(self, prompt: str) -> torch.Tensor:
         """The text embedding [1, 77, C] of ``prompt`` (cached per prompt)."""
         if prompt not in self._prompts:
