@@ -204,7 +204,7 @@ def test_sigkill_of_a_replica_under_load_loses_no_answered_request(cluster):
         (dict(url=cluster.balancers["affine"].grpc_url), "grpc"),
     ]
     edits_per_client = 2
-    outcomes: dict[str, list] = {"answered": [], "errors": [], "retried": []}
+    outcomes: dict[str, list] = {"answered": [], "errors": [], "retried": [], "seconds": []}
     lock = threading.Lock()
 
     def load(index: int) -> None:
@@ -212,10 +212,12 @@ def test_sigkill_of_a_replica_under_load_loses_no_answered_request(cluster):
         with GnrClient(timeout_s=CALL_TIMEOUT_S, affinity=True, retries=2, **options) as client:
             for j in range(edits_per_client):
                 seed = 500 + 10 * index + j
+                started = time.monotonic()
                 try:
                     image, info = client.edit(_png(seed), SOURCE, f"a square {index}", steps=SLOW_STEPS)
                     with lock:
                         outcomes["answered"].append((seed, index, np.asarray(image), info))
+                        outcomes["seconds"].append(time.monotonic() - started)
                 except GnrError as exc:  # a clear error: the library's, with a message
                     with lock:
                         outcomes["errors"].append((seed, repr(exc)))
@@ -238,7 +240,9 @@ def test_sigkill_of_a_replica_under_load_loses_no_answered_request(cluster):
     assert not any(thread.is_alive() for thread in threads), "a client got no answer within 300 s"
     answered, errors, retried = outcomes["answered"], outcomes["errors"], outcomes["retried"]
     sent = len(plans) * edits_per_client
-    print(f"sigkill: sent {sent}, answered {len(answered)}, errors {len(errors)}, retries per client {retried}")
+    seconds = sorted(outcomes["seconds"])
+    print(f"sigkill: sent {sent}, answered {len(answered)}, errors {len(errors)}, retries per client {retried}, "
+          f"latency p50 {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s" if seconds else "")
     assert len(answered) + len(errors) == sent  # every request got an answer or an error
     assert not errors, errors  # with retries on, the survivor answered every request
     assert sum(retried) >= 1  # the requests in flight in the victim were lost and re-sent
