@@ -33,7 +33,7 @@ pytestmark = pytest.mark.server
 
 SOURCE = "a red circle"
 STEPS = 3
-SLOW_STEPS = 10  # about 0.5 s per edit on the tiny model: long enough to be in flight when a replica dies
+SLOW_STEPS = 10  # long enough for requests to be in flight when a replica dies
 CALL_TIMEOUT_S = 120.0
 
 
