@@ -125,7 +125,7 @@ def estimate(editor: Editor, config: EditConfig, latent: int, repeats: int = 3) 
 
     def inversion_step() -> None:
         with torch.no_grad():
-            editor.runner(z_star, ctx.timesteps[-1], ctx.c_src)
+            editor.runner.plain(z_star, torch.tensor(int(ctx.timesteps[-1]), device=z_star.device), ctx.c_src)
 
     return Estimate(encode_s, _median_s(inversion_step, repeats), kind_s,
                     [step_kind(p) for p in first], [step_kind(p) for p in repeat])

@@ -25,12 +25,13 @@ def main() -> None:
     latent = 8 if args.model == "tiny" else 32
     z = torch.randn(args.batch, 4, latent, latent)
     context = editor.embed("a photo").expand(args.batch, -1, -1)
+    t = torch.tensor(500)
     with torch.no_grad():
-        editor.runner(z, 500, context)  # warm-up, untimed
+        editor.runner.plain(z, t, context)  # warm-up, untimed
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            editor.runner(z, 500, context)
+            editor.runner.plain(z, t, context)
             times.append(time.perf_counter() - start)
     print(json.dumps({"mean_s": sum(times) / len(times), "min_s": min(times)}))
 

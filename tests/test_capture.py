@@ -68,7 +68,7 @@ def test_capture_does_not_change_output(setup):
     with torch.no_grad():
         plain = run.plain(z, t, ctx)
         qk, _ = run.capture(z, t, ctx, CaptureSpec(frozenset(range(16)), frozenset(FeatureSite), rows=(1, 2), with_lse=True))
-        maps = run(z, 300, ctx, (PassCapture(layers=frozenset(range(16)), mode=CaptureMode.MAPS),))
+        maps = RecordingUNet(run)(z, 300, ctx, (PassCapture(layers=frozenset(range(16)), mode=CaptureMode.MAPS),))
     assert plain.dtype == torch.float32
     torch.testing.assert_close(maps, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(qk, plain)

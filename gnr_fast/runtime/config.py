@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -85,7 +85,9 @@ class RuntimeConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"RuntimeConfig.{name} must be a backend name such as 'eager', got {value!r}")
-            backend_spec(value, kind)
+            unknown = set(backend_spec(value, kind).options) - {field.name for field in fields(self)}
+            if unknown:
+                raise ConfigError(f"backend {value!r} reads RuntimeConfig fields that do not exist: {sorted(unknown)}")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"RuntimeConfig.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
         for name in ("freezing", "cpp_wrapper", "guard_modules"):

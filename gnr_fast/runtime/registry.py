@@ -49,7 +49,8 @@ class BackendSpec:
         unavailable_reason: ``(device, config) -> str | None``, the one rule saying why it cannot
             run on ``device`` with ``config`` (checked before a runner is built, and by ``doctor``).
         detail: ``() -> str`` naming what was found (versions) when available, for ``doctor``.
-        options: the ``RuntimeConfig`` fields it reads.
+        options: the ``RuntimeConfig`` fields it reads (a config choosing it refuses names that are
+            no field).
         export: the ``gnr-fast export`` command writing the artifact it runs (``None``: it runs the
             PyTorch UNet). An exported backend runs its artifact's dtype: plain calls are not
             autocast, ``plain_dtype`` picks the export's dtype instead.

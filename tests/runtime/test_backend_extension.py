@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from gnr_fast import BackendUnavailableError, Editor
+from gnr_fast import BackendUnavailableError, ConfigError, Editor
 from gnr_fast.cli import build_parser, main
 from gnr_fast.parity import rel_err
 from gnr_fast.runtime import (
@@ -91,6 +91,13 @@ def test_doctor_lists_registered_backends(noting_backend, unavailable_backend, c
     lines = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
     assert lines["noting"] == {"kind": "runtime", "name": "noting", "available": True, "detail": "noting eager calls"}
     assert lines["flux"]["available"] is False and "flux capacitor" in lines["flux"]["detail"]
+
+
+def test_a_backend_reading_options_runtime_config_lacks_is_refused(monkeypatch):
+    monkeypatch.setitem(BACKENDS, "knobs", BackendSpec("knobs", "reads a knob", plain=NotingPlainRunner,
+                                                       options=("compile_mode", "knob")))
+    with pytest.raises(ConfigError, match=r"backend 'knobs' reads RuntimeConfig fields that do not exist: \['knob'\]"):
+        RuntimeConfig(plain="knobs")
 
 
 def test_an_unavailable_backend_names_its_reason(unavailable_backend, tiny_model_path):
