@@ -1,8 +1,10 @@
 """The compiled backend: one graph per call kind, batch size and spec; no breaks; equal to eager.
 
 Graph structure is checked with ``compiler="aot_eager"`` (dynamo + AOTAutograd tracing, the same
-graphs inductor would compile, in seconds); inductor's code generation itself (minutes per cold
-graph on these CPUs) runs in the tests marked slow, with a shared on-disk cache (``inductor_cache``).
+graphs inductor would compile, in seconds). Inductor's code generation itself (minutes per cold
+graph on these CPUs) runs in two edits against eager, with a shared on-disk cache (``inductor_cache``;
+``.ci`` keeps it in ``$HOME/.cache/gnr-fast-ci/inductor``): the plain calls alone (two forward graphs,
+in ``.ci/run``) and every call kind (four graphs with the backward, marked slow: ``.ci/run-slow``).
 """
 
 from __future__ import annotations
@@ -104,19 +106,42 @@ def inductor_cache(tmp_path_factory):
     return Path(folder) if folder else tmp_path_factory.mktemp("inductor-cache")
 
 
-@pytest.mark.slow
-@pytest.mark.inductor
-def test_inductor_edit_equals_eager(tiny_model_path, tiny_editor, inductor_cache):
-    """Inductor's code for the 4 graphs of a first edit equals eager. Measured 2026-12-02: 634 s
-    with an empty cache (4 cold graphs, machine shared by other jobs; passed)."""
+def _inductor_edit(tiny_model_path, tiny_editor, runtime: RuntimeConfig):
+    """(editor, its first edit, the eager editor's same edit) for a fresh editor on ``runtime``."""
     reason = inductor_unavailable_reason("cpu")
     if reason:
         pytest.skip(reason)
     torch._dynamo.reset()
-    editor = Editor.from_pretrained(tiny_model_path, runtime=RuntimeConfig.preset("compiled").with_cache_dir(inductor_cache))
+    editor = Editor.from_pretrained(tiny_model_path, runtime=runtime)
     image = _image(0)
     compiled = editor.edit(image, "a green square", source_prompt="a red circle", num_steps=STEPS, progress=False)
     eager = tiny_editor.edit(image, "a green square", source_prompt="a red circle", num_steps=STEPS, progress=False)
+    return editor, compiled, eager
+
+
+@pytest.mark.inductor
+def test_inductor_plain_calls_edit_equals_eager(tiny_model_path, tiny_editor, inductor_cache):
+    """CI's real-inductor edit: plain calls (inversion, batch 1; ε_u / ε_trg, batch 2) run inductor's
+    code, capturing and grad calls eager: two forward graphs, no backward to compile. The bounds are
+    the all-graphs test's (inductor reorders float32 reductions); NOT YET MEASURED: on 2026-12-07 the
+    cold compile did not finish within 40 min on a machine at load average 14, so neither its error
+    nor its cold time is known yet (issue 33: measure on an idle machine, then tighten to ≤ 20x)."""
+    runtime = RuntimeConfig(plain="compiled", capturing="eager").with_cache_dir(inductor_cache)
+    editor, compiled, eager = _inductor_edit(tiny_model_path, tiny_editor, runtime)
+    assert editor.runner.plain_runner.graphs == 2
+    assert rel_err(compiled.inversion.latents, eager.inversion.latents) < 1e-4
+    assert rel_err(compiled.latents, eager.latents) < 1e-3
+    assert any(inductor_cache.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.inductor
+def test_inductor_edit_equals_eager(tiny_model_path, tiny_editor, inductor_cache):
+    """Inductor's code for the 4 graphs of a first edit equals eager. Measured 2026-12-02: 634 s
+    with an empty cache (4 cold graphs, machine shared by other jobs; passed); 2026-12-07 not done
+    in 25 min (load average 10-14)."""
+    runtime = RuntimeConfig.preset("compiled").with_cache_dir(inductor_cache)
+    editor, compiled, eager = _inductor_edit(tiny_model_path, tiny_editor, runtime)
     assert rel_err(compiled.inversion.latents, eager.inversion.latents) < 1e-4  # inductor reorders reductions
     assert rel_err(compiled.latents, eager.latents) < 1e-3
     assert _graphs(editor) == 4
