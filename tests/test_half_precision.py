@@ -1,8 +1,8 @@
 """fp16 and bf16 edits against fp32 through the public API (docs/precision.md §7).
 
 Guidance is chaotic under rounding, so the bounds are on quality, not parity: the final latent's
-relative distance and the image's PSNR to the fp32 edit, and the cosine of the first guider
-gradient (step 1; step 0 pairs z with itself) to fp32's. Each low-precision editor inverts the
+relative distance and the image's PSNR to the fp32 edit, and the relative L2 distance of the first
+guider gradient (step 1; step 0 pairs z with itself) to fp32's. Each low-precision editor inverts the
 image itself, as a user's would. Bounds are ≈ 10× the measured error (comments).
 """
 
@@ -14,17 +14,21 @@ import torch
 
 from gnr_fast import Editor
 from gnr_fast.evaluation.metrics import masked_psnr
+from gnr_fast.parity import rel_err
 
 STEPS = 6
 SOURCE, TARGET = "a red circle", "a green square"
 
-# Measured on the tiny pipeline (6 steps, nonstyle; fast / reference):
+# Measured on the tiny pipeline (6 steps, nonstyle; fast / reference; Zen 4, 2026-12-0x):
 #   fp16: latent_rel 0.026 / 0.028, PSNR to fp32 44.7 / 44.3 dB, step-1 cosine 0.9995 / 0.9994
 #   bf16: latent_rel 0.19 / 0.23, PSNR 26.4 / 25.1 dB, cosine 0.975 / 0.960
 # (bf16's 8-bit mantissa in the UNet itself; with the loop in fp32 it measured 0.18 / 0.13, 27 / 30 dB).
+# 2026-12-07, Xeon with native bf16, fast mode: fp16 latent_rel 0.029, 43.1 dB, step-1 gradient relative
+# L2 distance 5.5e-2 (cosine 0.9994); bf16 0.239, 25.3 dB, 0.56 (cosine 0.956: the norms differ too).
+# A cosine bound let a ~10 % gradient error pass; the distance bounds are 2-4x the measured.
 BOUNDS = {
-    torch.float16: {"latent_rel": 0.25, "psnr_db": 34.0, "cosine": 0.995},
-    torch.bfloat16: {"latent_rel": 1.0, "psnr_db": 15.0, "cosine": 0.6},
+    torch.float16: {"latent_rel": 0.1, "psnr_db": 34.0, "grad_rel": 0.2},
+    torch.bfloat16: {"latent_rel": 0.6, "psnr_db": 20.0, "grad_rel": 1.0},
 }
 
 
@@ -77,7 +81,7 @@ def test_low_precision_edit_is_finite_and_near_fp32(tiny_model_path, image, fp32
     assert a.std() > 1.0  # not a flat (black) image
     (step,) = ref_grads
     assert step >= 1 and step in grads
-    assert cosine(grads[step], ref_grads[step]) > bound["cosine"]
+    assert rel_err(grads[step], ref_grads[step]) < bound["grad_rel"]
 
 
 # --- bundled model: edit quality in low precision -------------------------------------------------
