@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ModelLoadError, UnsupportedArchitectureError
 from .fingerprint import fingerprint, model_fingerprint
 from .loading import Components, module_probes, noise_schedule
