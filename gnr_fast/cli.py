@@ -24,7 +24,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="local diffusers SD 1.x/2.x folder or single-file .safetensors/.ckpt (default: bundled)")
+                        help="local diffusers SD 1.x/2.x folder, single-file .safetensors/.ckpt, or a hub id org/name "
+                             "already in the local Hugging Face cache, read offline (default: bundled)")
     _add_single_file_args(parser)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="auto", choices=(*DTYPES, "auto"),
