@@ -76,7 +76,7 @@ def test_split_source_edit_equals_the_shared_call_edit(tiny_model_path, split_ba
     assert split.runner.split_source and not shared.runner.split_source
     a = shared.edit(image, "a green square", source_prompt="a red circle", num_steps=STEPS, progress=False)
     b = split.edit(image, "a green square", source_prompt="a red circle", num_steps=STEPS, progress=False)
-    assert rel_err(b.latents, a.latents) < 1e-5  # measured ~1e-7: only batch-size rounding differs
+    assert rel_err(b.latents, a.latents) < 1e-5  # measured 8.3e-7 (2026-12-07, 2 threads): batch-size rounding only
     guided = sum(1 for i in range(1, STEPS) if a.config.guiders[1].is_active(i))
     assert b.unet_rows == a.unet_rows and b.unet_calls == a.unet_calls + guided  # the source row's own call
     kinds = split.runner.calls_by_kind
