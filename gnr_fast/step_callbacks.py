@@ -46,10 +46,10 @@ def callback_tensor_inputs(callback: object, tensor_inputs: Sequence[str] | None
     in diffusers' pipelines. Raises :class:`InputError` for a callback that is not callable or an
     unknown name.
     """
-    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-
     if callback is None:
         return []
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
     if not callable(callback):
         raise InputError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
     if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
