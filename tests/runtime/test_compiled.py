@@ -124,8 +124,9 @@ def test_inductor_plain_calls_edit_equals_eager(tiny_model_path, tiny_editor, in
     """CI's real-inductor edit: plain calls (inversion, batch 1; ε_u / ε_trg, batch 2) run inductor's
     code, capturing and grad calls eager: two forward graphs, no backward to compile. The bounds are
     the all-graphs test's (inductor reorders float32 reductions); NOT YET MEASURED: on 2026-12-07 the
-    cold compile did not finish within 40 min on a machine at load average 14, so neither its error
-    nor its cold time is known yet (issue 33: measure on an idle machine, then tighten to ≤ 20x)."""
+    cold compile did not finish within 30 min on a 2-core machine at load average 10-15 (seven jobs),
+    so neither its error nor its cold time is known yet (issue 33: measure on an idle machine, then
+    tighten to ≤ 20x)."""
     runtime = RuntimeConfig(plain="compiled", capturing="eager").with_cache_dir(inductor_cache)
     editor, compiled, eager = _inductor_edit(tiny_model_path, tiny_editor, runtime)
     assert editor.runner.plain_runner.graphs == 2
