@@ -21,7 +21,8 @@ from .errors import GuidanceError
 from .loading import Components
 from .rescaling import rescale_gamma
 from .runtime.executor import UNetExecutor
-from .schedules import ddim_step_down, ddim_timesteps, timestep_tensors
+from .samplers.ddim import DDIMSampler
+from .schedules import ddim_timesteps, timestep_tensors
 
 if TYPE_CHECKING:  # importing gnr_fast.fast runs its __init__, which imports the fast step, which imports this module
     from .fast.source_cache import SourceCache
@@ -176,6 +177,7 @@ def run_edit_loop(
     """
     ctx0 = items[0].ctx
     schedule, num_steps = ctx0.components.schedule, ctx0.config.num_steps
+    sampler = DDIMSampler(schedule, num_steps)
     outcomes: list[torch.Tensor | GuidanceError | None] = [None] * len(items)
     live = list(range(len(items)))
     z = torch.cat([items[b].trajectory[-1] for b in live]).float()  # [B, 4, h, w]
@@ -206,7 +208,7 @@ def run_edit_loop(
             z, terms, live = z[kept], [terms[j] for j in kept], [live[j] for j in kept]
         with torch.no_grad():
             eps_final = torch.cat([term.eps_final for term in terms])  # [B, 4, h, w]
-            z = ddim_step_down(schedule, eps_final, t, z, num_steps)
+            z = sampler.step(z, eps_final, i)  # DDIM step down (DESIGN.md §3 step 8)
         if callback is not None:
             for j, term in enumerate(terms):
                 callback(i, t, z[j : j + 1], term)

@@ -19,7 +19,8 @@ from .images import PreparedImage, encode_latent
 from .loading import Components
 from .precision import dtype_name
 from .runtime.executor import UNetExecutor
-from .schedules import ddim_step_up, ddim_timesteps, timestep_tensors
+from .samplers.ddim import DDIMSampler
+from .schedules import ddim_timesteps, timestep_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -246,12 +247,13 @@ def _invert_rows(
     schedule = components.schedule
     timesteps = ddim_timesteps(num_steps, schedule.num_train_timesteps)
     t_tensors = timestep_tensors(timesteps, components.device)
+    sampler = DDIMSampler(schedule, num_steps)
     z = encode_latent(components.vae, pixels, components.scaling_factor).float()
     trajectory = [z]
     with torch.no_grad():
         for i in tqdm(range(num_steps), desc="Inversion", disable=not progress, leave=False):
             k = num_steps - 1 - i
             eps = runner.plain(z, t_tensors[k], c)
-            z = ddim_step_up(schedule, eps, timesteps[k], z, num_steps)
+            z = sampler.invert_step(z, eps, timesteps[k])  # DDIM step up (DESIGN.md §2)
             trajectory.append(z)
     return torch.stack(trajectory)

@@ -160,6 +160,22 @@ def test_repeat_edit_reuses_inversion_and_source_passes(editor, scene):
     assert after[ConsistencyCall.GRAD] - before[ConsistencyCall.GRAD] == 1 + 2 * 3
 
 
+def test_unet_rows_at_most_an_eighth_of_a_ddim_edit(model_dir, scene, tiny_editor, one_torch_thread):
+    """Issue 34's target: a first consistency edit (15 UNet rows) needs <= 1/8 of the
+    UNet rows of a first 50-step DDIM GaR edit with the same guiders (the `style` preset). Rows do not
+    depend on the model's size, so the DDIM side runs on the tests' tiny pipeline."""
+    fresh = ConsistencyEditor.from_pretrained(model_dir)
+    result = fresh.edit(scene / "input.png", TRG, source_prompt=SRC)
+    # 4 inversion rows; step 0: source + target rows; steps 1-3: source + 2 grad rows
+    assert dict(fresh.calls.rows) == {ConsistencyCall.INVERT: 4, ConsistencyCall.CAPTURING: 4, ConsistencyCall.GRAD: 7}
+    assert result.unet_rows == 15
+    rows_before = tiny_editor.runner.rows
+    tiny_editor.edit(np.asarray(Image.open(scene / "input.png").convert("RGB").resize((64, 64))), TRG,
+                     source_prompt=SRC, preset="style", progress=False)
+    ddim_rows = tiny_editor.runner.rows - rows_before
+    assert result.unet_rows * 8 <= ddim_rows, (result.unet_rows, ddim_rows)
+
+
 def test_batched_edit_matches_single(editor, scene):
     """Two edits in one batch (same image, two targets): each latent is its single edit's, within the
     rounding of batched matmuls."""

@@ -1,0 +1,177 @@
+"""Few-step GaR on a consistency model vs 50-step DDIM GaR (issue 34), 256² input.
+
+Both sides use the same UNet architecture: the golden tiny model's (tiny-icd: its pipeline as a
+plain SD model for DDIM; teacher + LoRAs for consistency) and SD 1.5's (random weights; the
+consistency side with a 512-wide guidance embedding and random rank-64 LoRAs fused at load). For
+each: a first edit (no cache) and a repeat edit of the same image and source prompt, alternated
+round by round (benchmarks/alternating.py); UNet rows and backward passes (deterministic), seconds,
+peak RSS. The issue's targets: the consistency edit needs ≤ 1/8 of the DDIM edit's UNet rows (asserted
+here) and is ≥ 6× faster end to end (reported, measured by the lead on an idle machine).
+
+    pytest benchmarks/bench_consistency.py -k golden --rounds 3 --warmup 1    # numbers
+    GNR_BENCH_SIZE=64 pytest benchmarks/bench_consistency.py -k golden --rounds 1 --warmup 0 -s   # smoke run
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.alternating import alternate, ratio
+from benchmarks.memory import RssSampler
+from benchmarks.models import GOLDEN, sd15_editor
+
+SRC = "a red circle on a blue background"
+TRG = "a green circle on a blue background"
+DDIM_PRESET = "style"  # the preset whose guiders the consistency preset uses (features + attention maps)
+
+
+def golden_pair():
+    """(DDIM editor, consistency editor) over the golden tiny-icd model."""
+    from gnr_fast import Editor
+    from gnr_fast.consistency_edit import ConsistencyEditor
+    from tests.consistency_model import consistency_model_dir
+
+    root = Path(tempfile.mkdtemp(prefix="gnr-bench-icd-"))
+    plain = consistency_model_dir(GOLDEN, root / "ddim", metadata=None)  # the pipeline as a plain SD model
+    return Editor.from_pretrained(plain), ConsistencyEditor.from_pretrained(consistency_model_dir(GOLDEN, root / "icd"))
+
+
+def random_lora(unet: torch.nn.Module, rank: int, seed: int) -> dict:
+    """Random LoRA pairs for the Inverse-and-Edit training targets (attention, feed-forward, resnet convs)."""
+    from gnr_fast.lora import LoraPair
+
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+               "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+    generator = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for name, module in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets) or not hasattr(module, "weight"):
+            continue
+        shape = module.weight.shape
+        down_shape = (rank, *shape[1:]) if len(shape) == 4 else (rank, shape[1])
+        up_shape = (shape[0], rank, 1, 1) if len(shape) == 4 else (shape[0], rank)
+        pairs[name] = LoraPair(torch.randn(down_shape, generator=generator) * 0.01,
+                               torch.randn(up_shape, generator=generator) * 0.01)
+    return pairs
+
+
+def sd15_pair():
+    """(DDIM editor, consistency editor) over SD 1.5's architecture with random weights."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from gnr_fast.consistency_edit import ConsistencyEditor
+    from gnr_fast.consistency_models import ConsistencyFiles, ConsistencyUNets
+    from gnr_fast.lora import fuse_lora
+    from gnr_fast.samplers import ConsistencySampler
+
+    ddim = sd15_editor()
+    components = copy.copy(ddim.components)
+    torch.manual_seed(1)
+    teacher = UNet2DConditionModel.from_config({**dict(ddim.components.unet.config), "time_cond_proj_dim": 512})
+    unets = []
+    for seed in (4, 5):
+        unet = copy.deepcopy(teacher)
+        fuse_lora(unet, random_lora(unet, 64, seed))
+        unets.append(unet.eval().requires_grad_(False))
+    del teacher
+    files = ConsistencyFiles(Path("<random>"), Path("<random reverse>"), Path("<random forward>"))
+    components.unet = unets[0]
+    sampler = ConsistencySampler(components.schedule.alphas_cumprod)
+    return ddim, ConsistencyEditor(components, ConsistencyUNets(unets[0], unets[1], files), sampler)
+
+
+PAIRS = {"golden": golden_pair, "sd15": sd15_pair}
+
+
+SIZE = int(os.environ.get("GNR_BENCH_SIZE", "256"))
+"""Image side in pixels: 256 for numbers; GNR_BENCH_SIZE=64 for a quick smoke run of this file."""
+
+
+def disc_image(size: int = SIZE) -> np.ndarray:
+    """A red disc on a blue background (the golden scene's input at 256²)."""
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.3 * size) ** 2
+    image = np.zeros((size, size, 3), np.uint8)
+    image[...] = (30, 60, 200)
+    image[disc] = (220, 30, 30)
+    return image
+
+
+class Work:
+    """UNet rows and backward passes (one per grad call) done since the last :meth:`take`."""
+
+    def __init__(self, ddim, consistency) -> None:
+        self.ddim, self.consistency = ddim, consistency
+        self.last = {"ddim": self.counts("ddim"), "consistency": self.counts("consistency")}
+
+    def counts(self, side: str) -> tuple[int, int]:
+        if side == "ddim":
+            runner = self.ddim.runner
+            grads = sum(n for kind, n in runner.calls_by_kind.items() if kind.value == "grad")
+            return runner.rows, grads
+        calls = self.consistency.calls
+        return sum(calls.rows.values()), sum(n for kind, n in calls.calls.items() if kind.value == "grad")
+
+    def take(self, side: str) -> tuple[int, int]:
+        now = self.counts(side)
+        before, self.last[side] = self.last[side], now
+        return now[0] - before[0], now[1] - before[1]
+
+
+@pytest.fixture(scope="module", params=list(PAIRS))
+def pair(request):
+    return request.param, *PAIRS[request.param]()
+
+
+def test_consistency_vs_ddim(pair, record, rounds, warmup):
+    name, ddim, consistency = pair
+    image = disc_image()
+    work = Work(ddim, consistency)
+
+    def forget(side: str) -> None:
+        """Before a first consistency edit: no inversion or source pass kept from an earlier edit (a
+        first DDIM edit makes a new inversion, which has no source cache yet)."""
+        if side == "consistency first":
+            consistency.forget_inversions()
+        work.take("ddim" if side.startswith("ddim") else "consistency")
+
+    inversion = {}
+
+    def ddim_first():
+        inversion["ddim"] = ddim.invert(image, SRC, num_steps=50, progress=False)
+        return ddim.edit(inversion["ddim"], TRG, preset=DDIM_PRESET, progress=False)
+
+    def ddim_repeat():
+        if "ddim" not in inversion:
+            ddim_first()
+        return ddim.edit(inversion["ddim"], TRG, preset=DDIM_PRESET, progress=False)
+
+    def consistency_edit():
+        return consistency.edit(image, TRG, source_prompt=SRC)
+
+    variants = {"ddim first": ddim_first, "consistency first": consistency_edit,
+                "ddim repeat": ddim_repeat, "consistency repeat": consistency_edit}
+    # Rows and backward passes: deterministic, from one untimed run of each variant.
+    rows = {}
+    for variant, fn in variants.items():
+        forget(variant)
+        with RssSampler() as rss:
+            fn()
+        rows[variant] = (*work.take("ddim" if variant.startswith("ddim") else "consistency"), rss.peak / 2**20)
+    samples = alternate(variants, rounds, warmup, before_each=forget)
+    for variant, (unet_rows, backward, peak_mb) in rows.items():
+        record(f"{name}: consistency (4+4) vs DDIM (50+50) GaR, {SIZE}²", variant, samples=samples[variant],
+               unet_rows=unet_rows, backward_passes=backward, peak_rss_mb=round(peak_mb))
+    for kind in ("first", "repeat"):
+        speedup = ratio(samples[f"ddim {kind}"], samples[f"consistency {kind}"])
+        record(f"{name}: speed-up, {kind} edit", "ddim / consistency", seconds=speedup)
+        # the issue's target: ≤ 1/8 of the UNet rows (deterministic, so asserted)
+        assert rows[f"consistency {kind}"][0] * 8 <= rows[f"ddim {kind}"][0], (kind, rows)
