@@ -6,7 +6,7 @@ if ! .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_availab
 fi
 # The native ops must have been built by the install command (tests/kernels/test_native_ops.py).
 export GNR_FAST_REQUIRE_NATIVE=1
-# Only the skips of the allow-list in tests/conftest.py (no CUDA GPU, no TensorRT, no AVX-512 / native
+# Only the skips of the allow-list in tests/skip_policy.py (no CUDA GPU, no TensorRT, no AVX-512 / native
 # bfloat16 CPU) may pass; any other skip fails the run.
 export GNR_FAST_STRICT_SKIPS=1
 # Inductor's on-disk cache: a machine that keeps $HOME between runs compiles the CI graphs cold once.

@@ -5,7 +5,6 @@ enforces."""
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from skip_policy import skip_allowed  # noqa: E402
 from tiny_pipeline import build_tiny_pipeline  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -89,24 +89,12 @@ def sample_image():
     return Image.fromarray(rgb)
 
 
-# --- the skip allow-list (GNR_FAST_STRICT_SKIPS=1, as .ci/run sets) --------------------------------------------
-# Only hardware this CI host lacks may skip a test: a CUDA GPU, TensorRT (CUDA-only), an AVX-512 / native
-# bfloat16 CPU. Every other skip (missing data, a missing [test] package, a broken setup) fails the run.
-ALLOWED_SKIP_REASONS = (
-    re.compile(r"\bCUDA (GPU|device)", re.IGNORECASE),
-    re.compile(r"\btensorrt\b", re.IGNORECASE),
-    re.compile(r"\bAVX-512\b|\bnative bf(loat)?16\b", re.IGNORECASE),
-)
+# --- the skip allow-list (GNR_FAST_STRICT_SKIPS=1, as .ci/run sets; the list: tests/skip_policy.py) -----------
 _disallowed_skips: list[str] = []
 
 
 def _strict_skips() -> bool:
     return os.environ.get("GNR_FAST_STRICT_SKIPS") == "1"
-
-
-def skip_allowed(reason: str) -> bool:
-    """True when ``reason`` matches one of ALLOWED_SKIP_REASONS."""
-    return any(pattern.search(reason) for pattern in ALLOWED_SKIP_REASONS)
 
 
 def _record_skip(report: pytest.CollectReport | pytest.TestReport) -> None:

@@ -1,5 +1,6 @@
-"""The skip allow-list of tests/conftest.py: under GNR_FAST_STRICT_SKIPS=1 (set by .ci/run) only
-skips for missing hardware pass; any other skip, in a test or at collection, fails the run."""
+"""The skip allow-list (tests/skip_policy.py, enforced by tests/conftest.py): under
+GNR_FAST_STRICT_SKIPS=1 (set by .ci/run) only skips for missing hardware pass; any other skip, in a
+test or at collection, fails the run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import skip_allowed
+from skip_policy import skip_allowed
 
 TESTS = Path(__file__).resolve().parent
 
