@@ -160,6 +160,7 @@ def test_repeat_edit_reuses_inversion_and_source_passes(editor, scene):
     assert after[ConsistencyCall.GRAD] - before[ConsistencyCall.GRAD] == 1 + 2 * 3
 
 
+@pytest.mark.slow  # a 50-step DDIM edit (measured 199 rows: 50 inversion + 149 editing, 25 backward passes)
 def test_unet_rows_at_most_an_eighth_of_a_ddim_edit(model_dir, scene, tiny_editor, one_torch_thread):
     """Issue 34's target: a first consistency edit (15 UNet rows) needs <= 1/8 of the
     UNet rows of a first 50-step DDIM GaR edit with the same guiders (the `style` preset). Rows do not
