@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +21,18 @@ from .errors import (
 from .fingerprint import config_bytes, model_fingerprint
 from .hub import resolve_model
 from .model_defaults import METADATA_NAME, load_model_defaults
+from .model_files import BUNDLED_MODEL, read_json
 from .precision import MODEL_DTYPES, ModelDtype, PrecisionPolicy, default_model_dtype
 from .schedules import NoiseSchedule
 from .quiet import third_party_noise_filtered
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_MODEL = Path(__file__).parent / "models" / "shapes-v1"
-"""The small model trained by this project's own scripts; the default of the API and CLI."""
-
 SUPPORTED_PIPELINES = {
-    "GuideAndRescalePipeline",  # gnr_fast.pipeline's save_pretrained
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "GuideAndRescalePipeline",  # gnr_fast.pipeline's save_pretrained
 }
 _WEIGHT_FILES = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
@@ -80,14 +77,6 @@ class Components:
     @property
     def latent_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-
-def read_json(path: Path, advice: str = "Re-export or re-download the checkpoint.") -> dict:
-    """A JSON config file; :class:`ModelLoadError` naming the file, the cause and ``advice`` if unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}. {advice}") from exc
 
 
 def check_pipeline_folder(path: Path) -> dict:
@@ -347,6 +336,17 @@ def load_components(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        path=path,
+        model_id=model_id,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        relaxed_text_encoder=relaxed_text_encoder,
+    )
+
+
 def noise_schedule(scheduler_config: Any) -> NoiseSchedule:
     """The DDIM noise schedule of a diffusers scheduler config (a dict or a scheduler's ``config``;
     SD 1.x defaults for missing entries), whatever scheduler class the config belongs to."""
@@ -356,17 +356,6 @@ def noise_schedule(scheduler_config: Any) -> NoiseSchedule:
         num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
         beta_schedule=scheduler_config.get("beta_schedule", "scaled_linear"),
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-    )
-
-
-        tokenizer=tokenizer,
-        schedule=schedule,
-        path=path,
-        model_id=model_id,
-        device=device,
-        dtype=dtype,
-        precision=precision,
-        relaxed_text_encoder=relaxed_text_encoder,
     )
 
 
