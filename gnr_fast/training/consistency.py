@@ -114,16 +114,19 @@ def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Te
 def consistency_loss(student: UNet2DConditionModel, teacher: UNet2DConditionModel, z0: torch.Tensor,
                      noise: torch.Tensor, context: torch.Tensor, w: torch.Tensor, grid: Grid,
                      scheduler: DDPMScheduler, forward: bool, huber_c: float,
-                     generator: torch.Generator) -> torch.Tensor:
-    """One iCD loss of ``student`` (reverse, or the forward/inversion model with ``forward``)."""
+                     generator: torch.Generator, index: torch.Tensor | None = None) -> torch.Tensor:
+    """One iCD loss of ``student`` (reverse, or the forward/inversion model with ``forward``) at the
+    grid times ``grid.timesteps[index]`` (``index`` drawn uniformly from ``generator`` when None)."""
     k = len(grid.timesteps)
     if forward:
-        index = torch.randint(0, k - 1, (len(z0),), generator=generator)
+        if index is None:
+            index = torch.randint(0, k - 1, (len(z0),), generator=generator)
         t = grid.timesteps[index]
         t_next = grid.timesteps[index + 1]
         boundary = forward_boundary(t_next)
     else:
-        index = torch.randint(0, k, (len(z0),), generator=generator)
+        if index is None:
+            index = torch.randint(0, k, (len(z0),), generator=generator)
         t = grid.timesteps[index]
         t_next = (t - grid.gap).clamp(min=0)
         boundary = reverse_boundary(t_next)

@@ -108,6 +108,27 @@ def test_boundaries_and_jumps() -> None:
     torch.testing.assert_close(consistency.jump(eps, zt, t, s, grid), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_consistency_loss_is_zero_where_the_target_is_the_teacher_step(base_unet: UNet2DConditionModel) -> None:
+    """A grid step that lands on a boundary makes the target the teacher's own DDIM step, so a
+    student equal to the teacher has zero loss there, and a positive one elsewhere."""
+    unet = guidance_teacher.guided_unet(base_unet).eval()
+    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    grid = consistency.Grid.build(scheduler)
+    gen = torch.Generator().manual_seed(3)
+    z0, noise = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 4, 16, 16, generator=gen)
+    context, w = torch.randn(1, 77, 64, generator=gen), torch.zeros(1)
+
+    def loss(forward: bool, t: int) -> float:
+        index = torch.tensor([(t - 19) // 20])
+        with torch.no_grad():
+            return float(consistency.consistency_loss(unet, unet, z0, noise, context, w, grid, scheduler, forward,
+                                                      1e-3, gen, index=index))
+
+    assert loss(False, 279) < 1e-6 and loss(True, 499) < 1e-6  # measured 0.0 (279 -> 259, 499 -> 519: boundaries)
+    # the student's own jump from the next time: measured 3.8e-4 (reverse) and 2.6e-4 (forward)
+    assert loss(False, 299) > 2e-5 and loss(True, 479) > 2e-5
+
+
 def test_smoke_runs_write_files_the_engine_loads(tmp_path: Path) -> None:
     teacher_out, icd_out = tmp_path / "teacher", tmp_path / "icd"
     metrics = guidance_teacher.train(guidance_teacher.parse_args(
