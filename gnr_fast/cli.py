@@ -36,9 +36,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="UNet backend: " + "; ".join(f"{name}: {backend_spec(name).summary}" for name in runtime_names())
                              + " (default: eager)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
     parser.add_argument("--verbose", action="store_true",
                         help="also show gnr-fast's info log and the third-party notes it hides (gnr_fast.quiet)")
+
 
 def _add_consistency_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
@@ -104,11 +104,11 @@ def _add_serving_parsers(sub) -> None:
     serve.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port (default 8000)")
     serve.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port (default 8001)")
     serve.add_argument("--metrics-port", type=int, default=8002, help="Triton Prometheus metrics port (default 8002)")
+    serve.add_argument("--service-metrics-port", type=int, default=8003,
+                       help="the edit service's Prometheus metrics (cache, batches, phases) port; 0: off (default 8003)")
     serve.add_argument("--max-batch", type=int, default=4, help="most concurrent edits sharing UNet calls (default 4)")
     serve.add_argument("--max-queue-delay-ms", type=float, default=20.0,
                        help="longest wait for more edits after the first of a batch (default 20)")
-    serve.add_argument("--service-metrics-port", type=int, default=8003,
-                       help="the edit service's Prometheus metrics (cache, batches, phases) port; 0: off (default 8003)")
     serve.add_argument("--cache-mb", type=float, default=1024.0,
                        help="inversion cache budget in MiB, trajectories + source-pass internals (default 1024)")
     serve.add_argument("--steps", type=int, default=50, help="DDIM steps of requests that name none (default 50)")
@@ -137,15 +137,15 @@ def _add_serving_parsers(sub) -> None:
     cedit.add_argument("--config", default=None, help="edit config in the authors' YAML/JSON format")
     cedit.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the server's)")
     cedit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default 600)")
-
-    doctor = sub.add_parser("doctor", help="which runtime backends and kernels work here, and why not")
-    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
     cedit.add_argument("--affinity", action="store_true",
                        help="send the image's route key so a balancer sends repeat edits to the replica caching it")
     cedit.add_argument("--retries", type=int, default=0,
                        help="re-send a request refused as busy / shutting down or left unanswered up to N times (default 0)")
     cedit.add_argument("--failover", nargs="*", default=[], metavar="URL",
                        help="other replicas' addresses that retries go to in turn (default: none; retry through --url)")
+
+    doctor = sub.add_parser("doctor", help="which runtime backends and kernels work here, and why not")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
     export = sub.add_parser("export", help="write deployment artifacts")
     export_sub = export.add_subparsers(dest="export_command", required=True)
     repo = export_sub.add_parser("triton-repo", help="a model repository for a standalone tritonserver")
@@ -356,10 +356,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        service_metrics_port=args.service_metrics_port or None,
         exit_timeout_s=args.exit_timeout,
     )
     check_addresses(server_config)  # before loading the model: a taken port fails at once
-        service_metrics_port=args.service_metrics_port or None,
     # Every edit runs on the service's engine thread, with service_config.torch_threads. This thread
     # only loads the model and must not own an OpenMP team of its own: with two teams libgomp
     # counts more threads than cores and stops spinning between parallel regions, which made edits
@@ -497,17 +497,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gnr-fast`` console script; returns the exit code."""
     from safetensors import SafetensorError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv) if argv[:1] != ["eval"] else None  # eval parses its own
     from .quiet import show_third_party_noise
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv) if argv[:1] != ["eval"] else None  # eval parses its own
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    warnings.simplefilter("default")
-    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
-    try:
     if getattr(args, "verbose", False):
         logging.getLogger("gnr_fast").setLevel(logging.INFO)
         show_third_party_noise()
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
+    try:
         if argv[:1] == ["eval"]:
             from .evaluation.quality import main as eval_main
 
