@@ -40,7 +40,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from gnr_fast.consistency_models import ConsistencyFiles, load_consistency_unets, load_guidance_unet
-from gnr_fast.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
+from gnr_fast.training.batches import draw_pool_batch, step_streams
+from gnr_fast.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
 from gnr_fast.training.guidance_teacher import embed_w
 from gnr_fast.training.lora_adapters import (
     attach_lora,
@@ -49,7 +50,8 @@ from gnr_fast.training.lora_adapters import (
     peft_state_dict,
     save_lora_file,
 )
-from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine_lr
+from gnr_fast.training.run_setup import add_run_options, apply_smoke_sizes, deadline_reached, start_run
+from gnr_fast.training.schedule import TimeBudget, warmup_cosine_lr
 from gnr_fast.training.seeds import HELD_OUT_SEED_START
 from gnr_fast.training.unet import SD_SCHEDULE, encode_pool, tokenize, training_noise
 from gnr_fast.training.vae import psnr, to_model_range
@@ -225,23 +227,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-count", type=int, default=16, help="held-out scenes of the reconstruction check")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--ckpt-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--smoke", action="store_true")
+    add_run_options(p)
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.batch, args.size, args.pool = 3, 2, 64, 4
-        args.warmup, args.ckpt_every, args.eval_every, args.eval_count = 1, 2, 2, 2
+        apply_smoke_sizes(args, pool=True)
     return args
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) the distillation of both adapters; returns the final metrics."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    log = RunLog(args.out)
-    deadline = parse_deadline(args.deadline)
+    log, deadline = start_run(args)
     w_values = torch.tensor([float(v) for v in args.w_values.split(",")])
 
     vae = AutoencoderKL.from_pretrained(args.model / "vae").eval()
@@ -301,17 +296,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     losses: dict[str, list[float]] = {name: [] for name in students}
     scores: dict[str, float] = {}
     while step < total:
-        if budget.expired():
-            log.write(f"deadline reached at step {step}")
+        if deadline_reached(budget, step, log):
             break
         total = budget.total(step)
-        rng = np.random.default_rng([args.seed, step])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.from_numpy(rng.integers(len(tokens), size=args.batch))
-        z0 = pool["mean"][idx] * scaling
+        rng, gen = step_streams(args.seed, step)
+        drawn = draw_pool_batch(pool, tokens, text_encoder, scaling, args.batch, rng)
+        z0, context = drawn.z0, drawn.context
         noise = training_noise(z0.shape, args.offset_noise, gen)
-        with torch.no_grad():
-            context = text_encoder(tokens[idx]).last_hidden_state
         lr = warmup_cosine_lr(step, args.lr, args.warmup, total, args.lr_floor)
         for name, unet in students.items():
             forward = name == "forward"

@@ -33,7 +33,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from gnr_fast.consistency_models import ConsistencyFiles, load_consistency_unets, load_guidance_unet
 from gnr_fast.lora import PEFT_PREFIX, read_lora
-from gnr_fast.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
+from gnr_fast.training.batches import draw_pool_batch, step_streams
+from gnr_fast.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
 from gnr_fast.training.consistency import (
     FORWARD_FILE,
     REVERSE_FILE,
@@ -50,7 +51,8 @@ from gnr_fast.training.lora_adapters import (
     peft_state_dict,
     save_lora_file,
 )
-from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine_lr
+from gnr_fast.training.run_setup import add_run_options, apply_smoke_sizes, deadline_reached, start_run
+from gnr_fast.training.schedule import TimeBudget, warmup_cosine_lr
 from gnr_fast.training.unet import SD_SCHEDULE, tokenize
 
 
@@ -73,23 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-count", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--smoke", action="store_true")
+    add_run_options(p)
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.batch, args.size = 3, 2, 64
-        args.warmup, args.ckpt_every, args.eval_every, args.eval_count = 1, 2, 2, 2
+        apply_smoke_sizes(args, pool=False)
     return args
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) the fine-tune; returns the final metrics."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    log = RunLog(args.out)
-    deadline = parse_deadline(args.deadline)
+    log, deadline = start_run(args)
     vae = AutoencoderKL.from_pretrained(args.model / "vae").eval()
     tokenizer = CLIPTokenizer.from_pretrained(str(args.model / "tokenizer"))
     text_encoder = CLIPTextModel.from_pretrained(args.model / "text_encoder").eval().requires_grad_(False)
@@ -144,16 +139,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     losses: list[float] = []
     scores: dict[str, float] = {}
     while step < total:
-        if budget.expired():
-            log.write(f"deadline reached at step {step}")
+        if deadline_reached(budget, step, log):
             break
         total = budget.total(step)
-        rng = np.random.default_rng([args.seed, step])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.from_numpy(rng.integers(len(tokens), size=args.batch))
-        z0 = pool["mean"][idx] * scaling
-        with torch.no_grad():
-            context = text_encoder(tokens[idx]).last_hidden_state
+        rng, gen = step_streams(args.seed, step)
+        drawn = draw_pool_batch(pool, tokens, text_encoder, scaling, args.batch, rng)
+        z0, context = drawn.z0, drawn.context
         for group in opt.param_groups:
             group["lr"] = warmup_cosine_lr(step, args.lr, args.warmup, total, args.lr_floor)
         inverted = invert(forward, z0, context, grid, scheduler, torch.randn(z0.shape, generator=gen))

@@ -34,8 +34,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from gnr_fast.families.guidance_embedding import guidance_scale_embedding
 
-from gnr_fast.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
-from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine_lr
+from gnr_fast.training.batches import draw_pool_batch, step_streams
+from gnr_fast.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
+from gnr_fast.training.run_setup import apply_smoke_sizes, deadline_reached, start_run
+from gnr_fast.training.schedule import TimeBudget, warmup_cosine_lr
 from gnr_fast.training.seeds import HELD_OUT_SEED_START
 from gnr_fast.training.unet import (
     SD_SCHEDULE,
@@ -175,17 +177,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.batch, args.size, args.pool = 3, 2, 64, 4
-        args.warmup, args.ckpt_every, args.eval_every, args.eval_count = 1, 2, 2, 2
+        apply_smoke_sizes(args, pool=True)
     return args
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) the guidance distillation; returns the final metrics."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    log = RunLog(args.out)
-    deadline = parse_deadline(args.deadline)
+    log, deadline = start_run(args)
 
     vae = AutoencoderKL.from_pretrained(args.model / "vae").eval()
     tokenizer = CLIPTokenizer.from_pretrained(str(args.model / "tokenizer"))
@@ -247,20 +245,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     losses: list[float] = []
     errors: dict[float, float] = {}
     while step < total:
-        if budget.expired():
-            log.write(f"deadline reached at step {step}")
+        if deadline_reached(budget, step, log):
             break
         total = budget.total(step)
-        rng = np.random.default_rng([args.seed, step])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.from_numpy(rng.integers(len(tokens), size=args.batch))
-        z0 = pool["mean"][idx] * scaling
+        rng, gen = step_streams(args.seed, step)
+        drawn = draw_pool_batch(pool, tokens, text_encoder, scaling, args.batch, rng)
+        z0, context = drawn.z0, drawn.context
         noise = training_noise(z0.shape, args.offset_noise, gen)
         t = torch.randint(0, SD_SCHEDULE["num_train_timesteps"], (args.batch,), generator=gen)
         zt = scheduler.add_noise(z0, noise, t)
         w = sample_w(args.batch, args.w_max, args.w_zero_prob, rng)
-        with torch.no_grad():
-            context = text_encoder(tokens[idx]).last_hidden_state
         target = cfg_prediction(base, zt, t, context, empty_context, w)
         for group in opt.param_groups:
             group["lr"] = group["lr_mult"] * warmup_cosine_lr(step, args.lr, args.warmup, total, args.lr_floor)

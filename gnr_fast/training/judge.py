@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gnr_fast.training.batches import step_generator, step_rng
 from gnr_fast.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
+from gnr_fast.training.run_setup import add_run_options
 from gnr_fast.training.schedule import warmup_cosine_lr
 from gnr_fast.training.seeds import HELD_OUT_SEED_START, JUDGE_TRAIN_SEED_START
 from gnr_fast.world import generate_scene
@@ -158,10 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-pool", type=int, default=2000, help="round-tripped scenes to pre-compute")
     p.add_argument("--vae-fraction", type=float, default=0.5, help="share of each batch from the pool")
     p.add_argument("--vae-eval-scenes", type=int, default=300, help="held-out scenes judged through the VAE")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--smoke", action="store_true")
+    add_run_options(p)
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.size, args.eval_every, args.eval_scenes = 3, 4, 64, 2, 8
@@ -212,10 +211,10 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                                          two_object_prob=TRAIN_TWO_OBJECT_PROB,
                                          background_weights=TRAIN_BACKGROUND_WEIGHTS)
         if n_pool:
-            pick = np.random.default_rng([args.seed, step]).integers(len(pool_images), size=n_pool)
+            pick = step_rng(args.seed, step).integers(len(pool_images), size=n_pool)
             images = np.concatenate([images, pool_images[pick]])
             labels = {h: torch.cat([labels[h], pool_labels[h][torch.from_numpy(pick)]]) for h in HEADS}
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        gen = step_generator(args.seed, step)
         x = to_input(images, config, gen, args.max_blur, args.max_noise)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine_lr(step, args.lr, args.warmup, args.steps, 0.02)

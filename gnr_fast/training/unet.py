@@ -32,8 +32,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from gnr_fast.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
-from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine_lr
+from gnr_fast.training.batches import draw_indices, step_streams
+from gnr_fast.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
+from gnr_fast.training.run_setup import add_run_options, deadline_reached, start_run
+from gnr_fast.training.schedule import TimeBudget, warmup_cosine_lr
 from gnr_fast.training.seeds import TRAIN_SEED_START
 from gnr_fast.training.vae import to_model_range
 from gnr_fast.world import generate_scene
@@ -237,10 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR gamma (paper default)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--ckpt-every", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--smoke", action="store_true")
+    add_run_options(p, threads=2)
     args = p.parse_args(argv)
     if (args.distill > 0 or args.anchor > 0 or args.freeze_unet) and args.init_model is None:
         p.error("--distill, --anchor and --freeze-unet need --init-model (the teacher and the frozen UNet)")
@@ -292,12 +291,9 @@ def embedding_anchor_mse(text_encoder: CLIPTextModel, teacher: dict[str, torch.n
 
 def train(args: argparse.Namespace) -> dict[str, float]:
     """Run (or resume) UNet + text-encoder training; returns the final metrics."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    log, deadline = start_run(args)
     shape = SMOKE_SHAPE if args.smoke else DenoiserShape()
     latent_size = args.size // 8
-    log = RunLog(args.out)
-    deadline = parse_deadline(args.deadline)
 
     vae = AutoencoderKL.from_pretrained(args.vae).eval()
     tokenizer = CLIPTokenizer.from_pretrained(str(args.tokenizer))
@@ -367,13 +363,11 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     anchor_losses: list[float] = []
     bar = tqdm(total=args.steps, initial=step, desc="unet", dynamic_ncols=True)
     while step < total:
-        if budget.expired():
-            log.write(f"deadline reached at step {step}")
+        if deadline_reached(budget, step, log):
             break
         total = budget.total(step)
-        rng = np.random.default_rng([args.seed, step])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.from_numpy(rng.integers(len(tokens), size=args.batch))
+        rng, gen = step_streams(args.seed, step)
+        idx = draw_indices(rng, len(tokens), args.batch)
         z0 = pool_latents(pool, idx, scaling, args.latents, gen)  # [B, 4, h, w]
         noise = training_noise(z0.shape, args.offset_noise, gen)
         t = torch.randint(0, SD_SCHEDULE["num_train_timesteps"], (args.batch,), generator=gen)

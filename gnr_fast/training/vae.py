@@ -25,7 +25,9 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
+from gnr_fast.training.batches import step_generator, step_rng
 from gnr_fast.training.checkpoints import RunLog, load_checkpoint, save_checkpoint
+from gnr_fast.training.run_setup import deadline_reached
 from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine_lr
 from gnr_fast.training.seeds import HELD_OUT_SEED_START, TRAIN_SEED_START
 from gnr_fast.world import generate_images
@@ -182,12 +184,11 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     budget = TimeBudget(args.steps, parse_deadline(args.deadline), step)
     total = budget.total(step)
     while step < total:
-        if budget.expired():
-            log.write(f"deadline reached at step {step}")
+        if deadline_reached(budget, step, log):
             break
         total = budget.total(step)
         # Per-step generators make the data stream identical with or without resuming.
-        rng = np.random.default_rng([args.seed, step])
+        rng = step_rng(args.seed, step)
         idx = rng.integers(len(pool), size=args.batch)
         ox, oy = rng.integers(args.size - args.crop + 1, size=(2, args.batch))
         crops = np.stack(
@@ -201,7 +202,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         with torch.set_grad_enabled(not args.decoder_only):
             posterior = vae.encode(x).latent_dist
         z = (posterior.mean if args.latents == "mean" else
-             posterior.sample(torch.Generator().manual_seed(args.seed * 1_000_003 + step)))
+             posterior.sample(step_generator(args.seed, step)))
         recon = vae.decode(z).sample
         mse = torch.mean((recon - x) ** 2)
         kl = posterior.kl().mean()
