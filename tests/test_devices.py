@@ -191,7 +191,7 @@ def spied_triton_launches(monkeypatch):
 
     # the modules (the package re-exports functions of these names)
     attention_lse = importlib.import_module("gnr_fast.ops.attention_lse")
-    attn_map_energy = importlib.import_module("gnr_fast.ops.attn_map_energy")
+    attn_map_energy = importlib.import_module("gnr_fast.ops.attn_map_energy.triton_path")
     feature_energy = importlib.import_module("gnr_fast.ops.feature_energy")
     rescale_norms = importlib.import_module("gnr_fast.ops.rescale_norms")
     launches, guards = [], []
