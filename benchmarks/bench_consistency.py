@@ -75,7 +75,10 @@ def sd15_pair():
     ddim = sd15_editor()
     components = copy.copy(ddim.components)
     torch.manual_seed(1)
-    teacher = UNet2DConditionModel.from_config({**dict(ddim.components.unet.config), "time_cond_proj_dim": 512})
+    # diffusers' private config keys (``_use_default_values`` lists time_cond_proj_dim) would make
+    # from_config drop the explicit value again
+    config = {k: v for k, v in ddim.components.unet.config.items() if not k.startswith("_")}
+    teacher = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 512})
     unets = []
     for seed in (4, 5):
         unet = copy.deepcopy(teacher)
