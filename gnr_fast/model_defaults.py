@@ -118,14 +118,20 @@ def _string(value: object, path: Path, field: str) -> str:
     return value
 
 
-def _grammar(value: object, path: Path) -> CaptionGrammar:
+def _section(value: object, path: Path, name: str, allowed: frozenset[str]) -> dict:
+    """``value`` as the object of section ``name``, with no key outside ``allowed``."""
     if not isinstance(value, dict):
-        raise ModelLoadError(f"{path}: 'caption_grammar' must be an object with keys {sorted(_GRAMMAR_KEYS)}, "
+        raise ModelLoadError(f"{path}: '{name}' must be an object with keys {sorted(allowed)}, "
                              f"got {type(value).__name__}")
-    unknown = set(value) - _GRAMMAR_KEYS
+    unknown = set(value) - allowed
     if unknown:
-        raise ModelLoadError(f"{path}: unknown key(s) {sorted(unknown)} in 'caption_grammar'; "
-                             f"allowed: {sorted(_GRAMMAR_KEYS)}")
+        raise ModelLoadError(f"{path}: unknown key(s) {sorted(unknown)} in '{name}'; "
+                             f"allowed: {sorted(allowed)}")
+    return value
+
+
+def _grammar(value: object, path: Path) -> CaptionGrammar:
+    value = _section(value, path, "caption_grammar", _GRAMMAR_KEYS)
     examples = value.get("examples")
     if not isinstance(examples, list) or not examples:
         raise ModelLoadError(f"{path}: 'caption_grammar.examples' must be a non-empty list of prompts, "
@@ -159,13 +165,7 @@ def _relative_file(value: object, path: Path, field: str) -> Path:
 
 
 def _consistency(value: object, path: Path) -> ConsistencyDefaults:
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path}: 'consistency' must be an object with keys {sorted(_CONSISTENCY_KEYS)}, "
-                             f"got {type(value).__name__}")
-    unknown = set(value) - _CONSISTENCY_KEYS
-    if unknown:
-        raise ModelLoadError(f"{path}: unknown key(s) {sorted(unknown)} in 'consistency'; "
-                             f"allowed: {sorted(_CONSISTENCY_KEYS)}")
+    value = _section(value, path, "consistency", _CONSISTENCY_KEYS)
     alpha = value.get("lora_alpha", 8.0)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
         raise ModelLoadError(f"{path}: 'consistency.lora_alpha' must be a positive number, got {alpha!r}")
