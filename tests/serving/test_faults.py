@@ -15,16 +15,13 @@ import urllib.request
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton", reason='server tests need pip install "gnr-fast[serve]"')
-pytest.importorskip("tritonclient", reason='server tests need pip install "gnr-fast[serve]"')
+from servers import ServerProcess, free_ports, port_open, serve_argv
 
-from servers import ServerProcess, free_ports, port_open, serve_argv  # noqa: E402
-
-from gnr_fast.client import GnrClient  # noqa: E402
-from gnr_fast.errors import ServiceBusyError  # noqa: E402
-from gnr_fast.serving.protocol import EDIT_MODEL, INVERT_MODEL  # noqa: E402
-from gnr_fast.serving.server import ServerConfig  # noqa: E402
-from gnr_fast.serving.service import encode_png  # noqa: E402
+from gnr_fast.client import GnrClient
+from gnr_fast.errors import ServiceBusyError
+from gnr_fast.serving.protocol import EDIT_MODEL, INVERT_MODEL
+from gnr_fast.serving.server import ServerConfig
+from gnr_fast.serving.service import encode_png
 
 pytestmark = pytest.mark.server
 

@@ -16,11 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("pytriton", reason='server tests need pip install "gnr-fast[serve]"')
-pytest.importorskip("tritonclient", reason='server tests need pip install "gnr-fast[serve]"')
-pytest.importorskip("onnx", reason="the onnx package is not installed (pip install 'gnr-fast[export]')")
-pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'gnr-fast[export]')")
-
 from servers import ServerProcess, free_ports, port_open, serve_argv
 
 from gnr_fast.cli import main

@@ -18,15 +18,12 @@ import urllib.request
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton", reason='server tests need pip install "gnr-fast[serve]"')
-pytest.importorskip("tritonclient", reason='server tests need pip install "gnr-fast[serve]"')
+from servers import START_TIMEOUT_S, ServerProcess, free_ports, serve_argv
 
-from servers import START_TIMEOUT_S, ServerProcess, free_ports, serve_argv  # noqa: E402
-
-from gnr_fast.cli import main  # noqa: E402
-from gnr_fast.client import GnrClient  # noqa: E402
-from gnr_fast.serving.protocol import EDIT_MODEL  # noqa: E402
-from gnr_fast.serving.service import encode_png  # noqa: E402
+from gnr_fast.cli import main
+from gnr_fast.client import GnrClient
+from gnr_fast.serving.protocol import EDIT_MODEL
+from gnr_fast.serving.service import encode_png
 
 pytestmark = pytest.mark.server
 

@@ -10,17 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("pytriton", reason='server tests need pip install "gnr-fast[serve]"')
-pytest.importorskip("tritonclient", reason='server tests need pip install "gnr-fast[serve]"')
+from servers import ServerProcess, free_ports, port_open, serve_argv
+from hostile import png_declaring, webp_declaring
 
-from servers import ServerProcess, free_ports, port_open, serve_argv  # noqa: E402
-from hostile import png_declaring, webp_declaring  # noqa: E402
-
-from gnr_fast import ConfigError, GuidanceError, InputError  # noqa: E402
-from gnr_fast.cli import main  # noqa: E402
-from gnr_fast.client import GnrClient, ServerError  # noqa: E402
-from gnr_fast.serving.protocol import EDIT_MODEL, INVERT_MODEL  # noqa: E402
-from gnr_fast.serving.service import encode_png  # noqa: E402
+from gnr_fast import ConfigError, GuidanceError, InputError
+from gnr_fast.cli import main
+from gnr_fast.client import GnrClient, ServerError
+from gnr_fast.serving.protocol import EDIT_MODEL, INVERT_MODEL
+from gnr_fast.serving.service import encode_png
 
 pytestmark = pytest.mark.server
 

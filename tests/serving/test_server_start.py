@@ -89,7 +89,6 @@ def test_the_race_error_is_raised_after_the_last_attempt():
 
 
 def test_serve_binds_both_models_again_on_the_retry(tiny_editor, monkeypatch):
-    pytest.importorskip("pytriton", reason='serve() needs pip install "gnr-fast[serve]"')
     import pytriton.triton
 
     errors, made = [REFUSED], []
@@ -117,7 +116,6 @@ def test_a_taken_port_is_refused_before_triton_starts(tiny_editor, taken_port, m
     expected = f"cannot serve grpc on 127.0.0.1:{taken_port}: address already in use"
     with pytest.raises(ConfigError, match=expected):
         check_addresses(config)
-    pytest.importorskip("pytriton", reason='serve() needs pip install "gnr-fast[serve]"')
     import pytriton.triton
 
     made = []
@@ -138,7 +136,6 @@ def test_an_address_of_another_machine_is_refused():
 
 
 def test_cli_serve_on_a_taken_port_fails_with_a_message(taken_port, capsys):
-    pytest.importorskip("pytriton", reason='gnr-fast serve needs pip install "gnr-fast[serve]"')
     grpc, metrics = free_ports(2)
     code = main(["serve", "--http-port", str(taken_port), "--grpc-port", str(grpc), "--metrics-port", str(metrics)])
     assert code == 2
@@ -146,7 +143,6 @@ def test_cli_serve_on_a_taken_port_fails_with_a_message(taken_port, capsys):
 
 
 def test_cli_serve_loads_the_model_on_one_thread_and_edits_on_the_requested_ones(monkeypatch, tiny_model_path):
-    pytest.importorskip("pytriton", reason='gnr-fast serve needs pip install "gnr-fast[serve]"')
     import torch
 
     import gnr_fast.serving.server as server_module
@@ -169,6 +165,5 @@ def test_cli_serve_loads_the_model_on_one_thread_and_edits_on_the_requested_ones
 
 
 def test_cli_serve_refuses_zero_torch_threads(capsys):
-    pytest.importorskip("pytriton", reason='gnr-fast serve needs pip install "gnr-fast[serve]"')
     assert main(["serve", "--torch-threads", "0"]) == 2
     assert "torch_threads must be a positive integer, got 0" in capsys.readouterr().err

@@ -45,8 +45,6 @@ def test_export_writes_a_python_backend_repository(tiny_model_path, tmp_path, ca
 
 @pytest.mark.server
 def test_standalone_tritonserver_serves_the_repository(tiny_model_path, tiny_editor, tmp_path):
-    pytest.importorskip("pytriton", reason='needs pip install "gnr-fast[serve]"')
-    pytest.importorskip("tritonclient", reason='needs pip install "gnr-fast[serve]"')
     from servers import ServerProcess, free_ports, port_open
 
     from gnr_fast.client import GnrClient
