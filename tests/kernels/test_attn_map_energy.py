@@ -493,9 +493,29 @@ def test_triton_refuses_bfloat16_under_interpreter(triton_device):
 # ------------------------------------------------------------------------------------------
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return (a @ b / (a.norm() * b.norm())).item()
+# dq from float16-rounded inputs against the float32-input dq, relative L2 distance: measured 8.4e-4
+# (float32 leaves) and 1.2e-3 (float16 leaves, loss-scaled), torch and native alike (1 thread,
+# 2026-12-07). The bound is 8-12x that; a 10 % error in dq (scaled or noisy) measures 0.05-0.1. The
+# cosine >= 0.99 it replaces passed both (cosine 1.0 and 0.9987).
+SD15_DQ_REL_L2 = 1e-2
+
+
+def assert_dq_matches(dq: torch.Tensor, dq_fp32: torch.Tensor) -> None:
+    """dq within SD15_DQ_REL_L2 (relative L2) of the float32-input gradient, with < 1 % exact zeros."""
+    distance = ((dq.double() - dq_fp32.double()).norm() / dq_fp32.double().norm()).item()
+    assert distance < SD15_DQ_REL_L2, f"dq relative L2 distance {distance:.2e}"
+    assert (dq == 0).float().mean().item() < 0.01
+
+
+def test_the_sd15_dq_bound_rejects_a_ten_percent_error():
+    """The mutation check of :func:`assert_dq_matches`: a 10 % error in dq, as a scale or as noise, fails."""
+    q, k, q_ref, k_ref, lse_ref = make_inputs(1, 2, 256, 40, seed=11)
+    _, dq, _ = energy_and_grads(attn_map_energy_ref, q, k, q_ref, k_ref, lse_ref)
+    assert_dq_matches(dq, dq)
+    noise = torch.randn(dq.shape, generator=torch.Generator().manual_seed(0))
+    for wrong in (dq * 1.1, dq * (1 + 0.1 * noise)):
+        with pytest.raises(AssertionError, match="relative L2 distance"):
+            assert_dq_matches(wrong, dq)
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
@@ -504,10 +524,10 @@ def test_fp16_gradients_at_sd15_512(backend):
     and store dq in float32; dq is rounded once, to the dtype of the tensor it is taken for.
 
     - float16 leaves: autograd hands back float16 gradients, and most entries (median |dq|
-      ~2e-8) lie below float16's smallest subnormal 6e-8 — measured 70 % exact zeros, cosine
-      0.96 to float32. The test asserts that loss so it cannot silently change.
+      ~2e-8) lie below float16's smallest subnormal 6e-8 — measured 70 % exact zeros, relative
+      L2 distance 0.20 to float32. The test asserts that loss so it cannot silently change.
     - the same float16 values upcast to float32 leaves (what a float32 grad call sees): dq
-      matches the float32-input gradient, cosine ≥ 0.99 (measured 0.9999), < 1 % zeros (measured 0).
+      matches the float32-input gradient (:func:`assert_dq_matches`), < 1 % zeros (measured 0).
     - float16 leaves with the upstream times 2**12 (loss scaling, unscaled in float32): same bounds.
     """
     if backend == "native" and not ops.native_supported(torch.empty(1, 1, 1, 1)):
@@ -535,7 +555,7 @@ def test_fp16_gradients_at_sd15_512(backend):
 
     dq_up = dq_of(q32.half().float(), torch.float32, UPSTREAM_SELF_ATTN)
     assert dq_up.dtype == torch.float32
-    assert _cosine(dq_up, dq_fp32) >= 0.99 and (dq_up == 0).float().mean().item() < 0.01
+    assert_dq_matches(dq_up, dq_fp32)
 
     dq_scaled = dq_of(q32.half(), torch.float16, UPSTREAM_SELF_ATTN * FP16_LOSS_SCALE).float() / FP16_LOSS_SCALE
-    assert _cosine(dq_scaled, dq_fp32) >= 0.99 and (dq_scaled == 0).float().mean().item() < 0.01
+    assert_dq_matches(dq_scaled, dq_fp32)
