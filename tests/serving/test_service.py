@@ -88,9 +88,11 @@ def test_queue_batches_concurrent_compatible_edits(service, tiny_editor):
     assert all(o.result.unet_calls == singles[0].unet_calls for o in outcomes)
     assert all(o.result.unet_rows == 3 * singles[0].unet_rows for o in outcomes)
     for outcome, single in zip(outcomes, singles):  # every output of a shared batch equals its single edit
-        assert rel_err(outcome.result.latents, single.latents) < 1e-4  # measured ~1e-6 (batched kernels' rounding)
+        # batched kernels' rounding, measured 1 thread 2026-12-07 (Xeon AVX-512): latents 1.5e-5 to 1.9e-5,
+        # images 1 uint8 level, inversion latents 3.6e-6 to 5.7e-6
+        assert rel_err(outcome.result.latents, single.latents) < 1e-4
         assert np.abs(np.asarray(outcome.result.image, np.int16) - np.asarray(single.image, np.int16)).max() <= 1
-        assert rel_err(outcome.inversion.latents, single.inversion.latents) < 1e-5
+        assert rel_err(outcome.inversion.latents, single.inversion.latents) < 5e-5
     again = service.wait(service.edit_job(_png(1), "a red circle", "another target"))
     assert again.cache_hit and again.inversion_s == 0 and again.batch_size == 1
 
