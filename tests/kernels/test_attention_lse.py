@@ -6,7 +6,11 @@ q/k/v gradients of a loss that uses both (so the lse's own gradient is checked).
 
 Tolerances: float32 — normwise relative error 1e-5 (measured ≤ 1e-6 over these shapes); halves —
 the FlashAttention rule against float64 (at most 2× the reference's own error on the same half
-inputs, plus 1e-3 for the half rounding of intermediates inside the fused kernels).
+inputs, plus 1e-3 for the half rounding of intermediates inside the fused kernels; the lse, a
+float32 output, plus FP32_RTOL). Measured on the half-input case (1 thread, 2026-12-07), worst over
+paths: fp16 out/dq/dk/dv 3.7e-4/6.5e-4/8.2e-4/5.7e-4 against bounds 1.5e-3 to 1.8e-3; bf16
+2.8e-3/4.6e-3/5.1e-3/3.4e-3 against 5.2e-3 to 8.2e-3; lse 4.0e-6 (cpu_flash; 8e-8 elsewhere)
+against 1.0e-5 (with the 1e-3 floor it had a 250x margin).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from gnr_fast.ops.attention_lse import (
 )
 
 FP32_RTOL = 1e-5
+HALF_FLOOR = 1e-3
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -94,7 +99,8 @@ def test_paths_half_inputs(path, dtype):
     actual = outputs_and_grads(attention_with_lse, q, k, v, backend=path)
     assert actual[0].dtype == dtype and actual[1].dtype == torch.float32
     for name, a, b, e in zip(NAMES, actual, baseline, exact):
-        assert rel_err(a, e) <= 2 * rel_err(b, e) + 1e-3, f"{name}: {rel_err(a, e):.2e} vs {rel_err(b, e):.2e}"
+        floor = FP32_RTOL if name == "lse" else HALF_FLOOR
+        assert rel_err(a, e) <= 2 * rel_err(b, e) + floor, f"{name}: {rel_err(a, e):.2e} vs {rel_err(b, e):.2e}"
 
 
 def test_need_lse_false_returns_sdpa_output_only():
