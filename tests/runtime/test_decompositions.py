@@ -122,4 +122,5 @@ def test_gradient_through_nearest_upsample_survives_inductor():
     backend = CountingBackend(RuntimeConfig.preset("compiled"), freezing=False)
     compiled = input_grad(torch.compile(model, fullgraph=True, dynamic=False, backend=backend))
     assert backend.graphs == 1
-    assert rel_err(compiled, eager) < 1e-5  # measured ~1e-7; the inductor bug gives 1.0 (a zero gradient)
+    # measured 1.45e-7 at 1 and 2 threads (2026-12-07, Xeon AVX-512); the inductor bug gives 1.0 (a zero gradient)
+    assert rel_err(compiled, eager) < 2e-6
