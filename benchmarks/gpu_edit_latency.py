@@ -34,7 +34,7 @@ def edit_seconds(editor, image, steps: int, device: str) -> float:
 def run(args: argparse.Namespace) -> dict:
     from benchmarks.gpu_precision_check import make_editor
     from gnr_fast import Editor
-    from gnr_fast.evaluation.cases import make_case
+    from gnr_shapes.evaluation.cases import make_case
     from gnr_fast.runtime import RuntimeConfig
 
     image = make_case("colour", 9_000_000, size=args.size).source.image

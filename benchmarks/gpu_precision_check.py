@@ -66,8 +66,8 @@ def make_editor(model: str, device: str, dtype: torch.dtype):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from gnr_fast.evaluation.cases import make_case
-    from gnr_fast.evaluation.metrics import masked_psnr
+    from gnr_shapes.evaluation.cases import make_case
+    from gnr_shapes.evaluation.metrics import masked_psnr
 
     case = make_case("colour", 9_000_000, size=args.size)
     warnings = _Warnings()

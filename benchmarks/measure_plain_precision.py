@@ -54,7 +54,7 @@ def plain_call(unet, device_type: str, dtype: torch.dtype | None):
 
 
 def scenes(count: int, size: int):
-    from gnr_fast.world.scenes import render, sample_spec
+    from gnr_shapes.world.scenes import render, sample_spec
 
     rng = np.random.default_rng(0)
     return [render(sample_spec(rng), size) for _ in range(count)]

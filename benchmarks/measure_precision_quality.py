@@ -1,5 +1,5 @@
 """Edit quality of low-precision UNet calls on the bundled model (issue 14, item 4): the shapes-world
-quality benchmark (:mod:`gnr_fast.evaluation.quality`, ``gar-shapes`` method, 50 steps) run with
+quality benchmark (:mod:`gnr_shapes.evaluation.quality`, ``gar-shapes`` method, 50 steps) run with
 each precision on the same held-out cases, success and kept-region PSNR side by side.
 
     python benchmarks/measure_precision_quality.py --per-kind 20 --precision fp32 bf16-plain
@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gnr_fast import Editor
-from gnr_fast.evaluation.cases import EDIT_KINDS
-from gnr_fast.evaluation.quality import METHODS, evaluate, markdown_table, summary_rows
+from gnr_shapes.evaluation.cases import EDIT_KINDS
+from gnr_shapes.evaluation.quality import METHODS, evaluate, markdown_table, summary_rows
 from gnr_fast.runtime import RuntimeConfig
-from gnr_fast.world.judge import load_judge
+from gnr_shapes.world.judge import load_judge
 
 PRECISIONS = ("fp32", "bf16-plain", "bf16-model")
 

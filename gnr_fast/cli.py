@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import sys
 import warnings
@@ -12,7 +14,7 @@ from typing import Sequence
 from . import demo
 from .config import ALL_PRESET_NAMES, PRESET_NAMES
 from .cli_parser import CliParser
-from .errors import GnrError
+from .errors import ConfigError, GnrError
 from .outputs import check_writable_file
 from .runtime.config import runtime_names
 from .runtime.registry import backend_spec
@@ -509,9 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
         if argv[:1] == ["eval"]:
-            from .evaluation.quality import main as eval_main
-
-            return eval_main(argv[1:])
+            return _run_eval(argv[1:])
         _quiet_library_progress()
         return COMMANDS[args.command](args)
     except GnrError as exc:
@@ -523,6 +523,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gnr-fast: interrupted", file=sys.stderr)
         return 130
+
+
+EVAL_PACKAGE = "gnr_shapes"
+EVAL_MODULE = f"{EVAL_PACKAGE}.evaluation.quality"
+"""Where ``gnr-fast eval`` lives: the bundled model's quality evaluation, outside the engine."""
+
+
+def _run_eval(argv: list[str]) -> int:
+    """``gnr-fast eval``: the evaluation package's ``main``, imported only now (the engine does not
+    depend on it); a :class:`ConfigError` when that package is not installed."""
+    if importlib.util.find_spec(EVAL_PACKAGE) is None:
+        raise ConfigError(f"'gnr-fast eval' needs the {EVAL_PACKAGE} package, which is not installed (it ships "
+                          "in the gnr-fast repository: 'pip install -e .' in a checkout installs it)")
+    return importlib.import_module(EVAL_MODULE).main(argv)
 
 
 def _one_line(exc: BaseException) -> str:

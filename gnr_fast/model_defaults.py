@@ -50,6 +50,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .caption_grammars import grammar_reader
 from .config import ALL_PRESET_NAMES
 from .errors import ConfigError, ModelLoadError
 
@@ -71,7 +72,8 @@ CONSISTENCY_TIMESTEPS = (259, 519, 779, 999)
 @dataclass(frozen=True)
 class CaptionGrammar:
     """The caption language a model was trained on: ``name`` picks the parser
-    (``"shapes-world"``: :func:`gnr_fast.world.captions.parse_prompt`), ``examples`` are prompts
+    (:func:`gnr_fast.caption_grammars.grammar_reader`; ``"shapes-world"`` is
+    :func:`gnr_shapes.world.captions.prompt_form`), ``examples`` are prompts
     that work (at least one).
 
     ``relaxed_text_encoder``: a subfolder of the model (a plain folder name) holding a second text
@@ -136,8 +138,10 @@ def _grammar(value: object, path: Path) -> CaptionGrammar:
     if not isinstance(examples, list) or not examples:
         raise ModelLoadError(f"{path}: 'caption_grammar.examples' must be a non-empty list of prompts, "
                              f"got {examples!r}")
+    name = _string(value.get("name"), path, "caption_grammar.name")
+    grammar_reader(name, path)  # a grammar no installed package reads is a ModelLoadError here, not per prompt
     return CaptionGrammar(
-        name=_string(value.get("name"), path, "caption_grammar.name"),
+        name=name,
         summary=_string(value.get("summary"), path, "caption_grammar.summary"),
         grammar=_string(value.get("grammar"), path, "caption_grammar.grammar"),
         examples=tuple(_string(e, path, "caption_grammar.examples[]") for e in examples),

@@ -8,11 +8,11 @@ encodes the grammar's relaxed forms with that second encoder and everything else
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from .caption_grammars import PromptForm, grammar_reader
 from .errors import InputError
 from .loading import Components
 from .model_defaults import CaptionGrammar
@@ -73,38 +73,20 @@ class PromptGrammarWarning(UserWarning):
     """A prompt is outside the caption language the model declares (``gnr_fast.json``)."""
 
 
-PromptForm = Literal["grammar", "relaxed", "outside"]
-"""How a prompt relates to a caption grammar: one of its captions, one of its relaxed forms (read,
-but not a caption of the grammar itself), or neither."""
-
-
-def _shapes_world_form(prompt: str) -> PromptForm:
-    from .world.captions import is_grammar_caption, parse_prompt
-
-    if is_grammar_caption(prompt):
-        return "grammar"
-    return "relaxed" if parse_prompt(prompt) is not None else "outside"
-
-
-# Grammar name (``caption_grammar.name`` in gnr_fast.json) -> the prompt's form in that grammar.
-GRAMMAR_READERS: dict[str, Callable[[str], PromptForm]] = {"shapes-world": _shapes_world_form}
-
-
 def prompt_form(grammar: CaptionGrammar, prompt: str) -> PromptForm | None:
-    """``prompt``'s form in ``grammar``; None for the empty prompt or a grammar this version has no
-    reader for (see :data:`GRAMMAR_READERS`)."""
-    reader = GRAMMAR_READERS.get(grammar.name)
-    if reader is None or not prompt.strip():
+    """``prompt``'s form in ``grammar`` (its reader: :func:`gnr_fast.caption_grammars.grammar_reader`);
+    None for the empty prompt."""
+    if not prompt.strip():
         return None
-    return reader(prompt)
+    return grammar_reader(grammar.name)(prompt)
 
 
 def warn_if_outside_grammar(grammar: CaptionGrammar | None, prompt: str, name: str = "prompt") -> bool:
     """Warn (one line, :class:`PromptGrammarWarning`) when the model declares a caption grammar
     and ``prompt`` is not in it; returns whether it warned.
 
-    Nothing is checked for a model without a grammar, a grammar this version has no reader for
-    (see :data:`GRAMMAR_READERS`), or an empty prompt (the unconditional embedding).
+    Nothing is checked for a model without a grammar or an empty prompt (the unconditional
+    embedding).
     """
     if grammar is None or prompt_form(grammar, prompt) != "outside":
         return False

@@ -1,5 +1,7 @@
-"""The package's import structure (docs/architecture.md): no import cycle inside ``gnr_fast``, and no
-module imports another module's private (``_name``) names.
+"""The packages' import structure (docs/architecture.md): no import cycle inside ``gnr_fast`` and
+``gnr_shapes`` (the bundled model's world, training and evaluation), no module imports another
+module's private (``_name``) names, and the engine never imports ``gnr_shapes`` (it reaches it
+through entry points and ``gnr-fast eval``'s import by name).
 
 The imports are read from the source with :mod:`ast`; nothing is imported or executed.
 
@@ -14,7 +16,7 @@ those submodules, and a cycle through an ``__init__`` that runs at import time f
 ``ImportError`` that every test sees.
 
 Private names: ``from m import _x``, ``import m._x`` and ``alias._x`` on a module alias, where the
-other module is inside ``gnr_fast``. Private names of third-party libraries are their own business.
+other module is inside ``gnr_fast`` or ``gnr_shapes``. Private names of third-party libraries are their own business.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gnr_fast"
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = "gnr_fast"
+PACKAGES = (ENGINE, "gnr_shapes")
 
 KNOWN_CYCLES: dict[str, frozenset[str]] = {}
 """Cycles still to be removed, by name → the modules of the cycle (a strongly connected component).
@@ -32,10 +36,10 @@ deleted here, so the list cannot go stale."""
 
 
 def module_files() -> dict[str, tuple[Path, bool]]:
-    """Every module of the package: dotted name → (file, is a package ``__init__``)."""
+    """Every module of the packages: dotted name → (file, is a package ``__init__``)."""
     modules = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    for path in sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
         is_package = parts[-1] == "__init__"
         modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
     return modules
@@ -74,7 +78,7 @@ def imports_of(importer: str, path: Path, is_package: bool, modules: dict) -> li
                     Import(importer, submodule, None, node.lineno) if submodule in modules
                     else Import(importer, base, alias.name, node.lineno)
                 )
-    return [i for i in found if i.module == "gnr_fast" or i.module.startswith("gnr_fast.")]
+    return [i for i in found if i.module.split(".")[0] in PACKAGES]
 
 
 def all_imports() -> list[Import]:
@@ -170,7 +174,7 @@ def test_no_import_cycles_inside_the_package():
     graph = import_graph(all_imports())
     found = strongly_connected(graph)
     unexpected = [f"{a_cycle(c, graph)} (of {len(c)} modules in a cycle)" for c in found if c not in KNOWN_CYCLES.values()]
-    assert not unexpected, "import cycles inside gnr_fast (each arrow: imports):\n" + "\n".join(unexpected)
+    assert not unexpected, "import cycles inside gnr_fast / gnr_shapes (each arrow: imports):\n" + "\n".join(unexpected)
     gone = [name for name, component in KNOWN_CYCLES.items() if component not in found]
     assert not gone, f"known cycles {gone} are gone (or changed): update KNOWN_CYCLES in {Path(__file__).name}"
 
@@ -198,3 +202,10 @@ def test_no_module_imports_another_modules_private_names():
                     and node.attr.startswith("_") and not node.attr.startswith("__") and aliases[node.value.id] != name):
                 offences.append(f"{name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     assert not offences, "imports of another module's private names:\n" + "\n".join(offences)
+
+
+def test_the_engine_never_imports_the_shapes_package():
+    offences = [f"{i.importer}:{i.line} imports {i.module}" for i in all_imports()
+                if i.importer.split(".")[0] == ENGINE and i.module.split(".")[0] != ENGINE]
+    assert not offences, ("gnr_fast imports gnr_shapes (use the gnr_fast.caption_grammars entry points):\n"
+                          + "\n".join(offences))

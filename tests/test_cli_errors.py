@@ -235,7 +235,7 @@ def test_export_repo_unwritable_is_one_line(tmp_path, capsys):
 
 @pytest.fixture
 def no_evaluation(monkeypatch):
-    from gnr_fast.evaluation import quality
+    from gnr_shapes.evaluation import quality
 
     def refuse(*args, **kwargs):
         raise AssertionError("the evaluation ran before the error was found")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gnr_fast import Editor
-from gnr_fast.evaluation.metrics import masked_psnr
-from gnr_fast.parity import rel_err
+from gnr_shapes.evaluation.metrics import masked_psnr
+from parity import rel_err
 
 STEPS = 6
 SOURCE, TARGET = "a red circle", "a green square"
@@ -103,7 +103,7 @@ BUNDLED_COSINE = {torch.float16: 0.995, torch.bfloat16: 0.9}  # 1 − cosine ≈
 
 @pytest.fixture(scope="module")
 def judge():
-    from gnr_fast.world.judge import load_judge
+    from gnr_shapes.world.judge import load_judge
 
     return load_judge()
 
@@ -111,8 +111,8 @@ def judge():
 @pytest.fixture(scope="module")
 def bundled_edits(judge):
     """(success, kept-region PSNR, step-1 gradients) of each (dtype, mode, case), computed once."""
-    from gnr_fast.evaluation.cases import make_case
-    from gnr_fast.evaluation.quality import judge_success
+    from gnr_shapes.evaluation.cases import make_case
+    from gnr_shapes.evaluation.quality import judge_success
 
     editors: dict = {}
     done: dict = {}

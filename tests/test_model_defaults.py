@@ -21,13 +21,13 @@ from gnr_fast.model_defaults import (
     ModelDefaults,
     load_model_defaults,
 )
+from gnr_fast.caption_grammars import grammar_names
 from gnr_fast.prompts import (
-    GRAMMAR_READERS,
     PromptGrammarWarning,
     warn_if_outside_grammar,
 )
-from gnr_fast.world import generate_scene, parse_caption
-from gnr_fast.world.captions import CAPTION_FORMS, caption_in_form
+from gnr_shapes.world import generate_scene, parse_caption
+from gnr_shapes.world.captions import CAPTION_FORMS, caption_in_form
 
 GOOD = {"format": 1, "preset": "style"}
 
@@ -46,7 +46,7 @@ def test_bundled_model_declares_shapes_and_its_grammar():
     assert defaults.preset == "shapes"
     assert defaults.source == BUNDLED_MODEL / METADATA_NAME
     grammar = defaults.caption_grammar
-    assert grammar is not None and grammar.name in GRAMMAR_READERS
+    assert grammar is not None and grammar.name in grammar_names()
     for example in grammar.examples:  # every example is a caption of the training grammar
         parse_caption(example)
 
@@ -172,7 +172,7 @@ def test_editor_warns_once_per_new_prompt(tiny_model_path):
 
 
 def test_readme_quick_start_prompts_are_readable():
-    from gnr_fast.world.captions import parse_prompt
+    from gnr_shapes.world.captions import parse_prompt
 
     readme = (BUNDLED_MODEL.parents[2] / "README.md").read_text()
     quoted = [q for q in _quoted_prompts(readme) if " on " in q or ", " in q]

@@ -147,7 +147,7 @@ def test_the_bundled_model_ships_its_relaxed_encoder():
 
 
 def test_an_export_takes_the_model_defaults_without_the_relaxed_encoder(tmp_path):
-    from gnr_fast.training.export import copy_model_defaults
+    from gnr_shapes.training.export import copy_model_defaults
 
     copy_model_defaults(BUNDLED_MODEL, tmp_path)
     copied = load_model_defaults(tmp_path)

@@ -14,7 +14,7 @@ def write_tiny_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None
     ``pad_token``: SD 1.x pads with ``<|endoftext|>``, SD 2.x (OpenCLIP) with ``!``.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    from gnr_fast.training.tokenizer import byte_symbols
+    from gnr_shapes.training.tokenizer import byte_symbols
 
     alphabet = byte_symbols()
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from gnr_fast.evaluation.cases import EDIT_KINDS, make_case, make_cases
-from gnr_fast.evaluation.metrics import masked_psnr, masked_ssim
-from gnr_fast.evaluation.quality import METHODS, CaseResult, markdown_table, picture_grid, summary_rows
+from gnr_shapes.evaluation.cases import EDIT_KINDS, make_case, make_cases
+from gnr_shapes.evaluation.metrics import masked_psnr, masked_ssim
+from gnr_shapes.evaluation.quality import METHODS, CaseResult, markdown_table, picture_grid, summary_rows
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS)
@@ -68,8 +68,8 @@ def test_report_table_and_grid():
 
 
 def test_parallel_evaluation_equals_in_process(tiny_model_path, tiny_editor):
-    from gnr_fast.evaluation.quality import evaluate, evaluate_parallel
-    from gnr_fast.world.judge import load_judge
+    from gnr_shapes.evaluation.quality import evaluate, evaluate_parallel
+    from gnr_shapes.world.judge import load_judge
 
     kwargs = dict(kinds=("colour", "shape"), per_kind=1, num_steps=2)
     cases, serial = evaluate(tiny_editor, load_judge(), methods={"baseline": METHODS["baseline"]}, progress=False, **kwargs)
@@ -82,7 +82,7 @@ def test_parallel_evaluation_equals_in_process(tiny_model_path, tiny_editor):
 
 
 def test_parallel_evaluation_rejects_unknown_methods():
-    from gnr_fast.evaluation.quality import evaluate_parallel
+    from gnr_shapes.evaluation.quality import evaluate_parallel
 
     with pytest.raises(ValueError, match="unknown methods"):
         evaluate_parallel(None, 2, method_names=("nope",))

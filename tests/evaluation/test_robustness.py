@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from gnr_fast.evaluation.cases import make_case
-from gnr_fast.evaluation.quality import CaseResult
-from gnr_fast.evaluation.robustness import case_prompts, markdown_table, summary_rows
-from gnr_fast.world.captions import CAPTION_FORMS, parse_caption, parse_prompt
+from gnr_shapes.evaluation.cases import make_case
+from gnr_shapes.evaluation.quality import CaseResult
+from gnr_shapes.evaluation.robustness import case_prompts, markdown_table, summary_rows
+from gnr_shapes.world.captions import CAPTION_FORMS, parse_caption, parse_prompt
 
 
 @pytest.mark.parametrize("kind", ["colour", "shape", "background"])
@@ -58,8 +58,8 @@ def test_summary_reports_each_form_against_full_captions():
 
 
 def test_a_tiny_run_scores_every_form(tiny_editor):
-    from gnr_fast.evaluation.robustness import evaluate_forms
-    from gnr_fast.world.judge import load_judge
+    from gnr_shapes.evaluation.robustness import evaluate_forms
+    from gnr_shapes.world.judge import load_judge
 
     forms = ("full", "comma")
     results = evaluate_forms(tiny_editor, load_judge(), kinds=("colour",), per_kind=1, num_steps=2,

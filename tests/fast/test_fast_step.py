@@ -7,7 +7,7 @@ import torch
 from gnr_fast import EditConfig, Editor
 from gnr_fast.editing import EditContext
 from gnr_fast.fast.step import fast_step
-from gnr_fast.parity import rel_err
+from parity import rel_err
 from gnr_fast.reference.step import reference_step
 
 STEPS = 8

@@ -19,7 +19,7 @@ import torch
 from gnr_fast import Editor
 from gnr_fast.config import EditConfig, SelfAttnMapL2Appearance
 from gnr_fast.fast.step import fast_step
-from gnr_fast.parity import (
+from parity import (
     GoldenRun,
     free_running,
     rel_err,

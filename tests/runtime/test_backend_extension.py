@@ -11,7 +11,7 @@ import torch
 
 from gnr_fast import BackendUnavailableError, ConfigError, Editor
 from gnr_fast.cli import build_parser, main
-from gnr_fast.parity import rel_err
+from parity import rel_err
 from gnr_fast.runtime import (
     BACKENDS,
     BackendSpec,

@@ -17,7 +17,7 @@ from PIL import Image
 from gnr_fast import Editor
 from gnr_fast.attention import CaptureSpec
 from gnr_fast.config import FeatureSite
-from gnr_fast.parity import rel_err
+from parity import rel_err
 from gnr_fast.runtime import RuntimeConfig, inductor_unavailable_reason
 
 STEPS = 4

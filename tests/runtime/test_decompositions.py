@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnr_fast.parity import rel_err
+from parity import rel_err
 from gnr_fast.runtime import RuntimeConfig, inductor_unavailable_reason
 from gnr_fast.runtime.compiled import CountingBackend
 from gnr_fast.runtime.decompositions import (

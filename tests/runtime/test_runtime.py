@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from gnr_fast import BackendUnavailableError, ConfigError, Editor
-from gnr_fast.parity import rel_err
+from parity import rel_err
 from gnr_fast.runtime import (
     BACKENDS,
     BackendSpec,

@@ -11,7 +11,7 @@ from PIL import Image
 
 from gnr_fast import Editor, GuidanceError, InputError
 from gnr_fast.batch import BatchRequest, edit_batch
-from gnr_fast.parity import rel_err
+from parity import rel_err
 
 STEPS = 5
 TOL = 1e-4  # batched vs single kernels differ only by float rounding (measured ~1e-5 on the tiny model)

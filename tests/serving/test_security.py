@@ -14,7 +14,7 @@ import torch
 from gnr_fast.cli import build_parser
 from gnr_fast.serving.server import ServerConfig
 from gnr_fast.serving.service import MAX_CONFIG_BYTES, MAX_PROMPT_CHARS, ServiceConfig
-from gnr_fast.training.checkpoints import load_checkpoint, save_checkpoint
+from gnr_shapes.training.checkpoints import load_checkpoint, save_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[2] / "gnr_fast"
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from gnr_fast import ConfigError, EditConfig, GuidanceError, InputError
 from gnr_fast.cli import main
-from gnr_fast.parity import rel_err
+from parity import rel_err
 from gnr_fast.serving import launcher
 from gnr_fast.serving.protocol import (
     EDIT_INPUTS,

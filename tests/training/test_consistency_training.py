@@ -14,11 +14,12 @@ from safetensors.torch import load_file
 
 from gnr_fast.consistency_models import ConsistencyFiles, load_consistency_unets
 from gnr_fast.lora import PEFT_PREFIX, fuse_lora, read_lora
-from gnr_fast.training import consistency, cycle_finetune, guidance_teacher
-from gnr_fast.training.lora_adapters import attach_lora, save_lora_file
-from gnr_fast.training.unet import SD_SCHEDULE
+from gnr_fast.model_files import BUNDLED_MODEL
+from gnr_shapes.training import consistency, cycle_finetune, guidance_teacher
+from gnr_shapes.training.lora_adapters import attach_lora, save_lora_file
+from gnr_shapes.training.unet import SD_SCHEDULE
 
-MODEL = Path(guidance_teacher.__file__).resolve().parents[1] / "models" / "shapes-v1"
+MODEL = BUNDLED_MODEL
 GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "consistency_scene0" / "golden.pt"
 
 

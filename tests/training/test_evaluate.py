@@ -1,4 +1,4 @@
-"""Smoke test of ``python -m gnr_fast.training.evaluate`` on the bundled model (a few steps)."""
+"""Smoke test of ``python -m gnr_shapes.training.evaluate`` on the bundled model (a few steps)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gnr_fast.loading import BUNDLED_MODEL
-from gnr_fast.training import evaluate
+from gnr_shapes.training import evaluate
 
 
 @pytest.mark.parametrize("caption_set", ["test", "tune"])

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from gnr_fast.training.schedule import parse_deadline
-from gnr_fast.training.unet import batch_captions
-from gnr_fast.world import generate_scene, parse_caption
-from gnr_fast.world.captions import parse_prompt
+from gnr_shapes.training.schedule import parse_deadline
+from gnr_shapes.training.unet import batch_captions
+from gnr_shapes.world import generate_scene, parse_caption
+from gnr_shapes.world.captions import parse_prompt
 
 
 def _pool(n: int) -> dict:
@@ -51,7 +51,7 @@ def test_deadline_after_midnight_is_tomorrow_and_a_recent_one_is_past():
 
 @pytest.mark.parametrize("unet_frozen", [False, True])
 def test_distillation_is_zero_for_the_teacher_itself_and_trains_only_the_student(unet_frozen):
-    from gnr_fast.training.unet import SMOKE_SHAPE, build_text_encoder, build_unet, distillation_mse, frozen_teacher
+    from gnr_shapes.training.unet import SMOKE_SHAPE, build_text_encoder, build_unet, distillation_mse, frozen_teacher
 
     torch.manual_seed(0)
     unet, text = build_unet(SMOKE_SHAPE, 4), build_text_encoder(SMOKE_SHAPE)
@@ -72,7 +72,7 @@ def test_distillation_is_zero_for_the_teacher_itself_and_trains_only_the_student
 
 
 def test_embedding_anchor_is_zero_for_the_teacher_and_pulls_a_moved_student_back():
-    from gnr_fast.training.unet import SMOKE_SHAPE, build_text_encoder, build_unet, embedding_anchor_mse, frozen_teacher
+    from gnr_shapes.training.unet import SMOKE_SHAPE, build_text_encoder, build_unet, embedding_anchor_mse, frozen_teacher
 
     torch.manual_seed(0)
     text = build_text_encoder(SMOKE_SHAPE)
@@ -92,8 +92,8 @@ def test_a_latent_pool_with_scene_specs_loads_without_pickle_code(tmp_path):
     """--resume reads latent_pool.pt with weights_only=True; the relaxed captions' scene specs are allowed."""
     import numpy as np
 
-    from gnr_fast.training.checkpoints import load_torch_file
-    from gnr_fast.world.scenes import sample_spec
+    from gnr_shapes.training.checkpoints import load_torch_file
+    from gnr_shapes.world.scenes import sample_spec
 
     specs = [sample_spec(np.random.default_rng(seed)) for seed in range(3)]
     torch.save({"mean": torch.zeros(3, 4, 2, 2), "captions": ["a", "b", "c"], "specs": specs}, tmp_path / "pool.pt")

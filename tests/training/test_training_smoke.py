@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from gnr_fast.training import export, judge, tokenizer, unet, vae
+from gnr_fast.model_files import BUNDLED_MODEL
+from gnr_shapes.training import export, judge, tokenizer, unet, vae
 
 
 def _synthetic_bpe(path: Path) -> Path:
@@ -52,7 +53,7 @@ def test_byte_symbols_are_a_printable_bijection() -> None:
 
 
 def test_real_clip_ids_when_the_model_is_exported() -> None:
-    folder = Path(export.__file__).resolve().parents[1] / "models" / "shapes-v1" / "tokenizer"
+    folder = BUNDLED_MODEL / "tokenizer"
     if not folder.exists():
         pytest.skip(f"{folder} not exported yet")
     from transformers import CLIPTokenizer
@@ -63,7 +64,7 @@ def test_real_clip_ids_when_the_model_is_exported() -> None:
 
 
 def test_judge_smoke_writes_loadable_weights(tmp_path: Path) -> None:
-    from gnr_fast.world.judge import load_judge
+    from gnr_shapes.world.judge import load_judge
 
     judge.main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "judge"), "--smoke"])
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)

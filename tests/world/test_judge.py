@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gnr_fast.training.seeds import HELD_OUT_SEED_START
-from gnr_fast.world import generate_scene, parse_caption
-from gnr_fast.world.judge import (
+from gnr_shapes.training.seeds import HELD_OUT_SEED_START
+from gnr_shapes.world import generate_scene, parse_caption
+from gnr_shapes.world.judge import (
     DEFAULT_JUDGE_DIR,
     SceneAttributes,
     agrees_with_caption,
@@ -26,7 +26,7 @@ N_SCENES = 200
 @pytest.fixture(scope="module")
 def judge():
     if not (DEFAULT_JUDGE_DIR / "model.safetensors").exists():
-        pytest.skip(f"judge weights not in {DEFAULT_JUDGE_DIR} yet (python -m gnr_fast.training.judge)")
+        pytest.skip(f"judge weights not in {DEFAULT_JUDGE_DIR} yet (python -m gnr_shapes.training.judge)")
     return load_judge()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gnr_fast.errors import InputError
-from gnr_fast.world import (
+from gnr_shapes.world import (
     COLOURS,
     BackgroundSpec,
     ObjectSpec,
@@ -15,7 +15,7 @@ from gnr_fast.world import (
     parse_caption,
     render,
 )
-from gnr_fast.world.scenes import render_background
+from gnr_shapes.world.scenes import render_background
 
 SEEDS = range(100, 160)
 

@@ -12,7 +12,7 @@ FT=${FT:-/work/runs18/te_export}
 O=${O:-/work/runs18/eval_te}
 mkdir -p $O
 date -u
-$PY -m gnr_fast.training.export --vae $M/vae --unet-run $RUN --tokenizer $M/tokenizer --out $FT --defaults-from $M
+$PY -m gnr_shapes.training.export --vae $M/vae --unet-run $RUN --tokenizer $M/tokenizer --out $FT --defaults-from $M
 # The run's UNet was frozen; runs started before update_ema skipped frozen modules carry a
 # rounding-level EMA drift of it, so the export takes the committed UNet itself.
 rm -rf $FT/unet && cp -r $M/unet $FT/unet

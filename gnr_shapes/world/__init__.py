@@ -4,9 +4,9 @@ Used to train the small SD-format model ``gnr_fast/models/shapes-v1`` and to bui
 "same scene, one attribute changed" benchmark pairs (render an edited :class:`SceneSpec`).
 """
 
-from gnr_fast.world.captions import CaptionObject, ParsedCaption, caption_for, parse_caption
-from gnr_fast.world.palette import BACKGROUND_KINDS, COLOUR_NAMES, COLOURS, SHAPES, SIZES
-from gnr_fast.world.scenes import (
+from gnr_shapes.world.captions import CaptionObject, ParsedCaption, caption_for, parse_caption
+from gnr_shapes.world.palette import BACKGROUND_KINDS, COLOUR_NAMES, COLOURS, SHAPES, SIZES
+from gnr_shapes.world.scenes import (
     BackgroundSpec,
     ObjectSpec,
     Scene,

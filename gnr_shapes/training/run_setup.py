@@ -8,8 +8,8 @@ import argparse
 
 import torch
 
-from gnr_fast.training.checkpoints import RunLog
-from gnr_fast.training.schedule import TimeBudget, parse_deadline
+from gnr_shapes.training.checkpoints import RunLog
+from gnr_shapes.training.schedule import TimeBudget, parse_deadline
 
 
 def start_run(args: argparse.Namespace) -> tuple[RunLog, float | None]:

@@ -1,6 +1,6 @@
 """Train the shapes-world AutoencoderKL (latent factor 8) on this CPU.
 
-    python -m gnr_fast.training.vae --out runs/vae --steps 3000 --threads 2
+    python -m gnr_shapes.training.vae --out runs/vae --steps 3000 --threads 2
 
 Training uses random square crops of pre-rendered 128 px scenes (the model is convolutional and
 crops train ~6x faster than full images, /work/shared/notes/toy-model-training.md); evaluation is
@@ -25,12 +25,12 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from gnr_fast.training.batches import step_generator, step_rng
-from gnr_fast.training.checkpoints import RunLog, load_checkpoint, save_checkpoint
-from gnr_fast.training.run_setup import deadline_reached
-from gnr_fast.training.schedule import TimeBudget, parse_deadline, warmup_cosine_lr
-from gnr_fast.training.seeds import HELD_OUT_SEED_START, TRAIN_SEED_START
-from gnr_fast.world import generate_images
+from gnr_shapes.training.batches import step_generator, step_rng
+from gnr_shapes.training.checkpoints import RunLog, load_checkpoint, save_checkpoint
+from gnr_shapes.training.run_setup import deadline_reached
+from gnr_shapes.training.schedule import TimeBudget, parse_deadline, warmup_cosine_lr
+from gnr_shapes.training.seeds import HELD_OUT_SEED_START, TRAIN_SEED_START
+from gnr_shapes.world import generate_images
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Distil classifier-free guidance of a model folder's UNet into a guidance-embedded UNet.
 
-    nice -n 19 python -m gnr_fast.training.guidance_teacher --model gnr_fast/models/shapes-v1 \
+    nice -n 19 python -m gnr_shapes.training.guidance_teacher --model gnr_fast/models/shapes-v1 \
         --out runs/cfg_teacher --steps 20000 --deadline 13:05 --threads 1 --seed 35 --resume
 
 The student is the folder's UNet rebuilt with ``time_cond_proj_dim = 512`` (the guidance-scale
@@ -34,20 +34,20 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from gnr_fast.families.guidance_embedding import guidance_scale_embedding
 
-from gnr_fast.training.batches import draw_pool_batch, step_streams
-from gnr_fast.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
-from gnr_fast.training.run_setup import apply_smoke_sizes, deadline_reached, start_run
-from gnr_fast.training.schedule import TimeBudget, warmup_cosine_lr
-from gnr_fast.training.seeds import HELD_OUT_SEED_START
-from gnr_fast.training.unet import (
+from gnr_shapes.training.batches import draw_pool_batch, step_streams
+from gnr_shapes.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
+from gnr_shapes.training.run_setup import apply_smoke_sizes, deadline_reached, start_run
+from gnr_shapes.training.schedule import TimeBudget, warmup_cosine_lr
+from gnr_shapes.training.seeds import HELD_OUT_SEED_START
+from gnr_shapes.training.unet import (
     SD_SCHEDULE,
     encode_pool,
     tokenize,
     training_noise,
     update_ema,
 )
-from gnr_fast.training.vae import to_model_range
-from gnr_fast.world import generate_scene
+from gnr_shapes.training.vae import to_model_range
+from gnr_shapes.world import generate_scene
 
 TEACHER_FILE = "teacher.pt"
 W_EMBEDDING_DIM = 512

@@ -1,6 +1,6 @@
 """Cycle-consistency fine-tune of the forward (inversion) consistency LoRA (Inverse-and-Edit).
 
-    nice -n 19 python -m gnr_fast.training.cycle_finetune --model gnr_fast/models/shapes-v1 \
+    nice -n 19 python -m gnr_shapes.training.cycle_finetune --model gnr_fast/models/shapes-v1 \
         --teacher runs/cfg_teacher/teacher.pt --lora-dir runs/icd --out runs/cycle \
         --pool-from runs/cfg_teacher/latent_pool.pt --deadline 14:00 --threads 1 --seed 35 --resume
 
@@ -15,7 +15,7 @@ noised to t = 0 with fresh noise each step, as the editing code does with its fi
 Reads the iCD run's ``reverse_lora.safetensors`` / ``forward_lora.safetensors`` (``--lora-dir``) and
 writes a fine-tuned ``forward_lora.safetensors`` (same rank, same layout) to ``--out`` every
 ``--ckpt-every`` steps; every ``--eval-every`` steps logs the 4 + 4-step reconstruction PSNR of the
-held-out scenes of :func:`gnr_fast.training.consistency.reconstruction_psnr` through the engine's loader.
+held-out scenes of :func:`gnr_shapes.training.consistency.reconstruction_psnr` through the engine's loader.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from gnr_fast.consistency_models import ConsistencyFiles, load_consistency_unets, load_guidance_unet
 from gnr_fast.lora import PEFT_PREFIX, read_lora
-from gnr_fast.training.batches import draw_pool_batch, step_streams
-from gnr_fast.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
-from gnr_fast.training.consistency import (
+from gnr_shapes.training.batches import draw_pool_batch, step_streams
+from gnr_shapes.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
+from gnr_shapes.training.consistency import (
     FORWARD_FILE,
     REVERSE_FILE,
     Grid,
@@ -44,16 +44,16 @@ from gnr_fast.training.consistency import (
     reconstruction_psnr,
     reverse_sample,
 )
-from gnr_fast.training.lora_adapters import (
+from gnr_shapes.training.lora_adapters import (
     attach_lora,
     load_peft_state_dict,
     lora_parameters,
     peft_state_dict,
     save_lora_file,
 )
-from gnr_fast.training.run_setup import add_run_options, apply_smoke_sizes, deadline_reached, start_run
-from gnr_fast.training.schedule import TimeBudget, warmup_cosine_lr
-from gnr_fast.training.unet import SD_SCHEDULE, tokenize
+from gnr_shapes.training.run_setup import add_run_options, apply_smoke_sizes, deadline_reached, start_run
+from gnr_shapes.training.schedule import TimeBudget, warmup_cosine_lr
+from gnr_shapes.training.unet import SD_SCHEDULE, tokenize
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

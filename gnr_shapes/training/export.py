@@ -1,6 +1,6 @@
 """Assemble the trained components into a standard diffusers StableDiffusionPipeline folder.
 
-    python -m gnr_fast.training.export --vae runs/vae/final --unet-run runs/unet \
+    python -m gnr_shapes.training.export --vae runs/vae/final --unet-run runs/unet \
         --tokenizer runs/tokenizer --out gnr_fast/models/shapes-v1
 
 The UNet and text encoder are the EMA (default) or raw weights of the latest checkpoint in
@@ -22,8 +22,8 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
-from gnr_fast.training.checkpoints import load_checkpoint
-from gnr_fast.training.unet import (
+from gnr_shapes.training.checkpoints import load_checkpoint
+from gnr_shapes.training.unet import (
     SD_SCHEDULE,
     DenoiserShape,
     build_text_encoder,

@@ -1,7 +1,7 @@
-"""Train the shapes-world judge (gnr_fast.world.judge) on freshly rendered scenes.
+"""Train the shapes-world judge (gnr_shapes.world.judge) on freshly rendered scenes.
 
-    python -m gnr_fast.training.judge --out runs/judge --steps 3000 --threads 1 \
-        --export gnr_fast/models/shapes-judge
+    python -m gnr_shapes.training.judge --out runs/judge --steps 3000 --threads 1 \
+        --export gnr_shapes/models/shapes-judge
 
 Every step renders new scenes (seeds from JUDGE_TRAIN_SEED_START upwards, so the judge never sees
 a scene twice nor any held-out scene) and applies the augmentations VAE-decoded and generated
@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gnr_fast.training.batches import step_generator, step_rng
-from gnr_fast.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
-from gnr_fast.training.run_setup import add_run_options
-from gnr_fast.training.schedule import warmup_cosine_lr
-from gnr_fast.training.seeds import HELD_OUT_SEED_START, JUDGE_TRAIN_SEED_START
-from gnr_fast.world import generate_scene
-from gnr_fast.world.judge import (
+from gnr_shapes.training.batches import step_generator, step_rng
+from gnr_shapes.training.checkpoints import RunLog, load_checkpoint, load_torch_file, save_checkpoint
+from gnr_shapes.training.run_setup import add_run_options
+from gnr_shapes.training.schedule import warmup_cosine_lr
+from gnr_shapes.training.seeds import HELD_OUT_SEED_START, JUDGE_TRAIN_SEED_START
+from gnr_shapes.world import generate_scene
+from gnr_shapes.world.judge import (
     HEADS,
     JudgeConfig,
     JudgeNet,

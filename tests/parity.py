@@ -3,7 +3,8 @@
 Two comparisons (see the golden README): *teacher-forced* — every step is fed the golden latent
 and source trajectory and its terms are compared —, and *free-running* — a whole edit from the
 input image compared with the golden final latent and image. Run as
-``python -m gnr_fast.parity GOLDEN_RUN_DIR --model TINY_SD_DIR``; the tests call the same functions.
+``python tests/parity.py GOLDEN_RUN_DIR --model TINY_SD_DIR`` from the repository root; the tests
+(``tests/golden/test_golden_parity.py``) call the same functions and import :func:`rel_err` from here.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import EditConfig
-from .editing import EditContext, StepFunction, source_latent
-from .editor import Editor
-from .schedules import ddim_step_up, ddim_timesteps
+from gnr_fast.config import EditConfig
+from gnr_fast.editing import EditContext, StepFunction, source_latent
+from gnr_fast.editor import Editor
+from gnr_fast.schedules import ddim_step_up, ddim_timesteps
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -194,9 +195,9 @@ def main() -> None:
     editor = Editor.from_pretrained(args.model)
     golden = GoldenRun.load(args.run)
     if args.mode == "fast":
-        from .fast.step import fast_step as step_fn
+        from gnr_fast.fast.step import fast_step as step_fn
     else:
-        from .reference.step import reference_step as step_fn
+        from gnr_fast.reference.step import reference_step as step_fn
 
     report = {
         "teacher_forced_inversion_max_step_rel": teacher_forced_inversion(editor, golden),

@@ -1,6 +1,6 @@
 """The scene renderer and the seeded scene sampler.
 
-A :class:`~gnr_fast.world.specs.SceneSpec` (re-exported here) is the structured ground truth
+A :class:`~gnr_shapes.world.specs.SceneSpec` (re-exported here) is the structured ground truth
 (background + objects). :func:`render` turns a spec into pixels, per-object masks and a caption;
 it is a pure function of the spec, so an edited
 spec (one object's colour or shape, or the background, changed) renders the same layout with only
@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from gnr_fast.errors import InputError
-from gnr_fast.world.captions import caption_for
-from gnr_fast.world.palette import (
+from gnr_shapes.world.captions import caption_for
+from gnr_shapes.world.palette import (
     BACKGROUND_KINDS,
     CHECK_PERIOD_PER_128,
     COLOUR_NAMES,
@@ -32,7 +32,7 @@ from gnr_fast.world.palette import (
     SIZES,
     STRIPE_PERIOD_PER_128,
 )
-from gnr_fast.world.specs import BackgroundSpec, ObjectSpec, SceneSpec
+from gnr_shapes.world.specs import BackgroundSpec, ObjectSpec, SceneSpec
 
 __all__ = [
     "BackgroundSpec", "ObjectSpec", "Scene", "SceneSpec", "generate_images", "generate_scene", "object_coverage",

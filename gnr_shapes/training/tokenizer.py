@@ -5,7 +5,7 @@ The vocabulary is the real 49,408-token CLIP vocabulary (as in SD 1.x), rebuilt 
 
     pip download --no-deps -d /tmp/x open-clip-torch==3.3.0
     unzip -j /tmp/x/open_clip_torch-3.3.0-py3-none-any.whl open_clip/bpe_simple_vocab_16e6.txt.gz -d /tmp/x
-    python -m gnr_fast.training.tokenizer --bpe /tmp/x/bpe_simple_vocab_16e6.txt.gz --out runs/tokenizer
+    python -m gnr_shapes.training.tokenizer --bpe /tmp/x/bpe_simple_vocab_16e6.txt.gz --out runs/tokenizer
 
 Vocabulary order (so token ids equal the real CLIP ids): the 256 byte symbols, the same 256 with
 the ``</w>`` end-of-word marker, one token per merge in merge order, then ``<|startoftext|>`` and

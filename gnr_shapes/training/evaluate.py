@@ -1,12 +1,12 @@
 """Measure an exported shapes model: text-to-image fidelity and DDIM-inversion reconstruction.
 
-    python -m gnr_fast.training.evaluate --model gnr_fast/models/shapes-v1 --captions 200 \
+    python -m gnr_shapes.training.evaluate --model gnr_fast/models/shapes-v1 --captions 200 \
         --inversions 20 --out runs/eval.json
 
 - **Fidelity**: captions of held-out scenes are generated with the plain diffusers pipeline
   (DDIM, ``--steps`` steps, classifier-free guidance ``--cfg``); the judge reads each image and an
   image counts when it agrees with every attribute the caption states
-  (:func:`gnr_fast.world.judge.agrees_with_caption`: a striped or checkered background's two
+  (:func:`gnr_shapes.world.judge.agrees_with_caption`: a striped or checkered background's two
   colours in either order, since the caption does not say which comes first;
   ``fidelity_all_stated_strict_order`` also demands the renderer's order). Per-attribute accuracies
   (against the rendered truth, colour order included) are reported too.
@@ -28,10 +28,10 @@ from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
 from gnr_fast.schedules import NoiseSchedule, ddim_step_down, ddim_step_up, ddim_timesteps
-from gnr_fast.training.seeds import HELD_OUT_SEED_START
-from gnr_fast.training.vae import psnr, to_model_range
-from gnr_fast.world import generate_scene, parse_caption
-from gnr_fast.world.judge import (
+from gnr_shapes.training.seeds import HELD_OUT_SEED_START
+from gnr_shapes.training.vae import psnr, to_model_range
+from gnr_shapes.world import generate_scene, parse_caption
+from gnr_shapes.world.judge import (
     DEFAULT_JUDGE_DIR,
     agrees_with_caption,
     attribute_matches,

@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from ..config import CfgGuider, EditConfig, RescaleConfig
-from ..outputs import check_writable_dir
+from gnr_fast.config import CfgGuider, EditConfig, RescaleConfig
+from gnr_fast.outputs import check_writable_dir
 from ..world.judge import attributes_of
 from .cases import EDIT_KINDS, EditCase, EditKind, make_case, make_cases
 from .metrics import feature_distance, masked_psnr, masked_ssim
@@ -132,7 +132,7 @@ _WORKER: dict[str, object] = {}
 def _init_worker(model: str | None, threads: int) -> None:
     import torch
 
-    from ..editor import Editor
+    from gnr_fast.editor import Editor
     from ..world.judge import load_judge
 
     torch.set_num_threads(threads)
@@ -160,7 +160,7 @@ def evaluate_parallel(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from ..editor import Editor
+    from gnr_fast.editor import Editor
 
     unknown = [m for m in method_names if m not in METHODS]
     if unknown:
@@ -254,10 +254,10 @@ def write_report(cases: list[EditCase], results: list[CaseResult], out: Path, co
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``gnr-fast eval`` / ``python -m gnr_fast.evaluation.quality``."""
+    """``gnr-fast eval`` / ``python -m gnr_shapes.evaluation.quality``."""
     import torch
 
-    from ..editor import Editor
+    from gnr_fast.editor import Editor
     from ..world.judge import load_judge
 
     parser = argparse.ArgumentParser(prog="gnr-fast eval", description="edit-quality benchmark on the shapes world")

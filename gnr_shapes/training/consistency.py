@@ -1,6 +1,6 @@
 """Multi-boundary consistency distillation (iCD) of a guidance-distilled teacher, as two LoRAs.
 
-    nice -n 19 python -m gnr_fast.training.consistency --model gnr_fast/models/shapes-v1 \
+    nice -n 19 python -m gnr_shapes.training.consistency --model gnr_fast/models/shapes-v1 \
         --teacher runs/cfg_teacher/teacher.pt --out runs/icd --rank 32 --deadline 14:00 \
         --threads 1 --seed 35 --resume
 
@@ -17,7 +17,7 @@ step, ``training/src/train.py`` of yandex-research/invertible-cd), written for t
 - a jump from (z, t) with noise ε to s is α_s (z − σ_t ε) / α_t + σ_s ε, with α_s = 1, σ_s = 0 at s = 0;
 - pseudo-Huber loss (c = ``--huber-c``), both adapters trained each step (one optimizer each).
 
-The students are the teacher plus one LoRA each (:mod:`gnr_fast.training.lora_adapters`; rank
+The students are the teacher plus one LoRA each (:mod:`gnr_shapes.training.lora_adapters`; rank
 ``--rank``, alpha 8 as the loader forces it). Every ``--ckpt-every`` steps the run writes
 ``checkpoint.pt`` and ``reverse_lora.safetensors`` / ``forward_lora.safetensors`` in the authors'
 layout; every ``--eval-every`` steps it fuses those files through the engine's loader
@@ -40,22 +40,22 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from gnr_fast.consistency_models import ConsistencyFiles, load_consistency_unets, load_guidance_unet
-from gnr_fast.training.batches import draw_pool_batch, step_streams
-from gnr_fast.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
-from gnr_fast.training.guidance_teacher import embed_w
-from gnr_fast.training.lora_adapters import (
+from gnr_shapes.training.batches import draw_pool_batch, step_streams
+from gnr_shapes.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
+from gnr_shapes.training.guidance_teacher import embed_w
+from gnr_shapes.training.lora_adapters import (
     attach_lora,
     load_peft_state_dict,
     lora_parameters,
     peft_state_dict,
     save_lora_file,
 )
-from gnr_fast.training.run_setup import add_run_options, apply_smoke_sizes, deadline_reached, start_run
-from gnr_fast.training.schedule import TimeBudget, warmup_cosine_lr
-from gnr_fast.training.seeds import HELD_OUT_SEED_START
-from gnr_fast.training.unet import SD_SCHEDULE, encode_pool, tokenize, training_noise
-from gnr_fast.training.vae import psnr, to_model_range
-from gnr_fast.world import generate_scene
+from gnr_shapes.training.run_setup import add_run_options, apply_smoke_sizes, deadline_reached, start_run
+from gnr_shapes.training.schedule import TimeBudget, warmup_cosine_lr
+from gnr_shapes.training.seeds import HELD_OUT_SEED_START
+from gnr_shapes.training.unet import SD_SCHEDULE, encode_pool, tokenize, training_noise
+from gnr_shapes.training.vae import psnr, to_model_range
+from gnr_shapes.world import generate_scene
 
 REVERSE_BOUNDARIES = (0, 259, 519, 779)
 FORWARD_BOUNDARIES = (259, 519, 779, 999)

@@ -1,6 +1,6 @@
 """Train the shapes-world UNet2DConditionModel and CLIP text encoder jointly on this CPU.
 
-    python -m gnr_fast.training.unet --out runs/unet --vae runs/vae/final \
+    python -m gnr_shapes.training.unet --out runs/unet --vae runs/vae/final \
         --tokenizer runs/tokenizer --steps 20000 --deadline 10:15 --threads 2
 
 Objective: DDPM epsilon-prediction with the SD 1.x noise schedule (scaled_linear betas
@@ -32,14 +32,14 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from gnr_fast.training.batches import draw_indices, step_streams
-from gnr_fast.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
-from gnr_fast.training.run_setup import add_run_options, deadline_reached, start_run
-from gnr_fast.training.schedule import TimeBudget, warmup_cosine_lr
-from gnr_fast.training.seeds import TRAIN_SEED_START
-from gnr_fast.training.vae import to_model_range
-from gnr_fast.world import generate_scene
-from gnr_fast.world.captions import relaxed_caption
+from gnr_shapes.training.batches import draw_indices, step_streams
+from gnr_shapes.training.checkpoints import load_checkpoint, load_torch_file, save_checkpoint
+from gnr_shapes.training.run_setup import add_run_options, deadline_reached, start_run
+from gnr_shapes.training.schedule import TimeBudget, warmup_cosine_lr
+from gnr_shapes.training.seeds import TRAIN_SEED_START
+from gnr_shapes.training.vae import to_model_range
+from gnr_shapes.world import generate_scene
+from gnr_shapes.world.captions import relaxed_caption
 
 # SD 1.x training noise schedule (DESIGN.md section 1).
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -128,7 +128,7 @@ def encode_pool(vae: AutoencoderKL, count: int, size: int, batch: int = 64) -> d
 def batch_captions(pool: dict[str, object], idx: torch.Tensor, relaxed_prob: float,
                    rng: np.random.Generator) -> list[str]:
     """The captions of pool entries ``idx``: each the grammar's caption, or with probability
-    ``relaxed_prob`` a random relaxed form of it (:func:`gnr_fast.world.captions.relaxed_caption`:
+    ``relaxed_prob`` a random relaxed form of it (:func:`gnr_shapes.world.captions.relaxed_caption`:
     no size word, synonyms, "on blue", "red circle, blue background", "plain")."""
     captions = pool["captions"]
     if relaxed_prob <= 0:

@@ -32,10 +32,10 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
 
 
 SAFE_GLOBALS: list = [pathlib.PosixPath, pathlib.WindowsPath, SceneSpec, BackgroundSpec, ObjectSpec,
-                      *((cls, f"gnr_fast.world.scenes.{cls.__name__}") for cls in (SceneSpec, BackgroundSpec, ObjectSpec))]
+                      *((cls, f"gnr_shapes.world.scenes.{cls.__name__}") for cls in (SceneSpec, BackgroundSpec, ObjectSpec))]
 """Classes beyond tensors and containers that a checkpoint may hold (the run's ``args`` hold paths;
 a UNet run's latent pool holds the scene specs its relaxed captions are drawn from). The specs are
-also allowed under ``gnr_fast.world.scenes.<name>``, where pools written before they had a module
+also allowed under ``gnr_shapes.world.scenes.<name>``, where pools written before they had a module
 of their own pickled them."""
 
 

@@ -1,15 +1,15 @@
 """Prompt-robustness benchmark: the quality benchmark's held-out edits, prompted in each caption form.
 
-The same colour / shape / background cases as :mod:`gnr_fast.evaluation.quality` (world seeds
+The same colour / shape / background cases as :mod:`gnr_shapes.evaluation.quality` (world seeds
 9,000,000 + i), but source and target prompts are written in one caption form at a time
-(:data:`gnr_fast.world.captions.CAPTION_FORMS`: ``full`` = the training grammar, then ``no_size``,
+(:data:`gnr_shapes.world.captions.CAPTION_FORMS`: ``full`` = the training grammar, then ``no_size``,
 ``synonym``, ``short``, ``comma``, ``plain_word``); both prompts of a case use the same form (and,
 for ``synonym``, the same draw). Every form re-inverts the source with its own source prompt.
 Success and kept-region PSNR/SSIM are scored exactly as in the quality benchmark.
 
 Run::
 
-    python -m gnr_fast.evaluation.robustness --per-kind 50 --out benchmarks/quality
+    python -m gnr_shapes.evaluation.robustness --per-kind 50 --out benchmarks/quality
 
 (writes ``robustness.md`` and ``robustness.json``; ``--model`` to evaluate another export).
 """
@@ -121,12 +121,12 @@ def write_report(results: list[CaseResult], out: Path, command: str, examples: s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gnr_fast.evaluation.robustness``."""
+    """``python -m gnr_shapes.evaluation.robustness``."""
     import sys
 
     import torch
 
-    from ..editor import Editor
+    from gnr_fast.editor import Editor
     from ..world.judge import load_judge
 
     parser = argparse.ArgumentParser(description="prompt-robustness benchmark on the shapes world")
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     editor = Editor.from_pretrained(args.model)
     results = evaluate_forms(editor, load_judge(), args.kinds, args.per_kind, args.steps,
                              {m: METHODS[m] for m in args.methods}, args.forms)
-    command = "python -m gnr_fast.evaluation.robustness " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m gnr_shapes.evaluation.robustness " + " ".join(argv if argv is not None else sys.argv[1:])
     path = write_report(results, Path(args.out), command, example_prompts(args.kinds, args.forms, model_size(editor)),
                         args.name)
     print(markdown_table(summary_rows(results)))

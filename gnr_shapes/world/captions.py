@@ -24,13 +24,14 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gnr_fast.caption_grammars import PromptForm
 from gnr_fast.errors import InputError
-from gnr_fast.world.palette import COLOUR_NAMES, SHAPES, SIZES
+from gnr_shapes.world.palette import COLOUR_NAMES, SHAPES, SIZES
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from gnr_fast.world.specs import SceneSpec
+    from gnr_shapes.world.specs import SceneSpec
 
 _BACKGROUND_TEMPLATES = {
     "gradient": "{0} to {1} gradient background",
@@ -273,3 +274,13 @@ def parse_prompt(prompt: str) -> ParsedCaption | None:
         if bg is not None:
             return ParsedCaption(kind, tuple(bg.groups()), tuple(objects))
     return None
+
+
+def prompt_form(prompt: str) -> PromptForm:
+    """``prompt``'s form in the ``shapes-world`` caption grammar: ``"grammar"`` for a caption of the
+    grammar itself, ``"relaxed"`` for one of its relaxed forms (:func:`parse_prompt` reads it),
+    ``"outside"`` otherwise. The engine reaches it through the ``gnr_fast.caption_grammars`` entry
+    point ``shapes-world`` (pyproject.toml)."""
+    if is_grammar_caption(prompt):
+        return "grammar"
+    return "relaxed" if parse_prompt(prompt) is not None else "outside"

@@ -4,8 +4,8 @@ It predicts the background (kind and colours), the main object's shape, colour a
 whether a second object is present with its shape and colour. Text-to-image fidelity and edit
 benchmarks compare its predictions with what a caption states (:func:`agrees_with_caption`).
 
-Weights live in ``gnr_fast/models/shapes-judge/`` (``model.safetensors`` + ``config.json``) and are
-trained by ``python -m gnr_fast.training.judge``.
+Weights live in ``gnr_shapes/models/shapes-judge/`` (``model.safetensors`` + ``config.json``) and are
+trained by ``python -m gnr_shapes.training.judge``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gnr_fast.errors import ModelNotFoundError
-from gnr_fast.world.captions import ParsedCaption
-from gnr_fast.world.palette import BACKGROUND_KINDS, COLOUR_NAMES, SHAPES, SIZES
-from gnr_fast.world.scenes import SceneSpec
+from gnr_shapes.world.captions import ParsedCaption
+from gnr_shapes.world.palette import BACKGROUND_KINDS, COLOUR_NAMES, SHAPES, SIZES
+from gnr_shapes.world.scenes import SceneSpec
 
 NONE = "none"
 DEFAULT_JUDGE_DIR = Path(__file__).resolve().parent.parent / "models" / "shapes-judge"
@@ -185,7 +185,7 @@ def load_judge(path: Path = DEFAULT_JUDGE_DIR) -> Judge:
     weights, config_file = path / "model.safetensors", path / "config.json"
     if not weights.exists() or not config_file.exists():
         raise ModelNotFoundError(
-            f"judge weights not found in {path}; train them with python -m gnr_fast.training.judge"
+            f"judge weights not found in {path}; train them with python -m gnr_shapes.training.judge"
         )
     saved = json.loads(config_file.read_text())
     heads = {h: tuple(c) for h, c in saved["heads"].items()}

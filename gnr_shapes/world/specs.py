@@ -1,5 +1,5 @@
 """Scene specifications: the structured ground truth of a scene (background + objects), validated
-against the palette. Rendered by :mod:`gnr_fast.world.scenes`, captioned by :mod:`gnr_fast.world.captions`."""
+against the palette. Rendered by :mod:`gnr_shapes.world.scenes`, captioned by :mod:`gnr_shapes.world.captions`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from gnr_fast.errors import InputError
-from gnr_fast.world.palette import BACKGROUND_KINDS, COLOUR_NAMES, COLOURS, SHAPES, SIZES
+from gnr_shapes.world.palette import BACKGROUND_KINDS, COLOUR_NAMES, COLOURS, SHAPES, SIZES
 
 
 @dataclass(frozen=True)
