@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from gnr_fast import Editor
 from gnr_shapes.evaluation.cases import EDIT_KINDS
-from gnr_shapes.evaluation.quality import METHODS, evaluate, markdown_table, summary_rows
+from gnr_shapes.evaluation.methods import METHODS
+from gnr_shapes.evaluation.quality import evaluate, markdown_table, summary_rows
 from gnr_fast.runtime import RuntimeConfig
 from gnr_shapes.world.judge import load_judge
 

@@ -28,14 +28,10 @@ from tqdm.auto import tqdm
 
 from ..world.captions import CAPTION_FORMS, caption_in_form
 from .cases import EDIT_KINDS, EditCase, EditKind, make_cases
-from .quality import (
-    METHODS,
-    CaseResult,
-    MethodFactory,
-    finite_mean,
-    model_size,
-    run_case,
-)
+from .methods import METHODS, Method
+from .quality import model_size, run_case
+from .metrics import finite_mean
+from .report import CaseResult
 
 DEFAULT_METHODS: tuple[str, ...] = ("baseline-cfg4", "gar-shapes")
 """The baseline at the `shapes` preset's CFG, and GaR with the bundled model's preset."""
@@ -54,7 +50,7 @@ def evaluate_forms(
     kinds: Sequence[EditKind] = EDIT_KINDS,
     per_kind: int = 50,
     num_steps: int = 50,
-    methods: dict[str, MethodFactory] | None = None,
+    methods: dict[str, Method] | None = None,
     forms: Sequence[str] = CAPTION_FORMS,
     progress: bool = True,
 ) -> list[CaseResult]:
@@ -135,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--kinds", nargs="+", default=list(EDIT_KINDS), choices=EDIT_KINDS)
     parser.add_argument("--forms", nargs="+", default=list(CAPTION_FORMS), choices=CAPTION_FORMS)
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+    ddim_methods = [name for name, method in METHODS.items() if method.sampler == "ddim"]
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ddim_methods)
     parser.add_argument("--out", default="benchmarks/quality")
     parser.add_argument("--name", default="robustness", help="report file stem (default robustness)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")

@@ -7,7 +7,9 @@ import pytest
 
 from gnr_shapes.evaluation.cases import EDIT_KINDS, make_case, make_cases
 from gnr_shapes.evaluation.metrics import masked_psnr, masked_ssim
-from gnr_shapes.evaluation.quality import METHODS, CaseResult, markdown_table, picture_grid, summary_rows
+from gnr_shapes.evaluation.methods import METHODS
+from gnr_shapes.evaluation.quality import markdown_table, summary_rows
+from gnr_shapes.evaluation.report import CaseResult, picture_grid
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gnr_shapes.evaluation.cases import make_case
-from gnr_shapes.evaluation.quality import CaseResult
+from gnr_shapes.evaluation.report import CaseResult
 from gnr_shapes.evaluation.robustness import case_prompts, markdown_table, summary_rows
 from gnr_shapes.world.captions import CAPTION_FORMS, parse_caption, parse_prompt
 
