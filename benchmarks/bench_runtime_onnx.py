@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from benchmarks.alternating import alternate
 from gnr_fast.fingerprint import unet_fingerprint
-from gnr_fast.exporting.onnx import export_unet_onnx, fresh_unet
-from gnr_fast.runtime.onnx import OnnxPlainUNet
+from gnr_fast.runtime.onnx.export import export_unet_onnx, fresh_unet
+from gnr_fast.runtime.onnx.runner import OnnxPlainUNet
 from gnr_fast.precision import cpu_has_bf16
 from gnr_fast.schedules import ddim_step_up, ddim_timesteps
 

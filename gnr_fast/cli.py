@@ -197,7 +197,7 @@ def _add_export_engine_parsers(export_sub) -> None:
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from .errors import InputError
-    from .exporting import export_onnx
+    from .runtime.onnx.export import export_onnx
 
     heights, widths = args.height or [512], args.width or [512]
     if (args.height is None) != (args.width is None) or len(heights) != len(widths):
@@ -215,7 +215,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_tensorrt(args: argparse.Namespace) -> int:
-    from .exporting.tensorrt import build_engine, profiles_for_presets, require_tensorrt
+    from .runtime.tensorrt.engine import build_engine, profiles_for_presets, require_tensorrt
 
     require_tensorrt("gnr-fast export tensorrt")  # before reading the export: the usual missing piece
     engine = build_engine(

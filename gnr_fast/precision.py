@@ -227,7 +227,7 @@ def with_plain_dtype(runner, plain_dtype: torch.dtype | None, model_dtype: torch
     """``runner`` itself when plain calls run in the model dtype, else wrapped in autocast.
 
     For the ``onnx`` backend the dtype is the export's instead (a float16 graph), so it is not
-    wrapped; its factory reads ``plain_dtype`` (:func:`~gnr_fast.runtime.onnx.onnx_plain_runner`).
+    wrapped; its factory reads ``plain_dtype`` (:func:`~gnr_fast.runtime.onnx.runner.onnx_plain_runner`).
     """
     check_plain_dtype(plain_dtype, device)
     if plain_dtype is None or plain_dtype == model_dtype:

@@ -21,8 +21,8 @@ from gnr_fast.errors import (
     ExportError,
     ExportMismatchError,
 )
-from gnr_fast.exporting.info import INFO_FILE, ExportInfo
-from gnr_fast.runtime.onnx import (
+from gnr_fast.runtime.export_info import INFO_FILE, ExportInfo
+from gnr_fast.runtime.onnx.runner import (
     OnnxPlainUNet,
     choose_provider,
     cuda_provider_offered,
@@ -173,7 +173,7 @@ def test_tampered_and_foreign_exports_are_refused(export_dir, components, tmp_pa
 
 
 def test_lazy_export_goes_to_the_cache_once(components, unet_id, tmp_path, monkeypatch):
-    import gnr_fast.exporting.onnx as exporting
+    import gnr_fast.runtime.onnx.export as exporting
 
     runner = OnnxPlainUNet(unet_id, unet=components.unet, cache_dir=tmp_path)
     latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 16)
@@ -193,7 +193,7 @@ def test_lazy_export_goes_to_the_cache_once(components, unet_id, tmp_path, monke
 def test_export_with_external_data(components, unet_id, tmp_path):
     import onnx
 
-    from gnr_fast.exporting import export_unet_onnx
+    from gnr_fast.runtime.onnx.export import export_unet_onnx
 
     info, _ = export_unet_onnx(components.unet, tmp_path / "ext", latent_sizes=((8, 8),),
                                batch=(1, 2), external_data=True)
@@ -208,7 +208,7 @@ def test_export_with_external_data(components, unet_id, tmp_path):
 
 
 def test_bad_export_arguments_are_refused(components, tmp_path):
-    from gnr_fast.exporting import export_onnx, export_unet_onnx
+    from gnr_fast.runtime.onnx.export import export_onnx, export_unet_onnx
 
     with pytest.raises(ExportError, match="not a positive multiple of 8"):
         export_unet_onnx(components.unet, tmp_path / "a", latent_sizes=((12, 8),))
@@ -253,7 +253,7 @@ def test_providers_are_chosen_by_predicate():
 
 
 def test_onnxruntime_missing_is_a_clear_error(monkeypatch):
-    import gnr_fast.runtime.onnx as runtime_onnx
+    import gnr_fast.runtime.onnx.runner as runtime_onnx
 
     monkeypatch.setattr(runtime_onnx, "onnxruntime_available", lambda: False)
     with pytest.raises(BackendUnavailableError, match="runtime .onnx. is unavailable: onnxruntime is not installed; pip install"):
@@ -261,7 +261,7 @@ def test_onnxruntime_missing_is_a_clear_error(monkeypatch):
 
 
 def test_dynamo_exporter_makes_one_size_per_graph(components, tmp_path):
-    from gnr_fast.exporting import export_unet_onnx
+    from gnr_fast.runtime.onnx.export import export_unet_onnx
 
     with pytest.raises(ExportError, match="exporter='dynamo' makes a graph for one working size, got 2"):
         export_unet_onnx(components.unet, tmp_path / "d", latent_sizes=((8, 8), (16, 16)), exporter="dynamo")
@@ -269,7 +269,7 @@ def test_dynamo_exporter_makes_one_size_per_graph(components, tmp_path):
 
 @pytest.mark.slow  # the dynamo exporter took 120 s on the tiny UNet (20 min on a loaded machine)
 def test_dynamo_export_matches_eager(components, unet_id, tmp_path):
-    from gnr_fast.exporting import export_unet_onnx
+    from gnr_fast.runtime.onnx.export import export_unet_onnx
 
     export_unet_onnx(components.unet, tmp_path / "d", latent_sizes=((8, 8),), exporter="dynamo")
     runner = OnnxPlainUNet(unet_id, exports=[tmp_path / "d"])
@@ -299,7 +299,7 @@ def test_backend_factory_reads_the_runtime_config(export_dir, components, tmp_pa
     onnx_exports, onnx_provider, export_cache_dir, plain_dtype)."""
     from types import SimpleNamespace
 
-    from gnr_fast.runtime.onnx import onnx_plain_runner
+    from gnr_fast.runtime.onnx.runner import onnx_plain_runner
 
     config = SimpleNamespace(plain_dtype=None, onnx_provider="auto", onnx_exports=(export_dir,), export_cache_dir=tmp_path)
     runner = onnx_plain_runner(components.unet, config)

@@ -12,8 +12,8 @@ import torch
 
 from gnr_fast.config import PRESET_NAMES, EditConfig
 from gnr_fast.errors import BackendUnavailableError, ExportError, ExportMismatchError
-from gnr_fast.exporting.info import ExportInfo
-from gnr_fast.exporting.tensorrt import (
+from gnr_fast.runtime.export_info import ExportInfo
+from gnr_fast.runtime.tensorrt.engine import (
     EngineProfile,
     EngineRecord,
     engine_cache_key,
@@ -110,8 +110,8 @@ def test_missing_and_old_records_are_refused(tmp_path):
 @pytest.mark.skipif(tensorrt_available() and torch.cuda.is_available(), reason="TensorRT and CUDA are present")
 def test_without_tensorrt_the_error_names_what_is_missing(tmp_path, capsys):
     from gnr_fast.cli import main
-    from gnr_fast.exporting.tensorrt import build_engine
-    from gnr_fast.runtime.tensorrt import TensorRTPlainUNet
+    from gnr_fast.runtime.tensorrt.engine import build_engine
+    from gnr_fast.runtime.tensorrt.runner import TensorRTPlainUNet
 
     with pytest.raises(BackendUnavailableError, match="TensorRT 10 is not installed: pip install tensorrt|no CUDA device"):
         build_engine(tmp_path, tmp_path / "e.engine")
@@ -127,11 +127,11 @@ MISSING = [what for what, present in (("tensorrt is not installed (pip install t
 
 @pytest.mark.skipif(bool(MISSING), reason="; ".join(MISSING))
 def test_engine_matches_eager(tiny_model_path, tmp_path):
-    from gnr_fast.exporting import export_onnx
+    from gnr_fast.runtime.onnx.export import export_onnx
     from gnr_fast.fingerprint import unet_fingerprint
-    from gnr_fast.exporting.tensorrt import build_engine
+    from gnr_fast.runtime.tensorrt.engine import build_engine
     from gnr_fast.loading import load_components
-    from gnr_fast.runtime.tensorrt import TensorRTPlainUNet
+    from gnr_fast.runtime.tensorrt.runner import TensorRTPlainUNet
 
     components = load_components(tiny_model_path, device="cuda")
     export_onnx(components, tmp_path / "onnx", sizes=((64, 64),))

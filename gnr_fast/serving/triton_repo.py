@@ -125,7 +125,7 @@ def _export_unet(config: RepoConfig, model: str | None, folder: Path) -> None:
     a dynamic batch (other sizes are exported lazily on first use into ``ONNX_CACHE_FOLDER``)."""
     import torch
 
-    from ..exporting import export_onnx
+    from ..runtime.onnx.export import export_onnx
     from ..loading import load_components
 
     components = load_components(model, dtype=torch.float32)

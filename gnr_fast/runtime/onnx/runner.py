@@ -2,7 +2,7 @@
 
 :class:`OnnxPlainUNet` implements the plain convention
 ``(latents [B, 4, h, w], timestep 0-dim or [B], context [B or 1, 77, C]) -> eps [B, 4, h, w] float32``
-on an export written by :func:`gnr_fast.exporting.export_onnx`: either exports made ahead of
+on an export written by :func:`gnr_fast.runtime.onnx.export.export_onnx`: either exports made ahead of
 time (``gnr-fast export onnx``), or made lazily on the first call of each latent size into a
 cache folder keyed by model id, dtype, size and batch range (:func:`onnx_cache_key`).
 
@@ -29,13 +29,13 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import (
+from ...errors import (
     BackendUnavailableError,
     ConfigError,
     ExportError,
     ExportMismatchError,
 )
-from ..exporting.info import (
+from ..export_info import (
     FORMAT_VERSION,
     INFO_FILE,
     INPUT_NAMES,
@@ -43,7 +43,7 @@ from ..exporting.info import (
     OUTPUT_NAMES,
     ExportInfo,
 )
-from ..fingerprint import unet_fingerprint
+from ...fingerprint import unet_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class _Session:
 class OnnxPlainUNet:
     """Plain UNet calls (no grad, no captures) on ONNX Runtime.
 
-    ``exports``: folders written by :func:`~gnr_fast.exporting.export_onnx`, each refused unless it
+    ``exports``: folders written by :func:`~gnr_fast.runtime.onnx.export.export_onnx`, each refused unless it
     was made from the UNet ``unet_id`` (:func:`~gnr_fast.fingerprint.unet_fingerprint`) in
     ``dtype``. ``unet`` (optional): the diffusers UNet to export from
     when a call needs a latent size no given export serves; the export is written once into
@@ -265,7 +265,7 @@ class OnnxPlainUNet:
                 )
             folder = self.cache_dir / onnx_cache_key(self.unet_id, self.dtype, latent_size, self.batch)
             if not (folder / INFO_FILE).is_file():
-                from ..exporting.onnx import export_unet_onnx
+                from .export import export_unet_onnx
 
                 logger.info("exporting the UNet for latent size %s into %s (once per model, dtype and size)", latent_size, folder)
                 export_unet_onnx(self.unet, folder, dtype=self.dtype, latent_sizes=(latent_size,), batch=self.batch)

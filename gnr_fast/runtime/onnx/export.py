@@ -34,10 +34,10 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import BackendUnavailableError, ExportError
-from ..families import family_for
-from ..fingerprint import unet_fingerprint
-from .info import (
+from ...errors import BackendUnavailableError, ExportError
+from ...families import family_for
+from ...fingerprint import unet_fingerprint
+from ..export_info import (
     EXPORT_DTYPES,
     INFO_FILE,
     INPUT_NAMES,
@@ -165,7 +165,7 @@ def export_unet_onnx(
     """
     import onnx
 
-    from ..version import __version__
+    from ...version import __version__
 
     latent_sizes = tuple(dict.fromkeys((int(h), int(w)) for h, w in latent_sizes))
     size_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
@@ -296,7 +296,7 @@ def export_onnx(
     (height, width) pairs in pixels, each side a multiple of 64; ``batch`` the (min, max) rows per
     call. See :func:`export_unet_onnx` for the files written.
     """
-    from ..loading import Components, load_components
+    from ...loading import Components, load_components
 
     components = model if isinstance(model, Components) else load_components(model, dtype=torch.float32)
     factor = components.latent_factor

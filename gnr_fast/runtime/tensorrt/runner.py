@@ -1,8 +1,8 @@
 """The ``"tensorrt"`` backend: plain UNet calls on a TensorRT engine (TensorRT 10 Python API,
-imported lazily; the engine is built by :mod:`gnr_fast.exporting.tensorrt`).
+imported lazily; the engine is built by :mod:`gnr_fast.runtime.tensorrt.engine`).
 
 :class:`TensorRTPlainUNet` implements the plain convention on an engine built by
-:func:`gnr_fast.exporting.tensorrt.build_engine`. Each optimisation profile gets its own
+:func:`gnr_fast.runtime.tensorrt.engine.build_engine`. Each optimisation profile gets its own
 execution context (selected once, at load); a call picks the profile serving its rows and
 latent size, sets the input shapes, binds torch CUDA tensors by address
 (``set_tensor_address``) and enqueues the engine on torch's current stream
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ExportError
-from ..exporting.info import INPUT_NAMES, OUTPUT_NAMES
-from ..exporting.tensorrt import EngineRecord, require_tensorrt
-from ..fingerprint import unet_fingerprint
+from ...errors import ConfigError, ExportError
+from ..export_info import INPUT_NAMES, OUTPUT_NAMES
+from .engine import EngineRecord, require_tensorrt
+from ...fingerprint import unet_fingerprint
 
 
 class TensorRTPlainUNet:

@@ -6,7 +6,7 @@ profile's batch range covers the rows of the plain calls the edit plans make
 or 2 for ε_u / ε_trg, times the edits a server batches), with the most frequent count as the
 profile's optimum. A timing cache (``ENGINE.timing``) makes rebuilds fast. The engine's record
 (``ENGINE.json``: the export it was built from, the profiles, TensorRT's version and the GPU) lets
-:class:`~gnr_fast.runtime.tensorrt.TensorRTPlainUNet` refuse an engine built for another UNet,
+:class:`~gnr_fast.runtime.tensorrt.runner.TensorRTPlainUNet` refuse an engine built for another UNet,
 TensorRT version or GPU — engines are not portable across either.
 
 TensorRT (10.x Python API) is imported lazily: without it every entry point raises
@@ -25,13 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import (
+from ...errors import (
     BackendUnavailableError,
     ConfigError,
     ExportError,
     ExportMismatchError,
 )
-from .info import INPUT_NAMES, ExportInfo
+from ..export_info import INPUT_NAMES, ExportInfo
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class EngineProfile:
 def plain_row_counts(configs, num_steps: int = 50) -> Counter:
     """How many plain calls of each row count the edits of ``configs`` make (first and repeat edits,
     plus the inversion's one-row calls): the rows of each step's no-grad call that nobody captures."""
-    from ..fast.plan import plan_edit
+    from ...fast.plan import plan_edit
 
     counts: Counter = Counter({1: num_steps})  # the inversion: one row per step
     for config in configs:
@@ -140,7 +140,7 @@ def profiles_from_plans(info: ExportInfo, configs, num_steps: int = 50, edits_pe
 
 def profiles_for_presets(onnx_dir: str | Path, preset: str | None = None, num_steps: int = 50) -> tuple[EngineProfile, ...]:
     """The profiles of ``gnr-fast export tensorrt``: the plans of ``preset`` (``None``: every preset)."""
-    from ..config import PRESET_NAMES, EditConfig
+    from ...config import PRESET_NAMES, EditConfig
 
     names = PRESET_NAMES if preset is None else (preset,)
     return profiles_from_plans(ExportInfo.read(onnx_dir), [EditConfig.preset(n, num_steps) for n in names], num_steps)
