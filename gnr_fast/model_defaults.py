@@ -32,7 +32,11 @@ the three files its UNets are built from, paths relative to the folder::
     }
 
 ``sampler`` is ``"ddim"`` (the default) or ``"consistency"``, which needs the ``consistency`` object
-(:class:`ConsistencyDefaults`; ``lora_alpha`` and ``timesteps`` are optional, defaults shown).
+(:class:`ConsistencyDefaults`; ``lora_alpha`` and ``timesteps`` are optional, defaults shown). A
+``consistency`` object beside ``sampler: "ddim"`` (or none) *offers* the consistency sampler: the
+folder edits with DDIM unless a call asks for ``sampler="consistency"`` (CLI ``--sampler
+consistency``), as the bundled model does. Its optional ``preset`` (default ``"consistency"``) is the
+consistency preset such edits use when a call names none.
 
 ``preset`` is the edit preset used when a call names neither a preset nor a config (the
 explicit argument always wins); ``caption_grammar`` (optional) names the caption language the
@@ -51,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .caption_grammars import grammar_reader
-from .config import ALL_PRESET_NAMES
+from .config import ALL_PRESET_NAMES, CONSISTENCY_PRESET_NAMES
 from .errors import ConfigError, ModelLoadError
 
 METADATA_NAME = "gnr_fast.json"
@@ -64,7 +68,7 @@ _KNOWN_KEYS = frozenset({"format", "preset", "caption_grammar", "sampler", "cons
 _GRAMMAR_KEYS = frozenset({"name", "summary", "grammar", "examples", "relaxed_text_encoder"})
 SAMPLER_NAMES = ("ddim", "consistency")
 """Values of ``sampler``: the paper's DDIM, or the multi-boundary consistency sampler."""
-_CONSISTENCY_KEYS = frozenset({"teacher_unet", "reverse_lora", "forward_lora", "lora_alpha", "timesteps"})
+_CONSISTENCY_KEYS = frozenset({"teacher_unet", "reverse_lora", "forward_lora", "lora_alpha", "timesteps", "preset"})
 CONSISTENCY_TIMESTEPS = (259, 519, 779, 999)
 """The reverse consistency LoRA's boundary timesteps in the authors' ``configs/consistency.yaml``."""
 
@@ -92,14 +96,15 @@ class CaptionGrammar:
 @dataclass(frozen=True)
 class ConsistencyDefaults:
     """The consistency files a model folder names (resolved against the folder), the alpha every
-    LoRA module gets (8 in the authors' loader) and the boundary timesteps, ascending, ending at
-    the last train step."""
+    LoRA module gets (8 in the authors' loader), the boundary timesteps, ascending, ending at
+    the last train step, and the preset of consistency edits that name none."""
 
     teacher_unet: Path
     reverse_lora: Path
     forward_lora: Path
     lora_alpha: float = 8.0
     timesteps: tuple[int, ...] = CONSISTENCY_TIMESTEPS
+    preset: str = "consistency"
 
 
 @dataclass(frozen=True)
@@ -179,7 +184,12 @@ def _consistency(value: object, path: Path) -> ConsistencyDefaults:
             or sorted(set(timesteps)) != timesteps or timesteps[0] <= 0):
         raise ModelLoadError(f"{path}: 'consistency.timesteps' must be a non-empty ascending list of positive "
                              f"integer timesteps (e.g. {list(CONSISTENCY_TIMESTEPS)}), got {timesteps!r}")
+    preset = value.get("preset", "consistency")
+    if preset not in CONSISTENCY_PRESET_NAMES:
+        raise ConfigError(f"{path}: 'consistency.preset' {preset!r} is not a consistency preset; choose one of "
+                          f"{list(CONSISTENCY_PRESET_NAMES)} or delete the key")
     return ConsistencyDefaults(
+        preset=preset,
         teacher_unet=_relative_file(value.get("teacher_unet"), path, "consistency.teacher_unet"),
         reverse_lora=_relative_file(value.get("reverse_lora"), path, "consistency.reverse_lora"),
         forward_lora=_relative_file(value.get("forward_lora"), path, "consistency.forward_lora"),
@@ -211,9 +221,10 @@ def parse_model_defaults(data: object, path: Path) -> ModelDefaults:
     sampler = data.get("sampler", "ddim")
     if sampler not in SAMPLER_NAMES:
         raise ModelLoadError(f"{path}: 'sampler' must be one of {list(SAMPLER_NAMES)}, got {sampler!r}")
-    if (sampler == "consistency") != ("consistency" in data):
+    if sampler == "consistency" and "consistency" not in data:
         raise ModelLoadError(f"{path}: 'sampler': 'consistency' and the 'consistency' object (the teacher UNet and "
-                             "LoRA files) go together; give both or neither")
+                             "LoRA files) go together; add the object (alone, it offers the consistency sampler "
+                             "beside the default DDIM one)")
     consistency = _consistency(data["consistency"], path) if "consistency" in data else None
     return ModelDefaults(preset=preset, caption_grammar=None if grammar is None else _grammar(grammar, path),
                          source=path, sampler=sampler, consistency=consistency)
