@@ -14,7 +14,9 @@ from gnr_fast.batch import BatchRequest, edit_batch
 from parity import rel_err
 
 STEPS = 5
-TOL = 1e-4  # batched vs single kernels differ only by float rounding (measured ~1e-5 on the tiny model)
+# batched vs single kernels differ only by float rounding: edits measured 5.8e-6 to 1.2e-5 on the tiny model
+# (1 thread, 2026-12-07)
+TOL = 1e-4
 TARGETS = ("a green square", "a blue cat", "a yellow star")
 
 
@@ -145,7 +147,7 @@ def test_new_images_of_one_size_are_inverted_together(editor):
     assert inversion_calls == 2 * STEPS  # one call per step per working size, not per image
     for img, p, result in zip(images, prompts, batch):
         single = editor.invert(img, p, num_steps=STEPS, progress=False)
-        assert rel_err(result.inversion.latents, single.latents) < TOL
+        assert rel_err(result.inversion.latents, single.latents) < 3e-5  # measured ≤ 2.0e-6 (1 thread, 2026-12-07)
         assert result.inversion.content_hash == single.content_hash and result.inversion.source_prompt == p
     assert batch[0].timings.inversion_s == batch[1].timings.inversion_s > 0  # shared
 

@@ -197,7 +197,7 @@ def test_new_images_in_one_batch_share_their_inversion_calls(service, tiny_edito
     assert outcomes[0].inversion is outcomes[2].inversion and not any(o.cache_hit for o in outcomes)
     assert tiny_editor.runner.calls - calls == STEPS + outcomes[0].result.unet_calls
     single = tiny_editor.invert(_png(21), "a blue square", num_steps=STEPS, progress=False)
-    assert rel_err(outcomes[1].inversion.latents, single.latents) < 1e-4
+    assert rel_err(outcomes[1].inversion.latents, single.latents) < 5e-5  # measured 3.7e-6 (1 thread, 2026-12-07)
     assert outcomes[1].info(jobs[1])["inversion_batch"] == 2
     assert service.run([service.edit_job(_png(21), "a blue square", "a cat")])[0].cache_hit
 
