@@ -144,16 +144,18 @@ def method_config(method: Method, num_steps: int, consistency_preset: EditConfig
 class ConsistencyOptions:
     """Where a run's consistency methods get their files and preset: the model folder's
     ``gnr_fast.json`` unless a file is named (``--teacher-unet`` …); ``preset`` is a preset name or
-    a YAML file written for the model's boundaries."""
+    a YAML file written for the model's boundaries (None: the model's consistency preset, the one
+    its consistency edits use when a call names none)."""
 
     teacher_unet: str | None = None
     reverse_lora: str | None = None
     forward_lora: str | None = None
-    preset: str = "consistency"
+    preset: str | None = None
 
-    def load_preset(self) -> EditConfig:
-        """The preset as an :class:`EditConfig`."""
-        return EditConfig.preset(self.preset) if self.preset in ALL_PRESET_NAMES else EditConfig.from_yaml(self.preset)
+    def load_preset(self, model_preset: str) -> EditConfig:
+        """The preset as an :class:`EditConfig` (``model_preset`` when this names none)."""
+        name = self.preset if self.preset is not None else model_preset
+        return EditConfig.preset(name) if name in ALL_PRESET_NAMES else EditConfig.from_yaml(name)
 
 
 @dataclass
@@ -167,20 +169,20 @@ class ConsistencyEditors:
 def load_consistency_editors(model: str | Path | None, step_counts: Sequence[int],
                              options: ConsistencyOptions) -> ConsistencyEditors:
     """An editor of ``model``'s consistency files per step count: at the model's boundary count the
-    one ``Editor.from_pretrained(model, sampler="consistency", ...)`` loads; at fewer steps an editor
-    of a freshly loaded model (:func:`~gnr_fast.consistency_models.load_consistency_model`) over a
-    sampler of :func:`skip_boundaries` (each editor installs its attention captures on its own UNets)."""
-    preset = options.load_preset()
+    one ``Editor.from_pretrained(model, sampler="consistency", ...)`` loads, as a user's; at fewer
+    steps an :class:`~gnr_fast.Editor` of a freshly loaded model
+    (:func:`~gnr_fast.consistency_models.load_consistency_model`: each editor installs its attention
+    captures on its own UNets) over a sampler of :func:`skip_boundaries`."""
     files = {"teacher_unet": options.teacher_unet, "reverse_lora": options.reverse_lora,
              "forward_lora": options.forward_lora}
+    full = Editor.from_pretrained(model, sampler="consistency", **files)
     editors = {}
     for steps in dict.fromkeys(step_counts):
-        if steps == preset.num_steps:
-            editors[steps] = Editor.from_pretrained(model, sampler="consistency", **files)
+        if steps == full.default_steps:
+            editors[steps] = full
             continue
         loaded = load_consistency_model(model, **files)
-        boundaries = skip_boundaries(loaded.sampler.boundaries, steps)
-        sampler = ConsistencySampler(loaded.sampler.alphas_cumprod, boundaries)
+        sampler = ConsistencySampler(loaded.sampler.alphas_cumprod, skip_boundaries(loaded.sampler.boundaries, steps))
         editors[steps] = Editor(loaded.components, defaults=loaded.defaults, inversion_unet=loaded.forward,
                                 sampler=sampler)
-    return ConsistencyEditors(editors, preset)
+    return ConsistencyEditors(editors, options.load_preset(full.default_preset))

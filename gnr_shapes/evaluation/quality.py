@@ -303,9 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (per job with --jobs)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1: in this process)")
     group = parser.add_argument_group("consistency methods (cons-*)", "the model folder's consistency files and "
-                                      "the 'consistency' preset unless named here")
-    group.add_argument("--consistency-preset", default="consistency", metavar="NAME_OR_YAML",
-                       help="preset written for the consistency model's boundaries (a name or a YAML file)")
+                                      "preset unless named here")
+    group.add_argument("--consistency-preset", default=None, metavar="NAME_OR_YAML",
+                       help="preset written for the consistency model's boundaries, a name or a YAML file "
+                            "(default: the model's consistency preset)")
     group.add_argument("--teacher-unet", default=None, metavar="FILE", help="guidance-distilled UNet state dict (.pt)")
     group.add_argument("--reverse-lora", default=None, metavar="FILE", help="reverse consistency LoRA (.safetensors)")
     group.add_argument("--forward-lora", default=None, metavar="FILE", help="forward consistency LoRA (.safetensors)")

@@ -146,6 +146,7 @@ def test_consistency_methods_on_one_case(golden_dir):
     consistency = load_consistency_editors(icd, (4, 2), options)
     assert consistency.editors[2].fixed_sampler.boundaries == (519, 999)
     assert consistency.editors[4].fixed_sampler.boundaries == (259, 519, 779, 999)
+    assert consistency.preset == EditConfig.consistency()  # the model's consistency preset: no gnr_fast.json names one
     editor = consistency.editors[4]
     case = make_case("colour", 9_000_000, size=editor.components.unet.config.sample_size * editor.components.latent_factor)
     names = ("cons-gar-4", "cons-cfg-4", "cons-gar-2")
