@@ -125,8 +125,8 @@ def _export_unet(config: RepoConfig, model: str | None, folder: Path) -> None:
     a dynamic batch (other sizes are exported lazily on first use into ``ONNX_CACHE_FOLDER``)."""
     import torch
 
-    from ..runtime.onnx.export import export_onnx
     from ..loading import load_components
+    from ..runtime.onnx.export import export_onnx
 
     components = load_components(model, dtype=torch.float32)
     side = components.unet.config.sample_size * components.latent_factor
