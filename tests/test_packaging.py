@@ -57,6 +57,13 @@ def test_wheel_ships_kernel_sources(tmp_path):
         "print(t.kernel_module('attention_lse').__file__)"
     ))
     assert all(line.startswith(str(site)) for line in out.split()), out
+    # the bundled model's own package, its judge weights and the caption-grammar entry point travel with it
+    assert {"gnr_shapes/world/captions.py", "gnr_shapes/models/shapes-judge/model.safetensors"} <= names
+    out = _import_from(site, (
+        "import gnr_shapes; from gnr_fast.caption_grammars import grammar_reader;"
+        "print(gnr_shapes.__file__); print(grammar_reader('shapes-world').__code__.co_filename)"
+    ))
+    assert len(out.split()) == 2 and all(line.startswith(str(site)) for line in out.split()), out
 
 
 @pytest.mark.slow
