@@ -111,11 +111,11 @@ def test_loss_scaling_rescues_gradients_that_underflow_fp16():
     z2 = z.clone().requires_grad_(True)
     scaled = energy_grad_to_latent(_fp16_energy(z2, 1e-4), z2, FP16_LOSS_SCALE)
     assert scaled.grad.dtype == torch.float32 and scaled.loss_scale == FP16_LOSS_SCALE
-    cos = lambda g: torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0).item()
-    # Measured: unscaled every entry is exactly 0; scaled by 2^10: 0.1 % zeros, cosine 1.000000,
-    # max |error| 0.44 % of max |grad|.
+    # Measured (2026-12-07): unscaled every entry is exactly 0; scaled by 2^10: 0.1 % zeros, relative L2
+    # distance 2.1e-3 (bound 2e-2; a 10 % noise measures 0.10), max |error| 0.44 % of max |grad| (bound 5 %).
     assert (unscaled.grad == 0).float().mean() > 0.9
-    assert (scaled.grad == 0).float().mean() < 0.01 and cos(scaled.grad) > 0.999
+    assert (scaled.grad == 0).float().mean() < 0.01
+    assert ((scaled.grad.double() - ref.double()).norm() / ref.double().norm()).item() < 2e-2
     torch.testing.assert_close(scaled.grad, ref, rtol=0, atol=0.05 * ref.abs().max().item())
 
 
