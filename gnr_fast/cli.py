@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("image", help="input image (PNG/JPEG/WebP)")
     inv.add_argument("-s", "--source", required=True, help="prompt describing the input image")
     inv.add_argument("-o", "--out", required=True, help="output inversion file (e.g. photo.inv)")
-    inv.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    inv.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; a consistency model: its 4)")
     _add_model_args(inv)
     _add_serving_parsers(sub)
     demo.add_parser(sub, _add_model_args)
@@ -243,15 +243,7 @@ def _editor(args: argparse.Namespace, **options):
     from .editor import Editor
     from .images import DEFAULT_MAX_PIXELS
 
-    consistency_files = [getattr(args, name, None) for name in ("teacher_unet", "reverse_lora", "forward_lora")]
-    if any(f is not None for f in consistency_files):
-        from .consistency_edit import ConsistencyEditor, compiler_for_runtime
-
-        teacher, reverse, forward = consistency_files
-        return ConsistencyEditor.from_pretrained(
-            args.model, device=args.device, teacher_unet=teacher, reverse_lora=reverse, forward_lora=forward,
-            compiler=compiler_for_runtime(args.runtime), dtype="auto" if args.dtype == "auto" else getattr(torch, args.dtype),
-        )
+    consistency_files = {name: getattr(args, name, None) for name in ("teacher_unet", "reverse_lora", "forward_lora")}
     return Editor.from_pretrained(
         args.model,
         device=args.device,
@@ -260,6 +252,8 @@ def _editor(args: argparse.Namespace, **options):
         runtime=args.runtime,
         prediction_type=args.prediction_type,
         config=args.model_config,
+        sampler=getattr(args, "sampler", None),
+        **consistency_files,
         **options,
     )
 

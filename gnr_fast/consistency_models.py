@@ -9,12 +9,15 @@ A consistency model (iCD, arXiv 2406.14539) is made of an SD 1.x pipeline folder
   PEFT safetensors files (:mod:`gnr_fast.lora`).
 
 Each LoRA is fused into its own copy of the teacher once, at load (README_consistency.md §1); the
-pipeline folder's own UNet weights are never used.
+pipeline folder's own UNet weights are never used. :func:`load_consistency_model` loads a whole
+consistency model for :class:`~gnr_fast.Editor` (the engine's session with two executors and the
+consistency sampler: :mod:`gnr_fast.session`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import pickle
 from dataclasses import dataclass
@@ -24,7 +27,14 @@ from typing import Any
 import torch
 
 from .errors import CorruptCheckpointError, ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
+from .families import GuidanceEmbeddingSD, family_for
+from .fingerprint import fingerprint, unet_fingerprint
+from .loading import Components, load_components, read_json
 from .lora import DEFAULT_LORA_ALPHA, fuse_lora, read_lora
+from .model_defaults import ModelDefaults, load_model_defaults
+from .model_files import BUNDLED_MODEL
+from .precision import ModelDtype, PrecisionPolicy
+from .samplers.consistency import ConsistencySampler
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +143,65 @@ def load_consistency_unets(
     logger.info("consistency UNets from %s (+ %s, %s), guidance embedding %d", files.teacher_unet,
                 files.reverse_lora.name, files.forward_lora.name, unets[0].config.time_cond_proj_dim)
     return ConsistencyUNets(reverse=unets[0], forward=unets[1], files=files)
+
+
+def is_consistency_model(path: object) -> bool:
+    """Whether ``path`` is a model folder whose ``gnr_fast.json`` names the consistency sampler."""
+    return isinstance(path, (str, Path)) and Path(path).is_dir() and load_model_defaults(path).sampler == "consistency"
+
+
+@dataclass
+class ConsistencyModel:
+    """A loaded consistency model: the pipeline's components with the reverse (editing) UNet as
+    ``components.unet`` and a model id covering both fused UNets, the forward (inversion) UNet, the
+    sampler of its boundaries, the preset of edits that name none, and the folder's defaults."""
+
+    components: Components
+    forward: Any  # diffusers.UNet2DConditionModel
+    sampler: ConsistencySampler
+    preset: str
+    defaults: ModelDefaults
+
+
+def load_consistency_model(
+    path: str | Path | None,
+    device: str | torch.device = "cpu",
+    dtype: ModelDtype = "auto",
+    teacher_unet: str | Path | None = None,
+    reverse_lora: str | Path | None = None,
+    forward_lora: str | Path | None = None,
+    lora_alpha: float | None = None,
+    precision: PrecisionPolicy | None = None,
+) -> ConsistencyModel:
+    """An SD 1.x pipeline folder and its consistency files: those ``gnr_fast.json`` names
+    (``docs/consistency-models.md``), each replaced by an explicit argument when given. The UNets are
+    fused in float32 and then cast to the model dtype (``dtype``/``precision`` as for
+    :func:`~gnr_fast.loading.load_components`). A folder naming no files, with not all three given,
+    raises :class:`ModelLoadError`, as does every bad file (:func:`load_consistency_unets`).
+    ``path`` None: the bundled model."""
+    path = Path(path) if path is not None else BUNDLED_MODEL
+    defaults = load_model_defaults(path)
+    named = defaults.consistency
+    explicit = (teacher_unet, reverse_lora, forward_lora)
+    if named is None and any(f is None for f in explicit):
+        raise ModelLoadError(
+            f"{str(path)!r} names no consistency files (no 'consistency' object in its gnr_fast.json); pass "
+            "teacher_unet=, reverse_lora= and forward_lora= (CLI: --teacher-unet, --reverse-lora, --forward-lora)"
+        )
+    files = ConsistencyFiles(
+        teacher_unet=Path(teacher_unet) if teacher_unet is not None else named.teacher_unet,
+        reverse_lora=Path(reverse_lora) if reverse_lora is not None else named.reverse_lora,
+        forward_lora=Path(forward_lora) if forward_lora is not None else named.forward_lora,
+        lora_alpha=float(lora_alpha) if lora_alpha is not None else (named.lora_alpha if named else DEFAULT_LORA_ALPHA),
+    )
+    components = load_components(path, device=device, dtype=dtype, precision=precision)
+    unets = load_consistency_unets(read_json(path / "unet" / "config.json"), files, components.dtype, components.device)
+    if not isinstance(family_for(unets.reverse.config), GuidanceEmbeddingSD):
+        raise ModelLoadError("a consistency edit needs UNets with a guidance-scale embedding (time_cond_proj_dim)")
+    boundaries = tuple(named.timesteps) if named is not None else ConsistencySampler.boundaries
+    sampler = ConsistencySampler(components.schedule.alphas_cumprod, boundaries)
+    model_id = fingerprint([], [], [components.model_id.encode(), unet_fingerprint(unets.reverse).encode(),
+                                    unet_fingerprint(unets.forward).encode(), repr(boundaries).encode()])
+    # the pipeline's own UNet weights are never used: the reverse UNet takes its place
+    components = dataclasses.replace(components, unet=unets.reverse, model_id=model_id)
+    return ConsistencyModel(components, unets.forward, sampler, named.preset if named else "consistency", defaults)

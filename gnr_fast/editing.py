@@ -2,8 +2,9 @@
 
 A mode supplies a *batch step function* computing one :class:`StepTerms` per image for the
 current latents; :func:`run_edit_loop` pairs each latent with its inversion trajectory, drops an
-image whose noise turns non-finite, and applies one DDIM step to the rest. A single edit is a
-batch of one. Latents, the DDIM update and the terms are float32 whatever the model dtype.
+image whose noise turns non-finite, and applies the sampler's step (DDIM, or a consistency jump)
+to the rest. A single edit is a batch of one. Latents, the update and the terms are float32 whatever
+the model dtype.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from .attention.capture import SelfAttnLayer, select_layers
 from .config import EditConfig
 from .errors import GuidanceError
 from .loading import Components
-from .rescaling import rescale_gamma
+from .noise_terms import StepTerms
 from .runtime.executor import UNetExecutor
-from .samplers.ddim import DDIMSampler
-from .schedules import ddim_timesteps, timestep_tensors
+from .samplers import Sampler
+from .samplers.ddim import DDIMSampler, combine_terms
+from .schedules import timestep_tensors
 
 if TYPE_CHECKING:  # importing gnr_fast.fast runs its __init__, which imports the fast step, which imports this module
     from .fast.source_cache import SourceCache
@@ -38,8 +40,9 @@ class EditState:
 
 @dataclass(frozen=True, eq=False)
 class EditContext:
-    """Per-edit constants: model, executor, prompt embeddings, config and the selected layers; and
-    the edit's mutable :class:`EditState`."""
+    """Per-edit constants: model, executor, prompt embeddings, config, the selected layers and the
+    sampler (timesteps, row conditioning, noise composition, the step); and the edit's mutable
+    :class:`EditState`."""
 
     components: Components
     runner: UNetExecutor
@@ -51,6 +54,7 @@ class EditContext:
     timesteps: list[int] = field(default_factory=list)
     timestep_tensors: tuple[torch.Tensor, ...] = ()  # the same as 0-dim long tensors on the device
     state: EditState = field(default_factory=EditState)
+    sampler: Sampler | None = None  # always set by :meth:`build`
 
     @classmethod
     def build(
@@ -62,8 +66,12 @@ class EditContext:
         c_uncond: torch.Tensor,
         c_src: torch.Tensor,
         c_trg: torch.Tensor,
+        sampler: Sampler | None = None,
     ) -> EditContext:
-        timesteps = ddim_timesteps(config.num_steps, components.schedule.num_train_timesteps)
+        """The context of one edit; ``sampler`` None: DDIM with the config's step count."""
+        if sampler is None:
+            sampler = DDIMSampler(components.schedule, config.num_steps)
+        timesteps = list(sampler.timesteps)
         return cls(
             components=components,
             runner=runner,
@@ -74,41 +82,8 @@ class EditContext:
             layers=select_layers(all_layers, config.self_attn_layers),
             timesteps=timesteps,
             timestep_tensors=timestep_tensors(timesteps, components.device),
+            sampler=sampler,
         )
-
-
-@dataclass
-class StepTerms:
-    """The noise terms of one editing step of one image; ε_final = ε_u + Δcfg + γ · grad + direct.
-
-    Tensors are float32; ``gamma`` and ``energy`` are 0-dim tensors (no host sync to produce them).
-    """
-
-    eps_u: torch.Tensor  # [1, 4, h, w]
-    delta_cfg: torch.Tensor  # [1, 4, h, w]
-    guider_grad: torch.Tensor | None  # ∂E/∂z before γ; None when no energy was active
-    gamma: torch.Tensor  # 0-dim
-    direct: torch.Tensor | None  # guiders that add a noise term directly (latents_diff)
-    eps_final: torch.Tensor  # [1, 4, h, w]
-    energy: torch.Tensor | float  # Σ_g v_g(i) · E_g (0 when no energy guider was active)
-
-
-def combine_terms(
-    config: EditConfig,
-    eps_u: torch.Tensor,
-    delta_cfg: torch.Tensor,
-    guider_grad: torch.Tensor | None,
-    direct: torch.Tensor | None,
-    energy: torch.Tensor | float,
-) -> StepTerms:
-    """Noise rescaling + sum (DESIGN.md §3 step 7, §5)."""
-    gamma = rescale_gamma(config.rescale, delta_cfg, guider_grad)
-    eps_final = eps_u + delta_cfg
-    if direct is not None:
-        eps_final = eps_final + direct
-    if guider_grad is not None:
-        eps_final = eps_final + gamma * guider_grad
-    return StepTerms(eps_u, delta_cfg, guider_grad, gamma, direct, eps_final.detach(), energy)
 
 
 def source_latent(inversion_latents: torch.Tensor, step: int, config: EditConfig) -> torch.Tensor:
@@ -176,8 +151,7 @@ def run_edit_loop(
     finite check of every item's ε_final and γ, which decides who stays in the batch).
     """
     ctx0 = items[0].ctx
-    schedule, num_steps = ctx0.components.schedule, ctx0.config.num_steps
-    sampler = DDIMSampler(schedule, num_steps)
+    sampler = ctx0.sampler
     outcomes: list[torch.Tensor | GuidanceError | None] = [None] * len(items)
     live = list(range(len(items)))
     z = torch.cat([items[b].trajectory[-1] for b in live]).float()  # [B, 4, h, w]
@@ -208,7 +182,7 @@ def run_edit_loop(
             z, terms, live = z[kept], [terms[j] for j in kept], [live[j] for j in kept]
         with torch.no_grad():
             eps_final = torch.cat([term.eps_final for term in terms])  # [B, 4, h, w]
-            z = sampler.step(z, eps_final, i)  # DDIM step down (DESIGN.md §3 step 8)
+            z = sampler.step(z, eps_final, i)  # the sampler's step (DDIM: DESIGN.md §3 step 8)
         if callback is not None:
             for j, term in enumerate(terms):
                 callback(i, t, z[j : j + 1], term)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,15 +11,15 @@ from typing import Any, Literal
 import torch
 
 from .batch import edit_batch
-from .config import EditConfig
-from .consistency_edit import ConsistencyEditor, compiler_for_runtime, is_consistency_model
+from .config import PRESET_STEPS, EditConfig
+from .consistency_models import is_consistency_model, load_consistency_model
 from .editing import EditContext, StepCallback, StepTerms
-from .errors import GnrError, InputError
+from .errors import ConfigError, GnrError, InputError
 from .fast.source_cache import SourceCache
 from .images import DEFAULT_MAX_PIXELS, ImageInput, prepare_image
 from .inversion import Inversion
 from .loading import Components, load_components
-from .model_defaults import ModelDefaults, load_model_defaults
+from .model_defaults import SAMPLER_NAMES, ModelDefaults, load_model_defaults
 from .precision import ModelDtype, PrecisionPolicy
 from .prompts import check_prompt
 from .requests import EditRequest, check_steps, resolve_config
@@ -26,6 +27,7 @@ from .hub import resolve_model
 from .output_types import OutputType, check_output_type
 from .results import EditResult, Timings
 from .runtime import RuntimeConfig
+from .samplers import ConsistencySampler
 from .session import EditSession, SourceCachePolicy
 from .step_callbacks import StepEnd, StepEndCallback
 
@@ -45,7 +47,9 @@ class Editor(EditSession):
 
     Every UNet call goes through :attr:`runner`, a :class:`~gnr_fast.runtime.UNetExecutor` over
     the backends :attr:`runtime` names (eager PyTorch by default; ``runtime="compiled"`` for
-    ``torch.compile``), which also counts the calls.
+    ``torch.compile``), which also counts the calls. A consistency model (docs/consistency-models.md)
+    is the same editor with a second executor, :attr:`inversion_runner`, over its forward UNet, and
+    the consistency sampler (``inversion_unet``, ``sampler``).
     """
 
     def __init__(
@@ -56,6 +60,8 @@ class Editor(EditSession):
         source_cache_dtype: torch.dtype | None = None,
         defaults: ModelDefaults | None = None,
         runtime: RuntimeConfig | str | None = None,
+        inversion_unet: torch.nn.Module | None = None,
+        sampler: ConsistencySampler | None = None,
     ) -> None:
         # What the model folder declares (gnr_fast.json): the preset used when a call names none,
         # and the caption grammar prompts are checked against.
@@ -65,6 +71,8 @@ class Editor(EditSession):
             defaults if defaults is not None else ModelDefaults(),
             max_pixels,
             SourceCachePolicy(int(source_cache_mb * 1024**2), source_cache_dtype or components.dtype),
+            inversion_unet=inversion_unet,
+            sampler=sampler,
         )
 
     @property
@@ -88,6 +96,10 @@ class Editor(EditSession):
         prediction_type: str | None = None,
         config: str | Path | None = None,
         precision: PrecisionPolicy | None = None,
+        sampler: str | None = None,
+        teacher_unet: str | Path | None = None,
+        reverse_lora: str | Path | None = None,
+        forward_lora: str | Path | None = None,
     ) -> Editor:
         """Load a local diffusers SD 1.x/2.x folder or single-file checkpoint (``None``: the bundled model).
 
@@ -112,11 +124,33 @@ class Editor(EditSession):
         ``precision`` (:class:`~gnr_fast.precision.PrecisionPolicy`, docs/precision.md) sets the VAE
         upcast, the float16 loss scale and whether inversions of another dtype may be edited; its
         ``model_dtype`` must equal ``dtype`` (default: ``PrecisionPolicy(model_dtype=dtype)``).
+        ``sampler`` (None: the folder's, from its ``gnr_fast.json``) ``"consistency"`` loads the
+        few-step consistency model of a folder that offers consistency files
+        (docs/consistency-models.md; the bundled model does), ``"ddim"`` the DDIM editor;
+        ``teacher_unet``, ``reverse_lora`` and ``forward_lora`` name (or replace the folder's)
+        consistency files and select the consistency sampler. A consistency editor is this class:
+        the same session, executors, runtimes, batches and source cache, with its own sampler.
         """
         path = resolve_model(path)  # a hub id: its snapshot in the local Hugging Face cache
-        if is_consistency_model(path):  # few-step consistency models: their own sampler (docs/consistency-models.md)
-            return ConsistencyEditor.from_pretrained(path, device=device, dtype=dtype,  # type: ignore[return-value]
-                                                     compiler=compiler_for_runtime(runtime))
+        if sampler not in (None, *SAMPLER_NAMES):
+            raise ConfigError(f"sampler {sampler!r} is unknown; choose one of {list(SAMPLER_NAMES)}")
+        files = (teacher_unet, reverse_lora, forward_lora)
+        if any(f is not None for f in files) and sampler == "ddim":
+            raise ConfigError("teacher_unet/reverse_lora/forward_lora are consistency files; drop them or sampler='ddim'")
+        if sampler == "consistency" or any(f is not None for f in files) or (sampler is None and is_consistency_model(path)):
+            # few-step consistency models: their own sampler (docs/consistency-models.md)
+            model = load_consistency_model(path, device=device, dtype=dtype, teacher_unet=teacher_unet,
+                                           reverse_lora=reverse_lora, forward_lora=forward_lora, precision=precision)
+            return cls(
+                model.components,
+                max_pixels=max_pixels,
+                source_cache_mb=source_cache_mb,
+                source_cache_dtype=source_cache_dtype,
+                defaults=dataclasses.replace(model.defaults, preset=model.preset),
+                runtime=runtime,
+                inversion_unet=model.forward,
+                sampler=model.sampler,
+            )
         components = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type, config=config,
                                      precision=precision)
         return cls(
@@ -161,9 +195,14 @@ class Editor(EditSession):
             runtime=runtime,
         )
 
-    def invert(self, image: ImageInput, source_prompt: str, num_steps: int = 50, progress: bool = True) -> Inversion:
-        """DDIM-invert ``image`` with ``source_prompt`` (DESIGN.md §2)."""
+    def invert(
+        self, image: ImageInput, source_prompt: str, num_steps: int | None = None, progress: bool = True
+    ) -> Inversion:
+        """Invert ``image`` with ``source_prompt``: DDIM in ``num_steps`` steps (None: 50; DESIGN.md §2),
+        or a consistency model's forward jumps (None: its step count, the only one it takes)."""
         check_prompt(source_prompt, "source_prompt")
+        if num_steps is None:
+            num_steps = self.default_steps if self.default_steps is not None else PRESET_STEPS
         check_steps(num_steps)
         prepared = prepare_image(image, max_pixels=self.max_pixels)
         return self.invert_prepared([prepared], [source_prompt], num_steps, progress)[0]
@@ -210,6 +249,8 @@ class Editor(EditSession):
         """
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "reference" and self.fixed_sampler is not None:
+            raise ConfigError("mode='reference' is the paper-literal DDIM edit; a consistency model edits in mode='fast'")
         check_output_type(output_type)
         step_end = StepEnd(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         request = EditRequest(image_or_inversion, target_prompt, source_prompt, preset, config, num_steps)

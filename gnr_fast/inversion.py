@@ -1,4 +1,5 @@
-"""DDIM inversion of a real image into the source trajectory z*_0 … z*_N (DESIGN.md §2)."""
+"""Inversion of a real image into the source trajectory z*_0 … z*_N by the sampler's inversion steps
+(DDIM: DESIGN.md §2; a consistency model's forward jumps: :mod:`gnr_fast.samplers.consistency`)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from .images import PreparedImage, encode_latent
 from .loading import Components
 from .precision import dtype_name
 from .runtime.executor import UNetExecutor
+from .samplers import Sampler
 from .samplers.ddim import DDIMSampler
-from .schedules import ddim_timesteps, timestep_tensors
+from .schedules import timestep_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ class Inversion:
     """Dtype the model ran in while inverting ("float32", "float16", "bfloat16"); None if not recorded."""
     source_cache: Any = field(default=None, repr=False, compare=False)
     """In-memory :class:`~gnr_fast.fast.SourceCache` filled by fast edits (not saved to disk)."""
+    pixel_stats: tuple[float, float] | None = None
+    """(mean, population std) of the input's uint8 pixels, for samplers that colour-match their output
+    to the input (consistency models); None otherwise."""
 
     def check_compatible(
         self,
@@ -99,6 +104,8 @@ class Inversion:
         }
         if self.model_dtype is not None:
             metadata["model_dtype"] = self.model_dtype
+        if self.pixel_stats is not None:
+            metadata["pixel_stats"] = json.dumps(list(self.pixel_stats))
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"latents": self.latents.detach().to("cpu", torch.float32).contiguous()}, str(path), metadata=metadata)
         return path
@@ -160,10 +167,19 @@ def _metadata_fields(metadata: dict[str, str], what: str) -> dict[str, Any]:
             f"{what} is corrupt: working_size {list(sizes['working_size'])} is not the working size of an "
             f"image of {list(sizes['original_size'])}; invert the image again"
         )
+    stats = None
+    if "pixel_stats" in metadata:
+        try:
+            stats = json.loads(metadata["pixel_stats"])
+        except json.JSONDecodeError:
+            stats = None
+        if not (isinstance(stats, list) and len(stats) == 2 and all(isinstance(v, (int, float)) for v in stats)):
+            raise InputError(f"{what} is corrupt: pixel_stats {metadata['pixel_stats']!r} is not [mean, std]; invert the image again")
+        stats = (float(stats[0]), float(stats[1]))
     return {
         "source_prompt": metadata["source_prompt"], "num_steps": int(metadata["num_steps"]),
         "model_id": metadata["model_id"], "content_hash": metadata["content_hash"],
-        "model_dtype": metadata.get("model_dtype"), **sizes,
+        "model_dtype": metadata.get("model_dtype"), "pixel_stats": stats, **sizes,
     }
 
 
@@ -198,13 +214,18 @@ def invert_many(
     c_srcs: Sequence[torch.Tensor],
     num_steps: int = 50,
     progress: bool = True,
+    sampler: Sampler | None = None,
 ) -> list[Inversion]:
-    """DDIM-invert each image with its source prompt embedding (no guidance), in order.
+    """Invert each image with its source prompt embedding (no guidance), in order.
 
-    For i = 0 … N−1 with t = timesteps[N−1−i]: ε = ε(z*_i, t, c_src), then the upward DDIM
-    step from level t to t + stride. Images of one working size share every UNet call (one row
-    each); each result equals the image's inversion on its own up to float rounding.
+    ``sampler`` (None: DDIM with ``num_steps`` steps) names the steps: for DDIM, for i = 0 … N−1 with
+    t = timesteps[N−1−i]: ε = ε(z*_i, t, c_src), then the upward DDIM step from level t to
+    t + stride; for a consistency model its forward jumps from the noised start. Images of one
+    working size share every UNet call (one row each); each result equals the image's inversion on
+    its own up to float rounding.
     """
+    if sampler is None:
+        sampler = DDIMSampler(components.schedule, num_steps)
     if not (len(images) == len(source_prompts) == len(c_srcs)):
         raise ValueError("invert_many needs one source prompt and one embedding per image")
     by_size: dict[tuple[int, int], list[int]] = {}
@@ -214,21 +235,30 @@ def invert_many(
     for rows in by_size.values():
         trajectory = _invert_rows(
             components, runner, torch.cat([images[i].pixels for i in rows]), torch.cat([c_srcs[i] for i in rows]),
-            num_steps, progress,
+            sampler, progress,
         )  # [N+1, B, 4, h, w]
         for row, index in enumerate(rows):
             image = images[index]
             results[index] = Inversion(
                 latents=trajectory[:, row : row + 1].clone(),
                 source_prompt=source_prompts[index],
-                num_steps=num_steps,
+                num_steps=sampler.num_steps,
                 model_id=components.model_id,
                 original_size=image.original_size,
                 working_size=image.working_size,
                 content_hash=image.content_hash,
                 model_dtype=dtype_name(components.dtype),
+                pixel_stats=pixel_stats(image),
             )
     return results
+
+
+def pixel_stats(image: PreparedImage) -> tuple[float, float]:
+    """(mean, population std) of the image's uint8 pixels at the working size (over all pixels and
+    channels), as the consistency models' colour matching reads them (README_consistency.md §8)."""
+    pixels = ((image.pixels[0].permute(1, 2, 0).float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    array = pixels.numpy()
+    return float(array.mean()), float(array.std())
 
 
 def _invert_rows(
@@ -236,24 +266,25 @@ def _invert_rows(
     runner: UNetExecutor,
     pixels: torch.Tensor,
     c: torch.Tensor,
-    num_steps: int,
+    sampler: Sampler,
     progress: bool,
 ) -> torch.Tensor:
-    """The DDIM inversion trajectory [N+1, B, 4, h, w] (float32) of ``pixels`` [B, 3, H, W] under ``c`` [B, 77, D].
+    """The inversion trajectory [N+1, B, 4, h, w] (float32) of ``pixels`` [B, 3, H, W] under ``c`` [B, 77, D]:
+    [z_0 (the encoded image), the latent after each of the sampler's inversion steps].
 
-    Plain UNet calls (one per step, timesteps as tensors); the latents and the DDIM update stay in
-    float32 whatever the model dtype (the UNet casts at its input and output).
+    Plain UNet calls (one per step, timesteps as tensors, guidance scale 0 for a UNet that embeds
+    one); the latents and the update stay in float32 whatever the model dtype (the UNet casts at
+    its input and output).
     """
-    schedule = components.schedule
-    timesteps = ddim_timesteps(num_steps, schedule.num_train_timesteps)
+    timesteps = list(sampler.inversion_timesteps)
     t_tensors = timestep_tensors(timesteps, components.device)
-    sampler = DDIMSampler(schedule, num_steps)
-    z = encode_latent(components.vae, pixels, components.scaling_factor).float()
-    trajectory = [z]
+    z0 = encode_latent(components.vae, pixels, components.scaling_factor).float()
+    scales = sampler.guidance_scales(None, 0, [False] * z0.shape[0])
+    z = sampler.inversion_start(z0)
+    trajectory = [z0]
     with torch.no_grad():
-        for i in tqdm(range(num_steps), desc="Inversion", disable=not progress, leave=False):
-            k = num_steps - 1 - i
-            eps = runner.plain(z, t_tensors[k], c)
-            z = sampler.invert_step(z, eps, timesteps[k])  # DDIM step up (DESIGN.md §2)
+        for t, t_tensor in zip(tqdm(timesteps, desc="Inversion", disable=not progress, leave=False), t_tensors):
+            eps = runner.plain(z, t_tensor, c, scales)
+            z = sampler.invert_step(z, eps, t)  # DDIM step up (DESIGN.md §2), or a forward consistency jump
             trajectory.append(z)
     return torch.stack(trajectory)

@@ -217,9 +217,11 @@ class AutocastPlainRunner:
         self.device_type = device_type
         self.name = f"{getattr(inner, 'name', 'plain')}+{str(dtype).removeprefix('torch.')}"
 
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *extras: torch.Tensor
+    ) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype):
-            eps = self.inner(latents, timestep, context)
+            eps = self.inner(latents, timestep, context, *extras)
         return eps.float()  # [B, 4, h, w]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import EditConfig
+from .config import CONSISTENCY_PRESET_NAMES, EditConfig
 from .errors import ConfigError, InputError
 from .images import ImageInput, PreparedImage, prepare_image
 from .inversion import Inversion
@@ -54,9 +54,14 @@ def preset_name(session: EditSession, preset: str | None) -> str:
 def resolve_config(
     session: EditSession, preset: str | None = None, config: EditConfig | str | Path | None = None, num_steps: int | None = None
 ) -> EditConfig:
-    """The config an edit runs: ``config`` (object or YAML path) if given, else the named preset."""
+    """The config an edit runs: ``config`` (object or YAML path) if given, else the named preset (with
+    the session's step count when ``num_steps`` is None: a consistency model's, else the preset's)."""
     if config is None:
-        return EditConfig.preset(preset_name(session, preset), 50 if num_steps is None else num_steps)
+        name = preset_name(session, preset)
+        if session.fixed_sampler is not None and name not in CONSISTENCY_PRESET_NAMES:
+            raise ConfigError(f"preset {name!r} is a DDIM preset; a consistency model takes "
+                              f"{list(CONSISTENCY_PRESET_NAMES)} (or a config of its step count)")
+        return EditConfig.preset(name, num_steps if num_steps is not None else session.default_steps)
     if isinstance(config, (str, Path)):
         config = EditConfig.from_yaml(config)
     if not isinstance(config, EditConfig):
@@ -94,6 +99,7 @@ def resolve_request(session: EditSession, request: EditRequest, index: int | Non
             )
         steps = inversion.num_steps if request.num_steps is None else request.num_steps
         config = resolve_config(session, request.preset, request.config, steps)
+        session.sampler_for(config)  # a config the model's sampler cannot run: ConfigError now
         precision = session.components.precision
         inversion.check_compatible(session.model_id, config.num_steps, dtype=session.components.dtype,
                                    allow_dtype_mismatch=precision.allow_dtype_mismatch)
@@ -102,4 +108,5 @@ def resolve_request(session: EditSession, request: EditRequest, index: int | Non
         raise InputError(f"{prefix}source_prompt is required when editing an image (it describes the input image)")
     check_prompt(request.source_prompt, f"{prefix}source_prompt")
     config = resolve_config(session, request.preset, request.config, request.num_steps)
+    session.sampler_for(config)
     return ResolvedRequest(position, request, config, image=prepare_image(request.source, max_pixels=session.max_pixels))

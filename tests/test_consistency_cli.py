@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from gnr_fast.cli import main
-from gnr_fast.consistency_edit import ConsistencyEditor
+from gnr_fast.config import EditConfig
 from gnr_fast.editor import Editor
-from gnr_fast.errors import ConfigError
+from gnr_fast.errors import BackendUnavailableError, ConfigError
+from gnr_fast.samplers import ConsistencySampler
 from tests.consistency_model import consistency_model_dir
 
 SRC = "a red circle on a blue background"
@@ -32,8 +32,19 @@ def test_cli_edit_with_model_folder_alone(golden_dir, tmp_path, one_torch_thread
 
 
 def test_editor_from_pretrained_dispatches_on_the_folder(golden_dir, tmp_path):
+    """The folder's gnr_fast.json selects the consistency sampler: the same Editor (one session, an
+    executor per fused UNet); configs it cannot run are refused before any UNet call."""
     folder = consistency_model_dir(golden_dir, tmp_path / "icd")
     editor = Editor.from_pretrained(folder)
-    assert isinstance(editor, ConsistencyEditor) and editor.sampler.num_steps == 4
-    with pytest.raises(ConfigError, match="consistency models run in float32"):
-        Editor.from_pretrained(folder, dtype=torch.bfloat16)
+    assert isinstance(editor.fixed_sampler, ConsistencySampler) and editor.fixed_sampler.num_steps == 4
+    assert editor.inversion_runner is not editor.runner and editor.default_preset == "consistency"
+    image = golden_dir / "consistency_scene0" / "input.png"
+    with pytest.raises(ConfigError, match="edits in 4 steps"):
+        editor.edit(image, TRG, source_prompt=SRC, config=EditConfig.style(50))  # a 50-step DDIM config
+    with pytest.raises(ConfigError, match="'style' is a DDIM preset"):
+        editor.edit(image, TRG, source_prompt=SRC, preset="style")
+    with pytest.raises(ConfigError, match="mode='fast'"):
+        editor.edit(image, TRG, source_prompt=SRC, mode="reference")
+    assert editor.runner.rows == 0 and editor.inversion_runner.rows == 0
+    with pytest.raises(BackendUnavailableError, match="timestep_cond"):
+        Editor.from_pretrained(folder, runtime="onnx")  # exported graphs take no guidance embedding yet

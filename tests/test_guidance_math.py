@@ -292,7 +292,10 @@ def test_step_terms_cfg_and_latents_diff(source_guidance):
         guiders=(CfgGuider(scale=(7.5, 3.0), is_source_guidance=source_guidance), LatentsDiff(scale=(0.0, 0.25))),
         rescale=RescaleConfig("identity_rescaler"), num_steps=2,
     )
-    ctx = SimpleNamespace(config=config)  # step_terms reads only the config
+    from gnr_fast.samplers import DDIMSampler
+
+    # step_terms reads only the config and the sampler's composition (which needs no schedule)
+    ctx = SimpleNamespace(config=config, sampler=DDIMSampler(schedule=None, num_steps=2))
     eps = {"eps_u": eps_u, "eps_trg": eps_trg, "eps_src": eps_src}
     terms = step_terms(ctx, 1, eps, z, z_star, None, 0.0)
     prompt_eps = eps_src if source_guidance else eps_trg

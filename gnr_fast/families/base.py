@@ -20,6 +20,7 @@ import torch
 from ..attention.capture import SelfAttnLayer, feature_module
 from ..attention.processors import install_capture_processors
 from ..config import FeatureSite
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,12 @@ class ModelFamily(ABC):
             raise ValueError(f"{self.name} UNet calls take {len(self.extra_inputs)} extra input(s) "
                              f"{[e.name for e in self.extra_inputs]}, got {len(extras)}")
         return {}
+
+    def guidance_extras(self, w: Sequence[float], device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        """The extra inputs of a call whose rows use guidance scales ``w``; a family without a
+        guidance-scale embedding has none to give (:class:`ConfigError`)."""
+        raise ConfigError(f"{self.name} UNets have no guidance-scale embedding (time_cond_proj_dim); "
+                          "only a guidance-distilled or consistency UNet takes per-row guidance scales")
 
     def call_unet(
         self,

@@ -3,7 +3,8 @@
 The reference runs four passes every step with two autograd graphs alive. A plan keeps only
 what the active guiders read at that step:
 
-* no guider pass and no backward when no energy is active (2 rows in one no-grad call);
+* no guider pass and no backward when no energy is active (2 rows in one no-grad call; one for a
+  consistency model, whose sampler needs ε_trg alone: :class:`~gnr_fast.noise_terms.NoiseRows`);
 * the no-grad rows (ε_u, the CFG prompt pass when no guider differentiates it, the source
   trajectory pass ``inv_inv``) batched into one call;
 * the rows a gradient flows through (``cur_inv``, ``cur_trg``) in one grad call;
@@ -23,7 +24,11 @@ from enum import Enum
 
 from ..config import EditConfig
 from ..guiders import Guider, Role, cfg_guider, energy_guiders, scale_at
+from ..noise_terms import Eps, NoiseRows
 from ..runtime.calls import CallKind
+from ..samplers.ddim import DDIMSampler
+
+__all__ = ["Eps", "Latent", "Prompt", "Row", "StepPlan", "UNetCall", "energies_vanish", "plan_edit", "plan_step"]
 
 
 class Latent(str, Enum):
@@ -35,14 +40,6 @@ class Prompt(str, Enum):
     UNCOND = "uncond"
     SRC = "src"
     TRG = "trg"
-
-
-class Eps(str, Enum):
-    """The noise predictions a step's rows supply (DESIGN.md §3): ε(z_t, t, prompt)."""
-
-    U = "eps_u"  # unconditional prompt ""
-    SRC = "eps_src"  # source prompt
-    TRG = "eps_trg"  # target prompt
 
 
 @dataclass(frozen=True)
@@ -96,7 +93,12 @@ class StepPlan:
 
 
 def plan_step(
-    config: EditConfig, step: int, source_cached: bool = False, energies_vanish: bool = False, split_source: bool = False
+    config: EditConfig,
+    step: int,
+    source_cached: bool = False,
+    energies_vanish: bool = False,
+    split_source: bool = False,
+    noise_rows: NoiseRows = DDIMSampler.noise_rows,
 ) -> StepPlan:
     """The plan for ``step``.
 
@@ -106,6 +108,8 @@ def plan_step(
     reference runs no backward for those, and neither does the plan. Energies reading the
     target-prompt pass (``cur_trg``) do not vanish.
     ``split_source``: run the source row in a CAPTURING call of its own (see the module docstring).
+    ``noise_rows``: what the sampler's noise needs (:class:`~gnr_fast.noise_terms.NoiseRows`): DDIM's
+    ε_u and CFG prompt rows, or a consistency model's ε_trg row and the source pass's ε_inv.
     """
     cfg = cfg_guider(config.guiders)
     cfg_prompt = Prompt.SRC if cfg.is_source_guidance else Prompt.TRG
@@ -125,15 +129,22 @@ def plan_step(
         grad_rows.append(Row(Latent.CUR, Prompt.TRG, Role.CUR_TRG, Eps.TRG))
     supplied_by_grad = {r.supplies for r in grad_rows}
 
-    plain_rows = [Row(Latent.CUR, Prompt.UNCOND, None, Eps.U)]
-    if scale_at(cfg.scale, step) != 0.0 and cfg_supply not in supplied_by_grad:
+    plain_rows = []
+    if noise_rows.base is Eps.U:
+        plain_rows.append(Row(Latent.CUR, Prompt.UNCOND, None, Eps.U))
+    elif noise_rows.base not in supplied_by_grad:  # ε_trg, its w embedding carrying the CFG
+        plain_rows.append(Row(Latent.CUR, Prompt.TRG, None, noise_rows.base))
+    if noise_rows.cfg_row and scale_at(cfg.scale, step) != 0.0 and cfg_supply not in supplied_by_grad:
         plain_rows.append(Row(Latent.CUR, cfg_prompt, None, cfg_supply))
-    source_rows = [Row(Latent.SRC, Prompt.SRC, Role.INV_INV)] if Role.INV_INV in roles and not source_cached else []
+    needs_source = Role.INV_INV in roles or (noise_rows.source_noise and bool(energies))
+    source_supply = Eps.INV if noise_rows.source_noise else None
+    source_rows = [Row(Latent.SRC, Prompt.SRC, Role.INV_INV, source_supply)] if needs_source and not source_cached else []
 
     if not source_rows:
-        calls = [UNetCall(tuple(plain_rows), CallKind.PLAIN)]
-    elif split_source:
-        calls = [UNetCall(tuple(plain_rows), CallKind.PLAIN), UNetCall(tuple(source_rows), CallKind.CAPTURING)]
+        calls = [UNetCall(tuple(plain_rows), CallKind.PLAIN)] if plain_rows else []
+    elif split_source or not plain_rows:
+        calls = [UNetCall(tuple(plain_rows), CallKind.PLAIN)] if plain_rows else []
+        calls.append(UNetCall(tuple(source_rows), CallKind.CAPTURING))
     else:  # the recorded source row last: a capture spec names trailing rows
         calls = [UNetCall(tuple(plain_rows + source_rows), CallKind.CAPTURING)]
     if grad_rows:
@@ -147,7 +158,10 @@ def energies_vanish(config: EditConfig, step: int) -> bool:
     return step == 0 and config.align_inversion == "reference"
 
 
-def plan_edit(config: EditConfig, source_cached: bool = False, split_source: bool = False) -> tuple[StepPlan, ...]:
+def plan_edit(
+    config: EditConfig, source_cached: bool = False, split_source: bool = False,
+    noise_rows: NoiseRows = DDIMSampler.noise_rows,
+) -> tuple[StepPlan, ...]:
     """The plan of every step of an edit: an image's first edit (``source_cached=False``) or a
     later one whose source pass the inversion cache serves at every step.
 
@@ -156,6 +170,6 @@ def plan_edit(config: EditConfig, source_cached: bool = False, split_source: boo
     """
     return tuple(
         plan_step(config, step, source_cached=source_cached, energies_vanish=energies_vanish(config, step),
-                  split_source=split_source)
+                  split_source=split_source, noise_rows=noise_rows)
         for step in range(config.num_steps)
     )

@@ -39,6 +39,7 @@ class SourceCache:
     storage_dtype: torch.dtype = torch.float32
     host_storage: bool | None = None
     steps: dict[int, PassCapture] = field(default_factory=dict)
+    noises: dict[int, torch.Tensor] = field(default_factory=dict)  # the source pass's ε, when a sampler reads it
     nbytes: int = 0
     hits: int = 0
     misses: int = 0
@@ -61,8 +62,15 @@ class SourceCache:
         out.features = {s: self._fetch(t, compute_dtype) for s, t in stored.features.items()}
         return out
 
-    def put(self, step: int, capture: PassCapture) -> bool:
-        """Store a detached copy of ``capture`` if it fits in the budget; return whether it was stored."""
+    def noise(self, step: int) -> torch.Tensor | None:
+        """The source pass's ε of ``step`` ([1, 4, h, w] float32 on the captures' device) when it was
+        stored with the capture (a consistency model's ε_inv), else None."""
+        stored = self.noises.get(step)
+        return None if stored is None else self._fetch(stored, torch.float32)
+
+    def put(self, step: int, capture: PassCapture, eps: torch.Tensor | None = None) -> bool:
+        """Store a detached copy of ``capture`` (and the pass's ``eps``, kept in float32) if it fits in
+        the budget; return whether it was stored."""
         dtype = self.storage_dtype
         tensors = [*capture.queries.values(), *capture.lse.values(), *capture.features.values()]
         if self.device is None and tensors:
@@ -74,14 +82,17 @@ class SourceCache:
         stored.lse = {i: self._store(t, t.dtype) for i, t in capture.lse.items()}
         stored.scales = dict(capture.scales)
         stored.features = {s: self._store(t, dtype) for s, t in capture.features.items()}
+        noise = self._store(eps, torch.float32) if eps is not None else None
         size = sum(
             t.numel() * t.element_size()
             for group in (stored.queries, stored.keys, stored.lse, stored.features)
             for t in group.values()
-        )
+        ) + (noise.numel() * noise.element_size() if noise is not None else 0)
         if self.nbytes + size > self.max_bytes:
             return False
         self.steps[step] = stored
+        if noise is not None:
+            self.noises[step] = noise
         self.nbytes += size
         return True
 

@@ -23,8 +23,9 @@ import torch
 
 from ..attention.capture import CaptureSpec, PassCapture
 from ..attention.sites import FeatureSite
-from ..editing import EditContext, StepTerms, combine_terms
-from ..guiders import Guider, Role, capture_need, cfg_guider, direct_guiders, scale_at
+from ..editing import EditContext
+from ..guiders import Guider, Role, capture_need, direct_guiders
+from ..noise_terms import StepTerms
 from ..precision import energy_grad_to_latent
 from ..runtime.calls import CallKind
 from .plan import Eps, Latent, Prompt, Row, StepPlan, energies_vanish, plan_step
@@ -63,16 +64,13 @@ def step_terms(
     guider_grad: torch.Tensor | None,
     energy: torch.Tensor | float,
 ) -> StepTerms:
-    """Δcfg = w · (ε_prompt − ε_u), the direct terms, then γ and the sum (DESIGN.md §3 steps 5–7)."""
-    cfg = cfg_guider(ctx.config.guiders)
-    eps_u = eps[Eps.U]  # [1, 4, h, w]
-    prompt_eps = eps.get(Eps.SRC if cfg.is_source_guidance else Eps.TRG)
-    delta_cfg = scale_at(cfg.scale, step) * (prompt_eps - eps_u) if prompt_eps is not None else torch.zeros_like(eps_u)
+    """The direct terms, then the sampler's composition: DDIM's Δcfg = w · (ε_prompt − ε_u), γ and
+    the sum (DESIGN.md §3 steps 5–7), or a consistency model's ε_trg + γ · grad."""
     direct = None
     for guider in direct_guiders(ctx.config.guiders):
         term = guider.noise(step, z, z_star)
         direct = term if direct is None else direct + term
-    return combine_terms(ctx.config, eps_u, delta_cfg, guider_grad, direct, energy)
+    return ctx.sampler.terms(ctx.config, step, eps, guider_grad, direct, energy)
 
 
 def batch_step(
@@ -92,23 +90,32 @@ def batch_step(
     count = len(ctxs)
     sources = list(range(count)) if sources is None else list(sources)
     ctx0 = ctxs[0]
-    runner = ctx0.runner
+    runner, sampler = ctx0.runner, ctx0.sampler
     t = ctx0.timestep_tensors[step]
     vanish = energies_vanish(ctx0.config, step)
+    noise_rows = sampler.noise_rows
 
-    # 1. One plan per image; one source-cache lookup per distinct inversion.
+    # 1. One plan per image; one source-cache lookup per distinct inversion (its ε too, when the
+    # sampler's noise reads the source pass's).
     cached: dict[object, PassCapture | None] = {}
+    cached_eps: dict[object, torch.Tensor | None] = {}
     plans: list[StepPlan] = []
     for ctx, source in zip(ctxs, sources):
         if source not in cached:
             cache = ctx.state.source_cache
             cached[source] = cache.get(step, ctx.components.dtype) if cache is not None else None
+            cached_eps[source] = cache.noise(step) if cache is not None and noise_rows.source_noise else None
+            if noise_rows.source_noise and cached_eps[source] is None:
+                cached[source] = None  # a capture without its ε cannot serve this sampler
         plans.append(plan_step(ctx.config, step, source_cached=cached[source] is not None, energies_vanish=vanish,
-                               split_source=runner.split_source))
+                               split_source=runner.split_source, noise_rows=noise_rows))
     captures: list[dict[Role, PassCapture]] = [{} for _ in range(count)]
+    eps: list[dict[Eps, torch.Tensor]] = [{} for _ in range(count)]
     for b, plan in enumerate(plans):
         if cached[sources[b]] is not None and plan.energies:
             captures[b][Role.INV_INV] = cached[sources[b]]
+            if cached_eps[sources[b]] is not None:
+                eps[b][Eps.INV] = cached_eps[sources[b]]
 
     # 2. The step's calls, one per kind, over every image's rows (recorded rows last in a call).
     z_cur = torch.cat([zb.detach() for zb in z])  # [B, 4, h, w]
@@ -136,7 +143,6 @@ def batch_step(
     else:
         calls[CallKind.CAPTURING] = source_rows
 
-    eps: list[dict[Eps, torch.Tensor]] = [{} for _ in range(count)]
     energies_of = plans[0].energies
     for kind in (CallKind.PLAIN, CallKind.CAPTURING, CallKind.GRAD):
         rows = calls[kind]
@@ -148,26 +154,30 @@ def batch_step(
             for b, row in rows
         ])  # [R, 4, h, w]
         context = torch.cat([prompt_embedding(ctxs[b], row.prompt) for b, row in rows])  # [R, 77, C]
+        scales = sampler.guidance_scales(ctx0.config, step, [row.prompt is Prompt.TRG for _, row in rows])
         if kind is CallKind.PLAIN:
             with torch.no_grad():
-                out = runner.plain(latents, t, context)
+                out = runner.plain(latents, t, context, scales)
         else:
             recorded = [j for j, (_, row) in enumerate(rows) if row.role is not None]
             roles = {row.role for _, row in rows if row.role is not None}
             spec = role_spec(ctx0, energies_of, roles, tuple(recorded))
             with torch.set_grad_enabled(kind is CallKind.GRAD):
-                out, row_caps = runner.capture(latents, t, context, spec)
-            for (b, row), capture in zip((rows[j] for j in recorded), row_caps):
+                out, row_caps = runner.capture(latents, t, context, spec, scales)
+            for j, (b, row), capture in ((j, rows[j], cap) for j, cap in zip(recorded, row_caps)):
                 if row.role is Role.INV_INV:
+                    source_eps = out[j : j + 1].detach() if row.supplies is not None else None
                     for other in range(count):  # every image of this inversion reads the one source pass
                         if sources[other] == sources[b] and plans[other].energies:
                             captures[other][Role.INV_INV] = capture
+                            if source_eps is not None:
+                                eps[other][row.supplies] = source_eps
                     if ctxs[b].state.source_cache is not None:
-                        ctxs[b].state.source_cache.put(step, capture)
+                        ctxs[b].state.source_cache.put(step, capture, source_eps)
                 else:
                     captures[b][row.role] = capture
         for j, (b, row) in enumerate(rows):
-            if row.supplies is not None:
+            if row.supplies is not None and row.role is not Role.INV_INV:
                 eps[b][row.supplies] = out[j : j + 1].detach()
 
     # 3. Per-image energies, float32 0-dim tensors; |E| ≤ atol counts as 0 (the reference's

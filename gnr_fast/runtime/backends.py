@@ -22,21 +22,25 @@ from .registry import BackendSpec, backend_spec
 
 
 class PlainRunner(Protocol):
-    """``(latents [B, 4, h, w], timestep 0-dim tensor, context [B, 77, C]) -> eps [B, 4, h, w]`` float32."""
-
-    name: str
-
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
-
-
-class CapturingRunner(Protocol):
-    """``(latents, timestep, context, spec) -> (eps float32, outputs)``; a grad call is the same call
-    under grad mode with latents that require grad."""
+    """``(latents [B, 4, h, w], timestep 0-dim tensor, context [B, 77, C], *extras) -> eps [B, 4, h, w]``
+    float32; ``extras`` are the model family's extra conditioning (e.g. ``timestep_cond`` [B, W])."""
 
     name: str
 
     def __call__(
-        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *extras: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class CapturingRunner(Protocol):
+    """``(latents, timestep, context, spec, *extras) -> (eps float32, outputs)``; a grad call is the
+    same call under grad mode with latents that require grad."""
+
+    name: str
+
+    def __call__(
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec,
+        *extras: torch.Tensor,
     ) -> tuple[torch.Tensor, CaptureOutputs]: ...
 
 

@@ -125,8 +125,10 @@ class CompiledPlainRunner:
         """Graphs compiled so far."""
         return self.backend.graphs
 
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self._fn(latents, timestep, context)
+    def __call__(
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *extras: torch.Tensor
+    ) -> torch.Tensor:
+        return self._fn(latents, timestep, context, *extras)
 
 
 class CompiledCapturingRunner:
@@ -155,8 +157,9 @@ class CompiledCapturingRunner:
         return self.no_grad_backend.graphs + self.grad_backend.graphs
 
     def __call__(
-        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec,
+        *extras: torch.Tensor,
     ) -> tuple[torch.Tensor, CaptureOutputs]:
         fn = self._grad if torch.is_grad_enabled() and latents.requires_grad else self._no_grad
-        eps, outputs = fn(latents, timestep, context, spec)
+        eps, outputs = fn(latents, timestep, context, spec, *extras)
         return eps, CaptureOutputs(*outputs)

@@ -15,19 +15,21 @@ def eager_detail() -> str:
 
 
 class EagerPlainRunner:
-    """Plain calls ``(latents, timestep, context) -> eps`` run by PyTorch eagerly."""
+    """Plain calls ``(latents, timestep, context, *extras) -> eps`` run by PyTorch eagerly."""
 
     name = "eager"
 
     def __init__(self, unet: torch.nn.Module, config: RuntimeConfig | None = None) -> None:
         self.module = PlainUNet(unet)
 
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.module(latents, timestep, context)
+    def __call__(
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *extras: torch.Tensor
+    ) -> torch.Tensor:
+        return self.module(latents, timestep, context, *extras)
 
 
 class EagerCapturingRunner:
-    """Capturing calls ``(latents, timestep, context, spec) -> (eps, outputs)`` run eagerly; a grad
+    """Capturing calls ``(latents, timestep, context, spec, *extras) -> (eps, outputs)`` run eagerly; a grad
     call is the same call under grad mode with latents that require grad."""
 
     name = "eager"
@@ -36,6 +38,7 @@ class EagerCapturingRunner:
         self.module = CapturingUNet(unet)
 
     def __call__(
-        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec,
+        *extras: torch.Tensor,
     ) -> tuple[torch.Tensor, CaptureOutputs]:
-        return self.module(latents, timestep, context, spec)
+        return self.module(latents, timestep, context, spec, *extras)

@@ -2,7 +2,8 @@
 
 :class:`UNetExecutor` holds a plain runner and a capturing runner (built from the registry for a
 :class:`~gnr_fast.runtime.config.RuntimeConfig`) and counts every call and batch row, by kind, so
-no backend counts anything itself. The paper-literal reference mode reaches it through its
+no backend counts anything itself. A call's ``scales`` (per-row guidance scales w, for UNets with
+a guidance-scale embedding: consistency models) become the model family's extra inputs here. The paper-literal reference mode reaches it through its
 recording adapter (:class:`gnr_fast.reference.recording.RecordingUNet`), which runs
 :meth:`UNetExecutor.reference_capture` on an eager runner.
 """
@@ -23,6 +24,8 @@ from ..attention.capture import (
     row_captures,
 )
 from ..config import FeatureSite
+from ..errors import BackendUnavailableError
+from ..families import family_for
 from .backends import (
     CapturingRunner,
     PlainRunner,
@@ -32,6 +35,7 @@ from .backends import (
 )
 from .calls import CallKind
 from .config import RuntimeConfig
+from .registry import backend_spec
 
 __all__ = ["CallKind", "UNetExecutor"]
 
@@ -52,6 +56,13 @@ class UNetExecutor:
     ) -> None:
         self.runtime = resolve_plain_dtype(runtime, unet)  # "auto" decided once, for this UNet
         runtime = self.runtime
+        self.family = family_for(unet.config)
+        if self.family.extra_inputs and backend_spec(runtime.plain).export is not None:
+            names = [e.name for e in self.family.extra_inputs]
+            raise BackendUnavailableError(
+                f"plain runtime {runtime.plain!r} runs exported graphs, which take no extra UNet inputs {names} "
+                f"(this {self.family.name} UNet needs them); use runtime 'eager' or 'compiled'"
+            )
         self.layers = tuple(layers)
         self.feature_sites = feature_sites
         self.plain_runner: PlainRunner = make_plain_runner(runtime.plain, unet, runtime)
@@ -81,26 +92,38 @@ class UNetExecutor:
     def _broadcast(latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return context.expand(latents.shape[0], -1, -1) if context.shape[0] != latents.shape[0] else context
 
-    def plain(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """ε of ``latents`` [B, 4, h, w] (float32) at the 0-dim ``timestep`` under ``context`` [B|1, 77, C]."""
+    def extras(self, scales: Sequence[float] | None) -> tuple[torch.Tensor, ...]:
+        """The family's extra inputs of a call whose rows have guidance scales ``scales`` (None: the
+        UNet takes no guidance-scale embedding, no extra inputs)."""
+        if scales is None:
+            return ()
+        return self.family.guidance_extras(scales, self.device)
+
+    def plain(
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, scales: Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """ε of ``latents`` [B, 4, h, w] (float32) at the 0-dim ``timestep`` under ``context`` [B|1, 77, C],
+        row b with guidance scale ``scales[b]`` when the UNet embeds one."""
         self._count(CallKind.PLAIN, latents.shape[0])
-        return self.plain_runner(latents, timestep, self._broadcast(latents, context))
+        return self.plain_runner(latents, timestep, self._broadcast(latents, context), *self.extras(scales))
 
     def _capturing_call(
         self, runner: CapturingRunner, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-        spec: CaptureSpec,
+        spec: CaptureSpec, scales: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, CaptureOutputs]:
         check_sites(spec, self.feature_sites)
+        extras = self.extras(scales)
         grad = torch.is_grad_enabled() and latents.requires_grad
         self._count(CallKind.GRAD if grad else CallKind.CAPTURING, latents.shape[0])
-        return runner(latents, timestep, self._broadcast(latents, context), spec)
+        return runner(latents, timestep, self._broadcast(latents, context), spec, *extras)
 
     def capture(
-        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, spec: CaptureSpec,
+        scales: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, list[PassCapture]]:
         """ε of the batch and one :class:`PassCapture` per row of ``spec.rows``; a grad call when
-        grad mode is on and ``latents`` requires grad."""
-        eps, outputs = self._capturing_call(self.capturing_runner, latents, timestep, context, spec)
+        grad mode is on and ``latents`` requires grad. ``scales`` as in :meth:`plain`."""
+        eps, outputs = self._capturing_call(self.capturing_runner, latents, timestep, context, spec, scales)
         return eps, row_captures(spec, outputs, self.layers)
 
     def reference_capture(

@@ -17,11 +17,17 @@ unconditional pass, and the rescaling reference is ε_trg(z) − ε_inv(z*) (REA
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from ..config import EditConfig
+from ..errors import ConfigError
+from ..guiders import GuiderKind, cfg_guider, scale_at
+from ..noise_terms import Eps, NoiseRows, StepTerms
+from ..rescaling import rescale_gamma
 
 INVERSION_SEED = 10500
 """Seed of the fixed inversion noise (the authors' ``G.train`` hard-codes it)."""
@@ -34,6 +40,16 @@ def compose_consistency_noise(
     return eps_trg if guider_grad is None else 1.0 * eps_trg + gamma * guider_grad
 
 
+def match_color_stats(image: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """(img − m) · S / s + M clipped to [0, 255] and truncated to uint8, with (m, s) the image's
+    mean and population std over all pixels and channels, (M, S) the input's; unchanged when
+    s < 1e-7 (the authors' ``match_stats_255``)."""
+    img_mean, img_std = image.mean(), image.std()
+    if img_std < 1e-7:
+        return image
+    return np.clip((image - img_mean) * (std / img_std) + mean, 0, 255).astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class ConsistencySampler:
     """Boundaries, timesteps and the jump of a multi-boundary consistency model."""
@@ -42,6 +58,8 @@ class ConsistencySampler:
     boundaries: tuple[int, ...] = (259, 519, 779, 999)
     inversion_seed: int = INVERSION_SEED
     name = "consistency"
+    noise_rows = NoiseRows(base=Eps.TRG, cfg_row=False, source_noise=True)
+    """ε_trg every step (w in its embedding, no ε_u); ε_inv of the source pass while an energy is active."""
 
     def __post_init__(self) -> None:
         b = tuple(int(x) for x in self.boundaries)
@@ -74,6 +92,66 @@ class ConsistencySampler:
         """… and land on b_{K−1}, …, b_1, 0."""
         return (*reversed(self.boundaries[:-1]), 0)
 
+    @property
+    def inversion_timesteps(self) -> tuple[int, ...]:
+        """The inversion's jumps in the order they run (their starts: 0, b_1, …, b_{K−1})."""
+        return self.forward_timesteps
+
+    def check_config(self, config: EditConfig) -> None:
+        """Raise :class:`ConfigError` for a config this sampler cannot run (step count, guiders, pairing)."""
+        if config.num_steps != self.num_steps:
+            raise ConfigError(f"this consistency model edits in {self.num_steps} steps (its boundaries "
+                              f"{list(self.boundaries)}), but the config has num_steps={config.num_steps}; "
+                              "use preset 'consistency'")
+        if any(g.kind is GuiderKind.DIRECT for g in config.guiders):
+            raise ConfigError("direct-noise guiders (latents_diff) are not supported by the consistency sampler")
+        if cfg_guider(config.guiders).is_source_guidance:
+            raise ConfigError("is_source_guidance is not supported by the consistency sampler (w guides the target row)")
+        if config.align_inversion != "reference":
+            raise ConfigError("the consistency sampler pairs step i with inv[K - i] (align_inversion='reference'), "
+                              f"got align_inversion={config.align_inversion!r}")
+
+    def guidance_scales(self, config: EditConfig | None, step: int, target_rows: Sequence[bool]) -> list[float]:
+        """w of each row: the cfg guider's scale at ``step`` for target-prompt rows, 0 for the others
+        (and for every row of the inversion, ``config`` None)."""
+        w = scale_at(cfg_guider(config.guiders).scale, step) if config is not None else 0.0
+        return [float(w) if target else 0.0 for target in target_rows]
+
+    def terms(
+        self,
+        config: EditConfig,
+        step: int,
+        eps: Mapping[Eps, torch.Tensor],
+        guider_grad: torch.Tensor | None,
+        direct: torch.Tensor | None,
+        energy: torch.Tensor | float,
+    ) -> StepTerms:
+        """γ against ε_trg − ε_inv, then ε = ε_trg + γ · ∂E/∂z (README_consistency.md §6 steps 7–8);
+        ``direct`` is always None (:meth:`check_config`)."""
+        eps_trg = eps[Eps.TRG]
+        if guider_grad is None:
+            gamma = torch.ones((), device=eps_trg.device)
+        else:
+            gamma = rescale_gamma(config.rescale, eps_trg - eps[Eps.INV], guider_grad)
+        eps_final = compose_consistency_noise(eps_trg, gamma, guider_grad)
+        return StepTerms(eps_trg, torch.zeros_like(eps_trg), guider_grad, gamma, None, eps_final.detach(), energy,
+                         dict(eps))
+
+    def finish_image(self, image: np.ndarray, pixel_stats: tuple[float, float] | None) -> np.ndarray:
+        """The decoded uint8 image colour-matched to the input's (mean, std) (README_consistency.md §8)."""
+        if pixel_stats is None:
+            return image
+        return match_color_stats(image, *pixel_stats)
+
+    def inversion_start(self, z0: torch.Tensor) -> torch.Tensor:
+        """The clean latents noised to t = 0 with the fixed noise, the same for every row."""
+        noise = self.inversion_noise((1, *z0.shape[1:])).expand(z0.shape[0], -1, -1, -1)
+        return self.noised_start(z0, noise)
+
+    def invert_step(self, x: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+        """The forward jump from ``t`` to the next boundary."""
+        return self.jump(x, eps, t, self.forward_boundaries[self.forward_timesteps.index(int(t))])
+
     def alpha_sigma(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) as float32 0-dim tensors."""
         alpha_bar = self.alphas_cumprod[int(t)]
@@ -100,43 +178,3 @@ class ConsistencySampler:
         """√ᾱ_0 z_0 + √(1 − ᾱ_0) n: the clean latent noised to t = 0 (DDPM ``add_noise``)."""
         alpha_bar = self.alphas_cumprod[0]
         return (alpha_bar**0.5).to(z0.device) * z0 + ((1 - alpha_bar) ** 0.5).to(z0.device) * noise.to(z0.device)
-
-
-ForwardModel = Callable[[torch.Tensor, int], torch.Tensor]
-"""model(x [B, 4, h, w], t) → ε of the forward consistency model (w = 0, source prompt)."""
-GuidedNoise = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-"""noise(z [B, 4, h, w], z* [B, 4, h, w], step) → the final noise ε of editing step ``step``."""
-
-
-@torch.no_grad()
-def invert_consistency(
-    model: ForwardModel, z0: torch.Tensor, sampler: ConsistencySampler, progress: bool = False
-) -> torch.Tensor:
-    """The source trajectory [K + 1, B, 4, h, w]: [z_0 (clean), x after each forward jump]."""
-    x = sampler.noised_start(z0, sampler.inversion_noise(z0.shape))
-    trajectory = [z0]
-    pairs = list(zip(sampler.forward_timesteps, sampler.forward_boundaries))
-    for t, s in tqdm(pairs, desc="Inverting", disable=not progress, leave=False):
-        eps = model(x, t)  # consistency inversion
-        x = sampler.jump(x, eps, t, s)
-        trajectory.append(x)
-    return torch.stack(trajectory)
-
-
-def sample_consistency(
-    noise: GuidedNoise,
-    trajectory: torch.Tensor,
-    sampler: ConsistencySampler,
-    callback: Callable[[int, int, torch.Tensor], None] | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Guided consistency editing from the trajectory's last latent; step i pairs z with z* = inv[K − i]."""
-    z = trajectory[-1]
-    num = sampler.num_steps
-    for i in tqdm(range(num), desc="Editing", disable=not progress, leave=False):
-        eps = noise(z, trajectory[num - i], i)
-        with torch.no_grad():
-            z = sampler.step(z.detach(), eps, i)  # consistency jump to the next boundary
-        if callback is not None:
-            callback(i, sampler.timesteps[i], z)
-    return z

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..batch import BatchRequest, edit_batch
-from ..config import PRESET_NAMES, EditConfig
+from ..config import ALL_PRESET_NAMES, EditConfig
 from ..devices import on_device, retry_on_oom
 from ..editor import Editor
 from ..errors import (
@@ -156,6 +156,8 @@ class EditService:
     def __init__(self, editor: Editor, config: ServiceConfig | None = None) -> None:
         self.editor = editor
         self.config = config or ServiceConfig()
+        # a request naming no steps: the model's own count (a consistency model's 4), else the server's
+        self.default_steps = editor.default_steps if editor.default_steps is not None else self.config.default_steps
         self.cache = InversionCache(int(self.config.cache_mb * 1024**2))
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._held: deque[Job] = deque()  # jobs taken while gathering a batch they did not fit
@@ -179,8 +181,8 @@ class EditService:
         target = _text(target_prompt, "target_prompt")
         steps = self._steps(steps)
         preset_name = None if preset is None else _text(preset, "preset", allow_empty=True) or None
-        if preset_name is not None and preset_name not in PRESET_NAMES:
-            raise ConfigError(f"preset {preset_name!r} is unknown; choose one of {list(PRESET_NAMES)}")
+        if preset_name is not None and preset_name not in ALL_PRESET_NAMES:
+            raise ConfigError(f"preset {preset_name!r} is unknown; choose one of {list(ALL_PRESET_NAMES)}")
         config = self._config(preset_name, config_json, steps)
         prepared = self._image(image)
         return Job(prepared, self._key(prepared, source, config.num_steps), config=config, target_prompt=target)
@@ -188,7 +190,7 @@ class EditService:
     def invert_job(self, image: bytes, source_prompt: str | bytes, steps: int | None = None) -> Job:
         """Validate an inversion request."""
         source = _text(source_prompt, "source_prompt")
-        steps = self.config.default_steps if steps is None else self._steps(steps)
+        steps = self.default_steps if steps is None else self._steps(steps)
         prepared = self._image(image)
         return Job(prepared, self._key(prepared, source, steps))
 
@@ -201,11 +203,12 @@ class EditService:
 
     def _config(self, preset: str | None, config_json: str | bytes | None, steps: int | None) -> EditConfig:
         if config_json is None or not _text(config_json, "config", allow_empty=True, limit=MAX_CONFIG_BYTES).strip():
-            config = self.editor.resolve_config(preset, num_steps=self.config.default_steps if steps is None else steps)
+            config = self.editor.resolve_config(preset, num_steps=self.default_steps if steps is None else steps)
         else:
             config = self.editor.resolve_config(config=EditConfig.from_dict(parse_config_json(config_json)), num_steps=steps)
         if config.num_steps > self.config.max_steps:
             raise InputError(f"the config runs {config.num_steps} steps; this server allows at most {self.config.max_steps}")
+        self.editor.sampler_for(config)  # a config the model's sampler cannot run: ConfigError now
         return config
 
     def _image(self, image: object) -> PreparedImage:
