@@ -75,13 +75,17 @@ def frontier_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def issue_bars(rows: list[dict], reference: str = "gar-shapes", candidate: str = "cons-gar-4") -> str:
-    """Issue 35's bars for ``candidate`` against ``reference`` (kept-region PSNR within 2 dB, success
-    within 5 points, ≥ 8× less time per first edit), as one markdown line; empty when either is missing."""
-    by_method = {r["method"]: r for r in rows}
-    if reference not in by_method or candidate not in by_method:
+def issue_bars(cases: list[dict], reference: str = "gar-shapes", candidate: str = "cons-gar-4") -> str:
+    """Issue 35's bars for ``candidate`` against ``reference`` on the cases both edited (kept-region
+    PSNR within 2 dB, success within 5 points, ≥ 8× less time per first edit), as one markdown
+    line; empty when they share no case."""
+    keys = {method: {(c["kind"], c["seed"]) for c in cases if c["method"] == method} for method in (reference, candidate)}
+    common = keys[reference] & keys[candidate]
+    if not common:
         return ""
-    ref, cand = by_method[reference], by_method[candidate]
+    rows = {r["method"]: r for r in frontier_rows([c for c in cases if c["method"] in (reference, candidate)
+                                                   and (c["kind"], c["seed"]) in common])}
+    ref, cand = rows[reference], rows[candidate]
     psnr = cand["psnr_keep_db"][ALL_KINDS] - ref["psnr_keep_db"][ALL_KINDS]
     success = 100 * (cand["success"][ALL_KINDS] - ref["success"][ALL_KINDS])
     speedup = ref["first_edit_seconds"] / cand["first_edit_seconds"]
@@ -90,7 +94,7 @@ def issue_bars(rows: list[dict], reference: str = "gar-shapes", candidate: str =
         f"success {success:+.0f} points ({'meets' if success >= -5.0 else 'misses'} the bar: within 5)",
         f"first edit {speedup:.1f}x faster ({'meets' if speedup >= 8.0 else 'misses'} the bar: at least 8x)",
     ]
-    return f"**{candidate} vs {reference}** (all cases): " + "; ".join(verdicts) + "."
+    return f"**{candidate} vs {reference}** (the {len(common)} cases both edited): " + "; ".join(verdicts) + "."
 
 
 def _nice_ticks(low: float, high: float, count: int = 6) -> list[float]:
@@ -191,7 +195,7 @@ def write_frontier(cases: list[dict], out: Path, command: str, context: str, gri
         pictures += "\n![grid](frontier_grid.png)\n"
     text = (
         f"# Quality/latency frontier on the shapes world\n\nCommand: `{command}` ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
-        f"{context}\n\n" + frontier_table(rows) + "\n\n" + issue_bars(rows) + pictures
+        f"{context}\n\n" + frontier_table(rows) + "\n\n" + issue_bars(cases) + pictures
     )
     (out / "frontier.md").write_text(text)
     return out / "frontier.md"

@@ -100,9 +100,11 @@ def test_frontier_rows_table_and_plot():
     fast_x, _ = axes.to_pixel(fast["first_edit_seconds"], 20.0)
     slow_x, _ = axes.to_pixel(slow["first_edit_seconds"], 20.0)
     assert fast_x < slow_x  # fewer seconds further left
-    bars = issue_bars([slow, fast], reference="slow", candidate="fast")
-    assert "PSNR -10.0 dB (misses" in bars and "success -17 points (misses" in bars and "3.8x faster (misses" in bars
-    assert issue_bars([slow, fast], reference="slow", candidate="other") == ""
+    # the bars compare the cases both methods edited: colour 1 and shape 1 (not colour 2)
+    bars = issue_bars(case_records(results), reference="slow", candidate="fast")
+    assert "the 2 cases both edited" in bars
+    assert "PSNR -9.0 dB (misses" in bars and "success +0 points (meets" in bars and "4.0x faster (misses" in bars
+    assert issue_bars(case_records(results), reference="slow", candidate="other") == ""
 
 
 def test_frontier_merges_runs(tmp_path):
