@@ -13,6 +13,7 @@ from typing import Sequence
 
 from . import demo
 from .config import ALL_PRESET_NAMES, PRESET_NAMES
+from .model_defaults import SAMPLER_NAMES
 from .cli_parser import CliParser
 from .errors import ConfigError, GnrError
 from .outputs import check_writable_file
@@ -49,6 +50,19 @@ def _add_consistency_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--teacher-unet", default=None, metavar="FILE", help="guidance-distilled UNet state dict (.pt)")
     group.add_argument("--reverse-lora", default=None, metavar="FILE", help="reverse consistency LoRA (.safetensors)")
     group.add_argument("--forward-lora", default=None, metavar="FILE", help="forward consistency LoRA (.safetensors)")
+    _add_sampler_arg(group)
+
+
+def _add_sampler_arg(parser) -> None:
+    parser.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+                        help="'consistency': the 4-step edit of a model that offers consistency files (the bundled "
+                             "model does; its own consistency preset); default: the model's (DDIM, 50 steps, for the "
+                             "bundled model)")
+
+
+def _add_demo_model_args(parser: argparse.ArgumentParser) -> None:
+    _add_model_args(parser)
+    _add_sampler_arg(parser)
 
 
 def _add_single_file_args(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; a consistency model: its 4)")
     _add_model_args(inv)
     _add_serving_parsers(sub)
-    demo.add_parser(sub, _add_model_args)
+    demo.add_parser(sub, _add_demo_model_args)
     convert = sub.add_parser("convert", help="convert a single-file checkpoint to a diffusers folder (parsed once)")
     convert.add_argument("model_file", metavar="MODEL_FILE", help="single-file SD 1.x/2.x .safetensors/.ckpt")
     convert.add_argument("--out", required=True, metavar="DIR", help="diffusers pipeline folder to write")

@@ -48,8 +48,9 @@ PRESET_NAMES = ("nonstyle", "style", "shapes")
 """Named presets: the paper's two, and ``shapes`` for the bundled model (:meth:`EditConfig.shapes`)."""
 CONSISTENCY_STEPS = 4
 """The step count the consistency preset is written for (the consistency model's boundaries)."""
-CONSISTENCY_PRESET_NAMES = ("consistency",)
-"""Presets for consistency models (:meth:`EditConfig.consistency`)."""
+CONSISTENCY_PRESET_NAMES = ("consistency", "shapes_consistency")
+"""Presets for consistency models (:meth:`EditConfig.consistency`, and :meth:`EditConfig.shapes_consistency`
+for the bundled model's distilled consistency models)."""
 ALL_PRESET_NAMES = PRESET_NAMES + CONSISTENCY_PRESET_NAMES
 """Every named preset :meth:`EditConfig.preset` knows."""
 
@@ -178,6 +179,26 @@ class EditConfig:
                 CfgGuider(scale=(0.0, 7.0, 11.0, 19.0)),
                 FeaturesMapL2(scale=0.5, block="up"),
                 SelfAttnMapL2(scale=(0.0, 20000.0, 20000.0, 20000.0)),
+            ),
+            rescale=RescaleConfig("range_other_on_cfg_norm", 0.0, 1.0),
+            num_steps=num_steps,
+        )
+
+    @classmethod
+    def shapes_consistency(cls, num_steps: int = CONSISTENCY_STEPS) -> "EditConfig":
+        """Few-step preset for the bundled ``shapes-v1`` model's consistency models (ours): the
+        ``consistency`` preset's guiders with the guidance scale of ``shapes`` (w = 3, i.e. CFG 4)
+        after a first unguided step and a 20× smaller self-attention scale (1000): the authors'
+        20000 held every edit back on this model. Chosen on 24 tuning edits disjoint from the quality
+        benchmark's (benchmarks/quality/consistency_preset/README.md). ``num_steps`` must be 4."""
+        if num_steps != CONSISTENCY_STEPS:
+            raise ConfigError(f"the shapes_consistency preset is written for {CONSISTENCY_STEPS} steps (the "
+                              f"consistency model's boundaries), got num_steps={num_steps}")
+        return cls(
+            guiders=(
+                CfgGuider(scale=(0.0, 3.0, 3.0, 3.0)),
+                FeaturesMapL2(scale=0.5, block="up"),
+                SelfAttnMapL2(scale=(0.0, 1000.0, 1000.0, 1000.0)),
             ),
             rescale=RescaleConfig("range_other_on_cfg_norm", 0.0, 1.0),
             num_steps=num_steps,
