@@ -25,14 +25,10 @@ from gnr_fast.ops.attention_lse import (
     attention_with_lse_ref,
     path_unavailable_reason,
 )
+from kernel_error import rel_err
 
 FP32_RTOL = 1e-5
 HALF_FLOOR = 1e-3
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def make_qkv(batch, heads, tokens, keys, head_dim, value_dim=None, dtype=torch.float32, seed=0):

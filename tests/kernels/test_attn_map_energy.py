@@ -38,6 +38,7 @@ from gnr_fast.ops.attn_map_energy import (
     triton_supported,
 )
 from gnr_fast.ops.path_choice import forget_logged_choices
+from kernel_error import rel_err
 
 # The module, not the function of the same name that ``gnr_fast.ops`` re-exports.
 ops = importlib.import_module("gnr_fast.ops.attn_map_energy")
@@ -48,12 +49,6 @@ FP32_FLOOR = 1e-5
 # Its tensors are tiny: on a 2-core machine with a busy second core every multi-threaded matmul
 # waits ~20 ms at the OpenMP barrier.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Normwise relative error max|actual − expected| / max|expected|, in float64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def make_inputs(

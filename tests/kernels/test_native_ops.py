@@ -32,6 +32,7 @@ from gnr_fast.ops.attn_map_energy import (
 )
 from gnr_fast.ops.path_choice import forget_logged_choices
 from gnr_fast.precision import cpu_flags
+from kernel_error import rel_err
 
 ops = importlib.import_module("gnr_fast.ops.attn_map_energy")
 
@@ -41,12 +42,6 @@ if REASON is not None and os.environ.get("GNR_FAST_REQUIRE_NATIVE") == "1":
 needs_native = pytest.mark.skipif(REASON is not None, reason=f"native ops unavailable: {REASON}")
 
 FP32_RTOL = 1e-5
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max|actual − expected| / max|expected| in float64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def make_inputs(batch, heads, tokens, head_dim, dtype=torch.float32, seed=0):

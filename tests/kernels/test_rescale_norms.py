@@ -27,6 +27,7 @@ from gnr_fast.ops.rescale_norms import (
     rescale_triton_supported,
 )
 from gnr_fast.rescaling import rescale_gamma
+from kernel_error import rel_err
 
 FP32_RTOL = 1e-5
 
@@ -44,11 +45,6 @@ def make_terms(shape, dtype=torch.float32, device="cpu", seed=0, grad_scales=Non
 
 SHAPES = [(1, 4, 8, 8), (3, 4, 17, 13), (2, 1000), (4, 4, 33, 32)]  # 256 … 4224 values per image
 BOUNDS = [(0.33, 3.0), (1.5, 1.5)]  # the presets' ranges (DESIGN.md §6)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.mark.parametrize("bounds", BOUNDS, ids=lambda b: f"{b[0]}-{b[1]}")
