@@ -15,7 +15,9 @@ step, ``training/src/train.py`` of yandex-research/invertible-cd), written for t
   from (z_t', t') to s, or onto z_t' itself when t' = s (the boundary condition);
 - **forward**: the same upwards with w = 0: a teacher DDIM inversion step t → t + 20, boundaries above;
 - a jump from (z, t) with noise ε to s is α_s (z − σ_t ε) / α_t + σ_s ε, with α_s = 1, σ_s = 0 at s = 0;
-- pseudo-Huber loss (c = ``--huber-c``), both adapters trained each step (one optimizer each).
+- pseudo-Huber loss (c = ``--huber-c``), both adapters trained each step (one optimizer each);
+- with ``--preserve-coef`` > 0 (the authors' runs: 1.5), each adapter's loss adds the iCD
+  *preservation* loss (:func:`preservation_loss`) that ties the two models together at w = 0.
 
 The students are the teacher plus one LoRA each (:mod:`gnr_shapes.training.lora_adapters`; rank
 ``--rank``, alpha 8 as the loader forces it). Every ``--ckpt-every`` steps the run writes
@@ -59,6 +61,8 @@ from gnr_shapes.world import generate_scene
 
 REVERSE_BOUNDARIES = (0, 259, 519, 779)
 FORWARD_BOUNDARIES = (259, 519, 779, 999)
+START_FORWARD_T = 19
+"""The boundary 0 as the preservation losses use it (the authors' ``--start_forward_timestep``)."""
 INVERSION_NOISE_SEED = 10500
 """Seed of the fixed noise added at t = 0 before the forward jumps (the authors' editing code)."""
 REVERSE_FILE, FORWARD_FILE = "reverse_lora.safetensors", "forward_lora.safetensors"
@@ -148,6 +152,31 @@ def consistency_loss(student: UNet2DConditionModel, teacher: UNet2DConditionMode
     return pseudo_huber(pred, target, huber_c)
 
 
+def preservation_loss(trained: UNet2DConditionModel, frozen: UNet2DConditionModel, z0: torch.Tensor,
+                      noise: torch.Tensor, context: torch.Tensor, grid: Grid, scheduler: DDPMScheduler,
+                      forward: bool, huber_c: float, generator: torch.Generator,
+                      index: torch.Tensor | None = None) -> torch.Tensor:
+    """iCD's preservation loss of ``trained`` at w = 0 between the boundary pair ``index`` (drawn
+    uniformly when None): lower = (0→19, 259, 519, 779)[index], upper = (259, 519, 779, 999)[index].
+
+    ``forward``: the latent noised to ``upper``, the frozen reverse model's jump down to ``lower``,
+    and ``trained`` (the forward model) must jump it back onto the noised latent; else the same
+    the other way round (noised to ``lower``, the frozen forward model up, ``trained`` back down).
+    Zero when each model's ε is the noise that made the latent (both jumps exact)."""
+    if index is None:
+        index = torch.randint(0, len(FORWARD_BOUNDARIES), (len(z0),), generator=generator)
+    upper = torch.tensor(FORWARD_BOUNDARIES)[index]
+    lower = torch.tensor(REVERSE_BOUNDARIES)[index].clamp(min=START_FORWARD_T)
+    start, end = (upper, lower) if forward else (lower, upper)
+    w_emb = embed_w(torch.zeros(len(z0)))
+    z_start = scheduler.add_noise(z0, noise, start)
+    with torch.no_grad():
+        z_end = jump(frozen(z_start, start, encoder_hidden_states=context, timestep_cond=w_emb).sample,
+                     z_start, start, end, grid)
+    back = jump(trained(z_end, end, encoder_hidden_states=context, timestep_cond=w_emb).sample, z_end, end, start, grid)
+    return pseudo_huber(back, z_start, huber_c)
+
+
 def invert(forward_unet: UNet2DConditionModel, z0: torch.Tensor, context: torch.Tensor, grid: Grid,
            scheduler: DDPMScheduler, noise: torch.Tensor | None = None) -> torch.Tensor:
     """4-jump consistency inversion at w = 0: z0 noised to t = 0 with ``noise`` (default: the
@@ -223,6 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w-values", type=str, default="0,3,7,11,15,19",
                    help="guidance scales drawn for the reverse model (the authors: 0,7,11,15,19)")
     p.add_argument("--huber-c", type=float, default=0.001)
+    p.add_argument("--preserve-coef", type=float, default=0.0,
+                   help="weight of the preservation loss added to each adapter's (the authors: 1.5; 0: off)")
     p.add_argument("--offset-noise", type=float, default=0.3)
     p.add_argument("--eval-count", type=int, default=16, help="held-out scenes of the reconstruction check")
     p.add_argument("--eval-every", type=int, default=200)
@@ -310,6 +341,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 rng.integers(len(w_values), size=args.batch))]
             loss = consistency_loss(unet, teacher, z0, noise, context, w, grid, scheduler, forward,
                                     args.huber_c, gen)
+            if args.preserve_coef > 0:
+                other = students["reverse" if forward else "forward"]
+                loss = loss + args.preserve_coef * preservation_loss(unet, other, z0, noise, context, grid,
+                                                                     scheduler, forward, args.huber_c, gen)
             for group in opts[name].param_groups:
                 group["lr"] = lr
             opts[name].zero_grad(set_to_none=True)

@@ -1,10 +1,12 @@
 """Consistency distillation of the bundled model (issue 35): the guidance-distilled teacher, the
-LoRA adapters in the authors' file layout, the iCD jumps and boundaries, and --smoke runs of the
-three training CLIs (teacher, iCD, cycle fine-tune) whose outputs load through the engine's
-consistency loader."""
+LoRA adapters in the authors' file layout, the iCD jumps, boundaries and preservation loss, --smoke
+runs of the three training CLIs (teacher, iCD, cycle fine-tune) whose outputs load through the
+engine's consistency loader, and the export into a model folder."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -138,7 +140,7 @@ def test_smoke_runs_write_files_the_engine_loads(tmp_path: Path) -> None:
     teacher_file = teacher_out / guidance_teacher.TEACHER_FILE
     icd = consistency.train(consistency.parse_args(
         ["--model", str(MODEL), "--teacher", str(teacher_file), "--out", str(icd_out), "--smoke", "--seed", "1",
-         "--rank", "2", "--pool-from", str(teacher_out / "latent_pool.pt")]))
+         "--rank", "2", "--pool-from", str(teacher_out / "latent_pool.pt"), "--preserve-coef", "1.5"]))
     assert icd["step"] == 3 and icd["recon_psnr_db"] > 5
     loaded = load_consistency_unets(dict(UNet2DConditionModel.load_config(MODEL / "unet")), ConsistencyFiles(
         teacher_file, icd_out / consistency.REVERSE_FILE, icd_out / consistency.FORWARD_FILE))
@@ -155,3 +157,59 @@ def test_smoke_runs_write_files_the_engine_loads(tmp_path: Path) -> None:
     assert cycle["step"] == 3 and cycle["cycle_mse_last25"] > 0
     tuned = read_lora(cycle_out / consistency.FORWARD_FILE)
     assert set(tuned) == set(read_lora(icd_out / consistency.FORWARD_FILE))  # same modules, same layout
+
+
+class _NoiseOracle(torch.nn.Module):
+    """A stand-in UNet whose ε is a fixed tensor (the noise that made the latent, or anything else)."""
+
+    def __init__(self, eps: torch.Tensor) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, z, t, encoder_hidden_states=None, timestep_cond=None):
+        return type("Out", (), {"sample": self.eps})()
+
+
+def test_preservation_loss_is_zero_for_exact_jumps_and_positive_otherwise() -> None:
+    """iCD's preservation loss (the authors' forward/reverse_preserve_train_step): with both models
+    returning the noise that made the latent, the jump to the other boundary and back is exact at
+    every boundary pair (0→19, 259, 519, 779 against 259, 519, 779, 999), in both directions; a
+    model with another ε does not come back."""
+    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    grid = consistency.Grid.build(scheduler)
+    gen = torch.Generator().manual_seed(4)
+    z0, noise = torch.randn(4, 4, 16, 16, generator=gen), torch.randn(4, 4, 16, 16, generator=gen)
+    context, index = torch.zeros(4, 77, 64), torch.arange(4)
+    exact, other = _NoiseOracle(noise), _NoiseOracle(torch.randn(4, 4, 16, 16, generator=gen))
+    for forward in (True, False):
+        loss = consistency.preservation_loss(exact, exact, z0, noise, context, grid, scheduler, forward, 1e-3, gen,
+                                             index=index)
+        assert float(loss) < 1e-6  # measured 0.0 (forward) and 8.5e-14 (reverse)
+        drift = consistency.preservation_loss(other, exact, z0, noise, context, grid, scheduler, forward, 1e-3, gen,
+                                              index=index)
+        assert float(drift) > 1e-2  # measured 0.63 (forward) and 1.37 (reverse)
+
+
+def test_export_declares_files_the_loader_reads_and_a_zero_reverse_lora_is_the_teacher(tmp_path: Path) -> None:
+    from gnr_fast.consistency_models import load_guidance_unet
+    from gnr_fast.model_defaults import load_model_defaults
+    from gnr_shapes.training import export_consistency
+
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    shutil.copy(MODEL / "unet" / "config.json", model / "unet")
+    shipped = load_model_defaults(MODEL).consistency
+    (model / "gnr_fast.json").write_text(json.dumps({"format": 1, "preset": "shapes"}))
+    export_consistency.export(model, shipped.teacher_unet, shipped.forward_lora, None, 1, "shapes_consistency")
+    defaults = load_model_defaults(model)
+    assert defaults.sampler == "ddim" and defaults.preset == "shapes"  # offered, not the default
+    assert defaults.consistency.preset == "shapes_consistency"
+    config = dict(UNet2DConditionModel.load_config(model / "unet"))
+    exported = load_consistency_unets(config, ConsistencyFiles(
+        defaults.consistency.teacher_unet, defaults.consistency.reverse_lora, defaults.consistency.forward_lora))
+    original = load_consistency_unets(config, ConsistencyFiles(
+        shipped.teacher_unet, shipped.reverse_lora, shipped.forward_lora))
+    teacher = load_guidance_unet(config, shipped.teacher_unet).state_dict()
+    assert all(torch.equal(v, teacher[k]) for k, v in exported.reverse.state_dict().items())  # B = 0
+    forward = original.forward.state_dict()
+    assert all(torch.equal(v, forward[k]) for k, v in exported.forward.state_dict().items())  # float16 round trip
