@@ -137,8 +137,8 @@ def load_consistency_unets(
     for pairs, name in ((reverse_pairs, files.reverse_lora), (forward_pairs, files.forward_lora)):
         unet = copy.deepcopy(teacher)
         fuse_lora(unet, pairs, files.lora_alpha, source=f"LoRA {str(name)!r}")
-        if dtype != torch.float32:
-            unet.to(dtype=dtype)
+        if dtype != torch.float32:  # torch's cast: diffusers' ModelMixin.to warns about keep-in-float32 modules
+            torch.nn.Module.to(unet, dtype=dtype)
         unets.append(unet.to(device).eval().requires_grad_(False))
     logger.info("consistency UNets from %s (+ %s, %s), guidance embedding %d", files.teacher_unet,
                 files.reverse_lora.name, files.forward_lora.name, unets[0].config.time_cond_proj_dim)

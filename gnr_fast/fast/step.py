@@ -104,9 +104,8 @@ def batch_step(
         if source not in cached:
             cache = ctx.state.source_cache
             cached[source] = cache.get(step, ctx.components.dtype) if cache is not None else None
+            # stored with the capture by the same put (SourceCache.put), so present whenever it is
             cached_eps[source] = cache.noise(step) if cache is not None and noise_rows.source_noise else None
-            if noise_rows.source_noise and cached_eps[source] is None:
-                cached[source] = None  # a capture without its ε cannot serve this sampler
         plans.append(plan_step(ctx.config, step, source_cached=cached[source] is not None, energies_vanish=vanish,
                                split_source=runner.split_source, noise_rows=noise_rows))
     captures: list[dict[Role, PassCapture]] = [{} for _ in range(count)]
