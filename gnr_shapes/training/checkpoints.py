@@ -31,12 +31,15 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+SPEC_ALIASES = ("gnr_shapes.world.scenes", "gnr_fast.world.scenes")
+"""Older module paths of the scene specs in pickles: ``scenes`` before the specs had a module of
+their own, and ``gnr_fast.world`` before the shapes world left the engine (issue 32)."""
 SAFE_GLOBALS: list = [pathlib.PosixPath, pathlib.WindowsPath, SceneSpec, BackgroundSpec, ObjectSpec,
-                      *((cls, f"gnr_shapes.world.scenes.{cls.__name__}") for cls in (SceneSpec, BackgroundSpec, ObjectSpec))]
+                      *((cls, f"{module}.{cls.__name__}") for module in SPEC_ALIASES
+                        for cls in (SceneSpec, BackgroundSpec, ObjectSpec))]
 """Classes beyond tensors and containers that a checkpoint may hold (the run's ``args`` hold paths;
 a UNet run's latent pool holds the scene specs its relaxed captions are drawn from). The specs are
-also allowed under ``gnr_shapes.world.scenes.<name>``, where pools written before they had a module
-of their own pickled them."""
+also allowed under the :data:`SPEC_ALIASES` paths, so pools written by earlier code still load."""
 
 
 def load_torch_file(path: Path) -> Any:

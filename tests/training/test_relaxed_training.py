@@ -98,3 +98,29 @@ def test_a_latent_pool_with_scene_specs_loads_without_pickle_code(tmp_path):
     specs = [sample_spec(np.random.default_rng(seed)) for seed in range(3)]
     torch.save({"mean": torch.zeros(3, 4, 2, 2), "captions": ["a", "b", "c"], "specs": specs}, tmp_path / "pool.pt")
     assert load_torch_file(tmp_path / "pool.pt")["specs"] == specs
+
+
+def test_a_latent_pool_written_before_the_package_move_loads(tmp_path, monkeypatch):
+    """Pools pickled while the world lived in ``gnr_fast.world`` name ``gnr_fast.world.scenes.SceneSpec``
+    (the runs/ pools of issue 35); load_torch_file still reads them, without pickle code."""
+    import sys
+    import types
+
+    import numpy as np
+
+    from gnr_shapes.training.checkpoints import load_torch_file
+    from gnr_shapes.world import scenes
+    from gnr_shapes.world.scenes import BackgroundSpec, ObjectSpec, SceneSpec, sample_spec
+
+    specs = [sample_spec(np.random.default_rng(seed)) for seed in range(2)]
+    old = types.ModuleType("gnr_fast.world.scenes")
+    for cls in (SceneSpec, BackgroundSpec, ObjectSpec):
+        setattr(old, cls.__name__, cls)
+        monkeypatch.setattr(cls, "__module__", "gnr_fast.world.scenes")
+    monkeypatch.setitem(sys.modules, "gnr_fast.world", types.ModuleType("gnr_fast.world"))
+    monkeypatch.setitem(sys.modules, "gnr_fast.world.scenes", old)
+    torch.save({"captions": ["a", "b"], "specs": specs}, tmp_path / "pool.pt")
+    monkeypatch.undo()
+    assert b"gnr_fast.world.scenes" in (tmp_path / "pool.pt").read_bytes()  # the old name is in the file
+    assert "gnr_fast.world.scenes" not in sys.modules and scenes.SceneSpec.__module__ != "gnr_fast.world.scenes"
+    assert load_torch_file(tmp_path / "pool.pt")["specs"] == specs
