@@ -122,16 +122,15 @@ def _inductor_edit(tiny_model_path, tiny_editor, runtime: RuntimeConfig):
 @pytest.mark.inductor
 def test_inductor_plain_calls_edit_equals_eager(tiny_model_path, tiny_editor, inductor_cache):
     """CI's real-inductor edit: plain calls (inversion, batch 1; ε_u / ε_trg, batch 2) run inductor's
-    code, capturing and grad calls eager: two forward graphs, no backward to compile. The bounds are
-    the all-graphs test's (inductor reorders float32 reductions); NOT YET MEASURED: on 2026-12-07 the
-    cold compile did not finish within 30 min on a 2-core machine at load average 10-15 (seven jobs),
-    so neither its error nor its cold time is known yet (issue 33: measure on an idle machine, then
-    tighten to ≤ 20x)."""
+    code, capturing and grad calls eager: two forward graphs, no backward to compile. Measured
+    2026-12-07 (Xeon AVX-512, 2 vCPUs, load average 7-9 from other jobs): 546 s with last session's
+    cache folder, 601 s from another checkout path; errors inversion 2.8e-6, edit 1.4e-5 (inductor
+    reorders float32 reductions), bounds 5e-5 and 2e-4 (18x, 14x)."""
     runtime = RuntimeConfig(plain="compiled", capturing="eager").with_cache_dir(inductor_cache)
     editor, compiled, eager = _inductor_edit(tiny_model_path, tiny_editor, runtime)
     assert editor.runner.plain_runner.graphs == 2
-    assert rel_err(compiled.inversion.latents, eager.inversion.latents) < 1e-4
-    assert rel_err(compiled.latents, eager.latents) < 1e-3
+    assert rel_err(compiled.inversion.latents, eager.inversion.latents) < 5e-5
+    assert rel_err(compiled.latents, eager.latents) < 2e-4
     assert any(inductor_cache.iterdir())
 
 
