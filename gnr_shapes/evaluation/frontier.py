@@ -5,7 +5,7 @@ Written by ``gnr-fast eval --frontier`` (:mod:`gnr_shapes.evaluation.quality`'s 
 (seconds per first edit against kept-region PSNR, one labelled point per method) and
 ``frontier_grid.png`` (example edits). ``python -m gnr_shapes.evaluation.frontier RUN.json ...``
 rebuilds the table, JSON and plot from the cases of several runs (e.g. the DDIM methods and the
-consistency methods run apart). The plot is drawn with PIL: nothing beyond the engine's dependencies.
+consistency methods run apart; ``RUN.json:METHOD,...`` takes some methods of a run). The plot is drawn with PIL: nothing beyond the engine's dependencies.
 """
 
 from __future__ import annotations
@@ -202,23 +202,32 @@ def write_frontier(cases: list[dict], out: Path, command: str, context: str, gri
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gnr_shapes.evaluation.frontier RUN.json ... --out DIR``: one frontier from the
-    cases of several ``gnr-fast eval --frontier`` runs (each method from one run only)."""
+    """``python -m gnr_shapes.evaluation.frontier RUN.json[:METHOD,...] ... --out DIR``: one frontier
+    from the cases of several ``gnr-fast eval --frontier`` runs (each method from one run only;
+    ``:METHOD,...`` takes only those methods of a run)."""
     import sys
 
     parser = argparse.ArgumentParser(description="merge quality/latency frontier runs into one table and plot")
-    parser.add_argument("runs", nargs="+", type=Path, help="frontier.json files written by gnr-fast eval --frontier")
+    parser.add_argument("runs", nargs="+", help="frontier.json files written by gnr-fast eval --frontier, each "
+                                                "optionally followed by :METHOD,... to take only those methods")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/quality"))
     args = parser.parse_args(argv)
     cases, contexts, owner = [], [], {}
-    for run in args.runs:
+    for spec in args.runs:
+        path, _, chosen = spec.partition(":")
+        run = Path(path)
         data = json.loads(run.read_text())
-        for method in dict.fromkeys(c["method"] for c in data["cases"]):
+        present = list(dict.fromkeys(c["method"] for c in data["cases"]))
+        methods = chosen.split(",") if chosen else present
+        missing = [m for m in methods if m not in present]
+        if missing:
+            parser.error(f"{run} has no cases of {missing}; it has {present}")
+        for method in methods:
             if method in owner:
                 parser.error(f"method {method!r} is in both {owner[method]} and {run}")
             owner[method] = run
-        cases.extend(data["cases"])
-        contexts.append(f"- `{run}` ({', '.join(dict.fromkeys(c['method'] for c in data['cases']))}): {data['context']}")
+        cases.extend(c for c in data["cases"] if c["method"] in methods)
+        contexts.append(f"- `{run}` ({', '.join(methods)}): {data['context']}")
     command = "python -m gnr_shapes.evaluation.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     path = write_frontier(cases, args.out, command, "Runs merged:\n\n" + "\n".join(contexts))
     print(path.read_text())

@@ -123,6 +123,10 @@ def test_frontier_merges_runs(tmp_path):
     assert (out / "frontier.png").is_file() and not (out / "frontier_grid.png").exists()
     with pytest.raises(SystemExit):  # a method from two runs
         merge([str(runs[0]), str(runs[0]), "--out", str(out)])
+    assert merge([f"{runs[1]}:fast", "--out", str(out)]) == 0  # one method of a run
+    assert [r["method"] for r in json.loads((out / "frontier.json").read_text())["rows"]] == ["fast"]
+    with pytest.raises(SystemExit):  # a method the run does not have
+        merge([f"{runs[1]}:slow", "--out", str(out)])
 
 
 def test_fewer_step_ddim_method_and_its_reconstruction(tiny_editor):
