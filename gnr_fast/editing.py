@@ -23,7 +23,7 @@ from .loading import Components
 from .noise_terms import StepTerms
 from .runtime.executor import UNetExecutor
 from .samplers import Sampler
-from .samplers.ddim import DDIMSampler, combine_terms
+from .samplers.ddim import DDIMSampler
 from .schedules import timestep_tensors
 
 if TYPE_CHECKING:  # importing gnr_fast.fast runs its __init__, which imports the fast step, which imports this module

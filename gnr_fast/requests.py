@@ -58,10 +58,11 @@ def resolve_config(
     the session's step count when ``num_steps`` is None: a consistency model's, else the preset's)."""
     if config is None:
         name = preset_name(session, preset)
-        if session.fixed_sampler is not None and name not in CONSISTENCY_PRESET_NAMES:
+        fixed = getattr(session, "fixed_sampler", None)  # a consistency model's sampler (as preset_name, any session)
+        if fixed is not None and name not in CONSISTENCY_PRESET_NAMES:
             raise ConfigError(f"preset {name!r} is a DDIM preset; a consistency model takes "
                               f"{list(CONSISTENCY_PRESET_NAMES)} (or a config of its step count)")
-        return EditConfig.preset(name, num_steps if num_steps is not None else session.default_steps)
+        return EditConfig.preset(name, num_steps if num_steps is not None or fixed is None else fixed.num_steps)
     if isinstance(config, (str, Path)):
         config = EditConfig.from_yaml(config)
     if not isinstance(config, EditConfig):

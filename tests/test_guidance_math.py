@@ -32,7 +32,7 @@ from gnr_fast.config import (
     SelfAttnMapL2,
     SelfAttnMapL2Appearance,
 )
-from gnr_fast.editing import combine_terms
+from gnr_fast.samplers.ddim import combine_terms
 from gnr_fast.guiders import guider_energy
 from gnr_fast.rescaling import rescale_factor
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..attention.capture import CaptureMode, PassCapture
-from ..editing import EditContext, StepTerms, combine_terms
+from ..editing import EditContext, StepTerms
 from ..guiders import GuiderKind, Role, capture_need, scale_at
+from ..samplers.ddim import combine_terms
 from .recording import RecordingUNet
 
 
