@@ -28,7 +28,17 @@ class CliParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)  # adds -h/--help through add_argument
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
-        action = super().add_argument(*args, **kwargs)
+        return self._known(super().add_argument(*args, **kwargs))
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
+        """An argument group whose options this parser knows as its own (argparse adds a group's
+        options through the group, past :meth:`add_argument`)."""
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *a, **k: self._known(add(*a, **k))
+        return group
+
+    def _known(self, action: argparse.Action) -> argparse.Action:
         for name in action.option_strings:
             self.option_names[name] = "/".join(action.option_strings)
         return action

@@ -309,3 +309,13 @@ def test_inversion_load_rejects_bad_files(tmp_path, latents, overrides, message)
     with pytest.raises(InputError, match="invert") as info:
         Inversion.load(path)
     assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_options_of_an_argument_group_are_known():
+    """`gnr-fast edit`'s consistency options live in an argument group; the parser's own check of
+    unknown options must know them (they were refused as 'unrecognized option')."""
+    from gnr_fast.cli import build_parser
+
+    args = build_parser().parse_args(["edit", "x.png", "-s", "a", "-t", "b", "--sampler", "consistency",
+                                      "--teacher-unet", "t.pt", "--reverse-lora", "r", "--forward-lora", "f"])
+    assert (args.sampler, args.teacher_unet, args.reverse_lora, args.forward_lora) == ("consistency", "t.pt", "r", "f")
