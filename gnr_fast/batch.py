@@ -153,7 +153,8 @@ def _run_group(
         if decodes(output_type):
             start = time.perf_counter()
             array = decode_latent(components.vae, outcome, components.scaling_factor)[0]  # on the host: synchronised
-            array = items[0].ctx.sampler.finish_image(array, item.inversion.pixel_stats)  # consistency: colour match
+            stats = item.inversion.pixel_stats if item.config.match_colors else None
+            array = items[0].ctx.sampler.finish_image(array, stats)  # consistency: colour match
             image = convert_image(to_output_image(array, item.inversion.original_size), output_type)
             decoding_s = time.perf_counter() - start
         timings = Timings(inversion_s=item.inversion_s, editing_s=editing_s, decoding_s=decoding_s)

@@ -102,6 +102,10 @@ class EditConfig:
     align_inversion: AlignInversion = "reference"
     energy_atol: float = 1e-8
     """An energy with |E| ≤ this counts as zero and runs no backward (the reference's allclose)."""
+    match_colors: bool = True
+    """Whether the decoded image is colour-matched to the input's pixel mean and std where the
+    sampler does so (the consistency sampler, as the authors' Inverse-and-Edit code; DDIM never does).
+    A matched image cannot change its overall colour, so background-colour edits suffer."""
 
     def __post_init__(self) -> None:
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or not 1 <= self.num_steps <= 1000:
@@ -109,6 +113,8 @@ class EditConfig:
         guiders = tuple(self.guiders)
         object.__setattr__(self, "guiders", guiders)
         check_guiders(guiders, self.num_steps, self.rescale.kind)
+        if not isinstance(self.match_colors, bool):
+            raise ConfigError(f"match_colors must be true or false, got {self.match_colors!r}")
         if self.align_inversion not in ("reference", "exact"):
             raise ConfigError(f"align_inversion must be 'reference' or 'exact', got {self.align_inversion!r}")
         if self.self_attn_layers is not None:
@@ -246,7 +252,7 @@ class EditConfig:
         known = {
             "guiders", "noise_rescaling_setup", "self_attn_layers_num", "scheduler_type", "inversion_type",
             "model_name", "pipeline_type", "start_latent", "verbose", "edit_types", "gradient_checkpointing",
-            "num_steps", "align_inversion",
+            "num_steps", "align_inversion", "match_colors",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -281,6 +287,7 @@ class EditConfig:
             num_steps=num_steps,
             self_attn_layers=layers,
             align_inversion=data.get("align_inversion", "reference"),
+            match_colors=data.get("match_colors", True),
         )
 
 

@@ -5,6 +5,7 @@ reconstruct better than the teacher alone, and the 4-step demo end to end."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
 from gnr_fast.cli import main
+from gnr_fast.config import EditConfig
 from gnr_fast.consistency_models import load_consistency_model, load_guidance_unet
+from gnr_fast.demo import EXAMPLE_IMAGE
 from gnr_fast.editor import Editor
 from gnr_fast.errors import ConfigError, ModelLoadError
 from gnr_fast.model_defaults import load_model_defaults
@@ -97,3 +100,26 @@ def test_demo_runs_the_4_step_edit_on_the_bundled_model(tmp_path, capsys, one_to
         assert blue > red + 120  # measured: 190 vs 30 and 197 vs 26 (the input: 220 vs 40)
     with pytest.raises(SystemExit):
         main(["demo", "--sampler", "euler", "-o", str(out)])
+
+
+def test_colour_matching_is_a_config_switch(one_torch_thread):
+    """``match_colors`` (default on, the authors' post-processing) only changes the decoded image:
+    on, its pixel mean and std are the input's; off, the same latents decode as they are."""
+    editor = Editor.from_pretrained(sampler="consistency")
+    image = Image.open(EXAMPLE_IMAGE)
+    matched_config = EditConfig.shapes_consistency()
+    assert matched_config.match_colors  # the authors' behaviour is the default
+    source, target = "a large red circle on a blue background", "a large yellow circle on a blue background"
+    inversion = editor.invert(image, source, progress=False)
+    matched = editor.edit(inversion, target, config=matched_config, progress=False)
+    plain = editor.edit(inversion, target, config=replace(matched_config, match_colors=False), progress=False)
+    assert torch.equal(matched.latents, plain.latents)
+    matched_px = np.asarray(matched.image.convert("RGB"), dtype=np.float64)
+    plain_px = np.asarray(plain.image.convert("RGB"), dtype=np.float64)
+    mean, std = inversion.pixel_stats
+    assert abs(matched_px.mean() - mean) < 1.0 and abs(matched_px.std() - std) < 1.0  # uint8 truncation: < 1
+    assert np.abs(matched_px - plain_px).max() > 2.0  # the switch changes the image
+    with pytest.raises(ConfigError, match="match_colors must be true or false"):
+        replace(matched_config, match_colors="no")
+    assert EditConfig.from_dict({"guiders": [{"name": "cfg", "g_scale": 3.0}], "num_steps": 4,
+                                 "match_colors": False}).match_colors is False
