@@ -36,7 +36,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                              "else float32 (default: auto)")
     parser.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
     parser.add_argument("--runtime", default="eager", choices=runtime_names(),
-                        help="UNet backend: " + "; ".join(f"{name}: {backend_spec(name).summary}" for name in runtime_names())
+                        help="UNet backend: " + "; ".join(backend_spec(name).help_line() for name in runtime_names())
                              + " (default: eager)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--verbose", action="store_true",

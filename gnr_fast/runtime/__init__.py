@@ -15,10 +15,12 @@ from .compiled import CompiledCapturingRunner, CompiledPlainRunner, inductor_una
 from .config import RuntimeConfig, runtime_names
 from .eager import EagerCapturingRunner, EagerPlainRunner
 from .executor import UNetExecutor
+from .options import BackendOption
 from .registry import BACKENDS, BackendSpec, backend_names, backend_spec, register_backend
 
 __all__ = [
     "BACKENDS",
+    "BackendOption",
     "BackendSpec",
     "CallKind",
     "CapturingRunner",

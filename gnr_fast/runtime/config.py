@@ -2,23 +2,52 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from types import MappingProxyType
+from typing import Any, Literal
 
 import torch
 
 from ..errors import ConfigError
 from .calls import CallKind
-from .registry import backend_names, backend_spec
+from .registry import BACKENDS, backend_names, backend_option, backend_spec, option_owner
 
-CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OptionValues = tuple[tuple[str, str, Any], ...]
+"""A config's backend options as given: ``(backend, option, value)`` sorted, defaults left out."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RuntimeConfig:
-    """The backends of an editor's UNet calls and their compile options.
+    """The backends of an editor's UNet calls, the dtype of its plain calls and the backends' options.
+
+    ``RuntimeConfig(plain, capturing, plain_dtype=None, **options)``: every other keyword is an
+    option some registered backend declares (its :class:`~gnr_fast.runtime.registry.BackendSpec`'s
+    ``options``, listed by ``gnr-fast doctor``), checked by that option's own check whichever
+    backends are chosen; a keyword no registered backend declares raises
+    :class:`~gnr_fast.errors.ConfigError`. An option reads back as an attribute
+    (``config.compile_mode``) or by :meth:`option`; ``dataclasses.replace(config, name=value)``
+    takes the same keywords. The bundled backends' options:
+
+    - ``compiled``: ``compile_mode`` (``torch.compile`` mode), ``freezing`` (inductor's weights
+      folded as constants, no-grad calls only), ``cpp_wrapper`` (inductor's C++ wrapper),
+      ``guard_modules`` (whether dynamo re-checks the UNet's modules — attributes, hooks,
+      parameters' identity and metadata — before every call; ``False``, the default, keeps only
+      the guards on the call's own inputs, which is what tells an edit's graphs apart; it saves
+      ≈ 1.6 ms per call on the bundled model (benchmarks/README.md) and assumes the UNet is not
+      modified (cast, hooked, swapped processors or parameters) after the editor is built —
+      in-place weight updates are still seen, since weights are graph inputs), ``cache_dir``
+      (inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``, one per process, set when the first
+      compiled backend is built; ``None`` keeps inductor's default, which already persists across
+      processes), ``recompile_limit`` (dynamo's per-function graph limit while compiled backends
+      run: one graph per call kind, batch size and capture spec; an edit needs a handful),
+      ``compiler`` (``"inductor"`` or ``"aot_eager"``).
+    - ``onnx``: ``onnx_exports`` (folders written by ``gnr-fast export onnx``; working sizes they
+      lack are exported lazily into ``export_cache_dir``), ``onnx_provider`` (``"auto"``:
+      TensorRT, then CUDA, then CPU, as offered), ``export_cache_dir`` (``None``:
+      ``$GNR_FAST_CACHE/onnx``).
+    - ``tensorrt``: ``tensorrt_engine`` (the engine file of ``gnr-fast export tensorrt``).
 
     Attributes:
         plain: backend of plain calls (no grad, no captures: inversion, ε_u / ε_trg, unguided
@@ -31,22 +60,6 @@ class RuntimeConfig:
             (``"eager"`` or ``"compiled"``).
             When it differs from ``plain``, the source row runs in a call of its own instead of
             sharing the no-grad call with the plain rows.
-        compile_mode: ``torch.compile`` mode for compiled backends.
-        freezing: inductor's ``freezing`` (weights folded as constants) for no-grad compiled
-            calls; grad calls never freeze.
-        cpp_wrapper: inductor's C++ wrapper instead of the Python one (CPU/CUDA).
-        guard_modules: whether dynamo re-checks the UNet's modules (their attributes, hooks,
-            parameters' identity and metadata) before every compiled call. ``False`` (the default)
-            keeps only the guards on the call's own inputs (latent/context shapes, the capture
-            spec, grad mode), which is what tells an edit's graphs apart; it saves ≈ 1.6 ms per call
-            on the bundled model (benchmarks/README.md) and assumes the UNet is not modified
-            (cast, hooked, swapped processors or parameters) after the editor is built — in-place
-            weight updates are still seen, since weights are graph inputs.
-        cache_dir: inductor's on-disk cache folder (``TORCHINDUCTOR_CACHE_DIR``; one per
-            process, set when the first compiled backend is built); ``None`` keeps inductor's default,
-            which already persists across processes.
-        recompile_limit: dynamo's per-function graph limit while compiled backends run (one graph
-            per call kind, batch size and capture spec; an edit needs a handful).
         plain_dtype: dtype of plain calls when it differs from the model's (``torch.bfloat16`` on
             CPUs with AVX-512 BF16, ``torch.float16`` on CUDA): eager/compiled plain calls run under
             autocast, the ``onnx`` backend exports a graph in that dtype. ``None`` (the default):
@@ -57,60 +70,71 @@ class RuntimeConfig:
             measured, and ONNX Runtime in float32 was faster still.
             Capturing and grad calls keep the model dtype (see docs/precision.md); a low plain
             dtype gives the source row a call of its own (``split_source``).
-        onnx_exports: folders written by ``gnr-fast export onnx`` for the ``onnx`` backend; working
-            sizes they lack are exported lazily into ``export_cache_dir``.
-        onnx_provider: ONNX Runtime execution provider (``"auto"``: TensorRT, then CUDA, then CPU,
-            as offered).
-        export_cache_dir: where lazy ONNX exports go (``None``: ``$GNR_FAST_CACHE/onnx``).
-        tensorrt_engine: the engine file of ``gnr-fast export tensorrt`` for the ``tensorrt`` backend.
+        options: the backend options given, ``(backend, option, value)`` sorted, those equal to
+            their default left out (so configs differing in defaults only compare equal);
+            read them with :meth:`option` / :meth:`backend_options` or as attributes.
     """
 
     plain: str = "eager"
     capturing: str = "eager"
-    compile_mode: CompileMode = "default"
-    freezing: bool = False
-    cpp_wrapper: bool = False
-    guard_modules: bool = False
-    cache_dir: Path | None = None
-    recompile_limit: int = 64
-    compiler: Literal["inductor", "aot_eager"] = "inductor"
     plain_dtype: torch.dtype | Literal["auto"] | None = None
-    onnx_exports: tuple[Path, ...] = ()
-    onnx_provider: str = "auto"
-    export_cache_dir: Path | None = None
-    tensorrt_engine: Path | None = None
+    options: OptionValues = ()
 
-    def __post_init__(self) -> None:
-        for name, kind in (("plain", CallKind.PLAIN), ("capturing", CallKind.CAPTURING)):
-            value = getattr(self, name)
+    def __init__(
+        self,
+        plain: str = "eager",
+        capturing: str = "eager",
+        plain_dtype: torch.dtype | Literal["auto"] | None = None,
+        options: OptionValues | Mapping[str, Mapping[str, Any]] = (),
+        **backend_options: Any,
+    ) -> None:
+        for name, kind, value in (("plain", CallKind.PLAIN, plain), ("capturing", CallKind.CAPTURING, capturing)):
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"RuntimeConfig.{name} must be a backend name such as 'eager', got {value!r}")
-            unknown = set(backend_spec(value, kind).options) - {field.name for field in fields(self)}
-            if unknown:
-                raise ConfigError(f"backend {value!r} reads RuntimeConfig fields that do not exist: {sorted(unknown)}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ConfigError(f"RuntimeConfig.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
-        for name in ("freezing", "cpp_wrapper", "guard_modules"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"RuntimeConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.cache_dir is not None:
-            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
-        if self.compiler not in ("inductor", "aot_eager"):
-            raise ConfigError(f"RuntimeConfig.compiler must be 'inductor' or 'aot_eager', got {self.compiler!r}")
-        if not (self.plain_dtype == "auto" or self.plain_dtype in (None, torch.float32, torch.float16, torch.bfloat16)):
+            backend_spec(value, kind)
+            object.__setattr__(self, name, value)
+        given: dict[tuple[str, str], Any] = {}
+        if isinstance(options, Mapping):
+            given.update(((backend, name), value) for backend, values in options.items() for name, value in values.items())
+        else:
+            given.update(((backend, name), value) for backend, name, value in options)
+        for name, value in backend_options.items():
+            owner = option_owner(name)
+            if owner is None:
+                declared = sorted(o.name for spec in BACKENDS.values() for o in spec.options)
+                raise ConfigError(f"RuntimeConfig has no option {name!r}: no registered backend declares it "
+                                  f"(their options: {declared})")
+            given[owner.name, name] = value
+        kept = []
+        for (backend, name), value in sorted(given.items(), key=lambda item: item[0]):
+            option = backend_option(backend, name)
+            value = option.checked(value)
+            if value != option.default:
+                kept.append((backend, name, value))
+        object.__setattr__(self, "options", tuple(kept))
+        if not (plain_dtype == "auto" or plain_dtype in (None, torch.float32, torch.float16, torch.bfloat16)):
             raise ConfigError(f"RuntimeConfig.plain_dtype must be 'auto', None, torch.float32, torch.float16 or "
-                              f"torch.bfloat16, got {self.plain_dtype!r}")
-        if isinstance(self.onnx_exports, (str, Path)) or not all(isinstance(p, (str, Path)) for p in self.onnx_exports):
-            raise ConfigError(f"RuntimeConfig.onnx_exports must be a tuple of folders, got {self.onnx_exports!r}")
-        object.__setattr__(self, "onnx_exports", tuple(Path(p) for p in self.onnx_exports))
-        if self.onnx_provider not in ("auto", "cpu", "cuda", "tensorrt"):
-            raise ConfigError(f"RuntimeConfig.onnx_provider must be 'auto', 'cpu', 'cuda' or 'tensorrt', got {self.onnx_provider!r}")
-        for name in ("export_cache_dir", "tensorrt_engine"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)))
-        limit = self.recompile_limit
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"RuntimeConfig.recompile_limit must be a positive integer, got {limit!r}")
+                              f"torch.bfloat16, got {plain_dtype!r}")
+        object.__setattr__(self, "plain_dtype", plain_dtype)
+
+    def option(self, backend: str, name: str) -> Any:
+        """Option ``name`` of backend ``backend``: the value given, else its default; raises
+        :class:`~gnr_fast.errors.ConfigError` when the backend declares no such option."""
+        option = backend_option(backend, name)
+        return next((value for b, n, value in self.options if (b, n) == (backend, name)), option.default)
+
+    def backend_options(self, backend: str) -> Mapping[str, Any]:
+        """Every option of ``backend`` with its value here (read-only)."""
+        return MappingProxyType({o.name: self.option(backend, o.name) for o in backend_spec(backend).options})
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: a backend option read as an attribute.
+        if name.startswith("_") or name == "options":
+            raise AttributeError(name)
+        owner = option_owner(name)
+        if owner is None:
+            raise AttributeError(f"'RuntimeConfig' object has no attribute {name!r}")
+        return self.option(owner.name, name)
 
     @property
     def split_source(self) -> bool:

@@ -1,5 +1,6 @@
 """The one list of runtime backends: what each is called, which calls it serves, how it is built,
-why it cannot run here, and which :class:`~gnr_fast.runtime.config.RuntimeConfig` fields it reads.
+why it cannot run here, and the options it reads from a
+:class:`~gnr_fast.runtime.config.RuntimeConfig` (:class:`~gnr_fast.runtime.options.BackendOption`).
 
 Everything that names backends reads this registry: ``RuntimeConfig`` validation and presets, the
 executor building its runners (:mod:`gnr_fast.runtime.backends`), the CLI's ``--runtime`` choices,
@@ -8,7 +9,10 @@ the Triton repository export and ``gnr-fast doctor``. A backend is one module ho
 so that nothing is imported before a backend is used (TensorRT and ONNX Runtime stay lazy, and
 the registry sits below every backend module in the import graph). Adding one::
 
-    register_backend(BackendSpec("mine", "what it is", plain="my_pkg.backend:MyPlainRunner"))
+    register_backend(BackendSpec("mine", "what it is", plain="my_pkg.backend:MyPlainRunner",
+                                 options=(BackendOption("my_knob", 1, "what it sets", positive_int),)))
+
+(``RuntimeConfig(plain="mine", my_knob=2)`` then takes it, and the runner reads ``config.my_knob``)
 
 (a factory may also be given as the callable itself).
 """
@@ -24,6 +28,7 @@ import torch
 
 from ..errors import BackendUnavailableError, ConfigError
 from .calls import CallKind
+from .options import BackendOption, flag, one_of, optional_path, paths, positive_int
 
 Factory = Callable[[torch.nn.Module, Any], Any]
 """``(unet, RuntimeConfig) -> runner`` of one calling convention (see :mod:`gnr_fast.runtime.backends`)."""
@@ -49,8 +54,9 @@ class BackendSpec:
         unavailable_reason: ``(device, config) -> str | None``, the one rule saying why it cannot
             run on ``device`` with ``config`` (checked before a runner is built, and by ``doctor``).
         detail: ``() -> str`` naming what was found (versions) when available, for ``doctor``.
-        options: the ``RuntimeConfig`` fields it reads (a config choosing it refuses names that are
-            no field).
+        options: the options it reads from a ``RuntimeConfig`` (:class:`BackendOption`), each a
+            keyword of ``RuntimeConfig(...)`` and an attribute of the config; names are unique
+            across the registered backends.
         export: the ``gnr-fast export`` command writing the artifact it runs (``None``: it runs the
             PyTorch UNet). An exported backend runs its artifact's dtype: plain calls are not
             autocast, ``plain_dtype`` picks the export's dtype instead.
@@ -62,7 +68,7 @@ class BackendSpec:
     capturing: Factory | str | None = None
     unavailable_reason: Reason | str = always_available
     detail: Callable[[], str] | str | None = None
-    options: tuple[str, ...] = ()
+    options: tuple[BackendOption, ...] = ()
     export: str | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +76,9 @@ class BackendSpec:
             raise ConfigError(f"a backend needs a non-empty name, got {self.name!r}")
         if self.plain is None and self.capturing is None:
             raise ConfigError(f"backend {self.name!r} serves no calls: give a plain or a capturing factory")
+        names = [option.name for option in self.options]
+        if not all(isinstance(option, BackendOption) for option in self.options) or len(set(names)) < len(names):
+            raise ConfigError(f"backend {self.name!r}: options must be BackendOptions with distinct names, got {self.options!r}")
 
     @property
     def kinds(self) -> frozenset[CallKind]:
@@ -94,8 +103,18 @@ class BackendSpec:
         return _resolve(self.unavailable_reason)(torch.device(device), config)
 
     def describe(self) -> str:
-        """What ``doctor`` prints when the backend is available."""
-        return _resolve(self.detail)() if self.detail is not None else self.summary
+        """What ``doctor`` prints when the backend is available (its options' defaults after it)."""
+        found = _resolve(self.detail)() if self.detail is not None else self.summary
+        return f"{found}; options: {self.options_with_defaults()}" if self.options else found
+
+    def options_with_defaults(self) -> str:
+        """``name=default, ...`` of its options (``doctor``)."""
+        return ", ".join(f"{o.name}={o.default!r}" for o in self.options)
+
+    def help_line(self) -> str:
+        """``name: summary (RuntimeConfig options: name: help; ...)`` for the CLI's ``--runtime`` help."""
+        options = "; ".join(f"{o.name}: {o.help}" for o in self.options)
+        return f"{self.name}: {self.summary}" + (f" (RuntimeConfig options: {options})" if options else "")
 
     def refusal(self, kind: CallKind) -> str:
         served = ", ".join(sorted(k.value for k in self.kinds))
@@ -125,15 +144,34 @@ BACKENDS: dict[str, BackendSpec] = {
             capturing="gnr_fast.runtime.compiled:CompiledCapturingRunner",
             unavailable_reason="gnr_fast.runtime.compiled:compiled_unavailable_reason",
             detail="gnr_fast.runtime.compiled:compiled_detail",
-            options=("compile_mode", "freezing", "cpp_wrapper", "guard_modules", "cache_dir", "recompile_limit",
-                     "compiler"),
+            options=(
+                BackendOption("compile_mode", "default", "torch.compile mode",
+                              one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
+                                     as_list=True)),
+                BackendOption("freezing", False, "inductor's freezing (weights folded as constants) in no-grad "
+                              "calls", flag),
+                BackendOption("cpp_wrapper", False, "inductor's C++ wrapper instead of the Python one", flag),
+                BackendOption("guard_modules", False, "dynamo re-checks the UNet's modules before every call "
+                              "(off: only the call's own inputs are guarded)", flag),
+                BackendOption("cache_dir", None, "inductor's on-disk cache folder (TORCHINDUCTOR_CACHE_DIR, "
+                              "None: inductor's default)", optional_path),
+                BackendOption("recompile_limit", 64, "dynamo's per-function graph limit", positive_int),
+                BackendOption("compiler", "inductor", "torch.compile backend", one_of("inductor", "aot_eager")),
+            ),
         ),
         BackendSpec(
             "onnx", "plain calls on ONNX Runtime (capturing and grad calls eager)",
             plain="gnr_fast.runtime.onnx.runner:onnx_plain_runner",
             unavailable_reason="gnr_fast.runtime.onnx.runner:onnx_unavailable_reason",
             detail="gnr_fast.runtime.onnx.runner:onnx_detail",
-            options=("onnx_exports", "onnx_provider", "export_cache_dir", "plain_dtype"),
+            options=(
+                BackendOption("onnx_exports", (), "folders written by `gnr-fast export onnx` (missing working "
+                              "sizes are exported lazily)", paths),
+                BackendOption("onnx_provider", "auto", "ONNX Runtime execution provider (auto: TensorRT, then "
+                              "CUDA, then CPU)", one_of("auto", "cpu", "cuda", "tensorrt")),
+                BackendOption("export_cache_dir", None, "where lazy exports go (None: $GNR_FAST_CACHE/onnx)",
+                              optional_path),
+            ),
             export="onnx",
         ),
         BackendSpec(
@@ -141,7 +179,8 @@ BACKENDS: dict[str, BackendSpec] = {
             plain="gnr_fast.runtime.tensorrt.runner:tensorrt_plain_runner",
             unavailable_reason="gnr_fast.runtime.tensorrt.engine:tensorrt_unavailable_reason",
             detail="gnr_fast.runtime.tensorrt.engine:tensorrt_detail",
-            options=("tensorrt_engine",),
+            options=(BackendOption("tensorrt_engine", None, "the engine file of `gnr-fast export tensorrt`",
+                                   optional_path),),
             export="tensorrt",
         ),
     )
@@ -150,9 +189,13 @@ BACKENDS: dict[str, BackendSpec] = {
 
 
 def register_backend(spec: BackendSpec) -> BackendSpec:
-    """Add ``spec`` to :data:`BACKENDS` (refusing a name already taken) and return it."""
+    """Add ``spec`` to :data:`BACKENDS` (refusing a name, or an option name, already taken) and return it."""
     if spec.name in BACKENDS:
         raise ConfigError(f"a backend named {spec.name!r} is already registered")
+    for option in spec.options:
+        owner = option_owner(option.name)
+        if owner is not None:
+            raise ConfigError(f"backend {spec.name!r}: option {option.name!r} is already backend {owner.name!r}'s")
     BACKENDS[spec.name] = spec
     return spec
 
@@ -173,3 +216,17 @@ def backend_spec(name: str, kind: CallKind | None = None) -> BackendSpec:
     if kind is not None and not spec.serves(kind):
         raise BackendUnavailableError(spec.refusal(kind))
     return spec
+
+
+def option_owner(name: str) -> BackendSpec | None:
+    """The registered backend declaring option ``name``, or ``None``."""
+    return next((spec for spec in BACKENDS.values() if any(o.name == name for o in spec.options)), None)
+
+
+def backend_option(backend: str, name: str) -> BackendOption:
+    """Option ``name`` of registered backend ``backend``; :class:`ConfigError` when it declares none."""
+    option = next((o for o in backend_spec(backend).options if o.name == name), None)
+    if option is None:
+        declared = [o.name for o in backend_spec(backend).options]
+        raise ConfigError(f"backend {backend!r} has no option {name!r}; its options: {declared}")
+    return option

@@ -4,6 +4,7 @@ listed by ``gnr-fast doctor`` — each reading the one registry (gnr_fast/runtim
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,12 +15,14 @@ from gnr_fast.cli import build_parser, main
 from parity import rel_err
 from gnr_fast.runtime import (
     BACKENDS,
+    BackendOption,
     BackendSpec,
     CallKind,
     EagerPlainRunner,
     RuntimeConfig,
     register_backend,
 )
+from gnr_fast.runtime.options import positive_int
 
 STEPS = 4
 CALL_ROWS: list[int] = []  # the batch size of every call the test backend ran
@@ -93,11 +96,34 @@ def test_doctor_lists_registered_backends(noting_backend, unavailable_backend, c
     assert lines["flux"]["available"] is False and "flux capacitor" in lines["flux"]["detail"]
 
 
-def test_a_backend_reading_options_runtime_config_lacks_is_refused(monkeypatch):
+def test_a_backend_declares_its_own_options(monkeypatch):
+    """An option declared on a test backend's spec is a RuntimeConfig keyword and attribute, checked by
+    its own check; an option no backend declares, or one declared twice, is refused."""
     monkeypatch.setitem(BACKENDS, "knobs", BackendSpec("knobs", "reads a knob", plain=NotingPlainRunner,
-                                                       options=("compile_mode", "knob")))
-    with pytest.raises(ConfigError, match=r"backend 'knobs' reads RuntimeConfig fields that do not exist: \['knob'\]"):
-        RuntimeConfig(plain="knobs")
+                                                       options=(BackendOption("knob", 1, "a test knob", positive_int),)))
+    config = RuntimeConfig(plain="knobs", knob=3)
+    assert config.knob == 3 == config.option("knobs", "knob") and config.backend_options("knobs") == {"knob": 3}
+    assert RuntimeConfig(plain="knobs").knob == 1 and RuntimeConfig(knob=1) == RuntimeConfig()  # the default
+    assert dataclasses.replace(config, knob=5).knob == 5 and dataclasses.replace(config, plain="eager").knob == 3
+    with pytest.raises(ConfigError, match="RuntimeConfig.knob must be a positive integer, got 0"):
+        RuntimeConfig(plain="knobs", knob=0)
+    with pytest.raises(ConfigError, match="RuntimeConfig has no option 'dial': no registered backend declares it"):
+        RuntimeConfig(plain="knobs", dial=2)
+    with pytest.raises(ConfigError, match="option 'knob' is already backend 'knobs'"):
+        register_backend(BackendSpec("knobs2", "the same knob", plain=NotingPlainRunner,
+                                     options=(BackendOption("knob", 2, "again"),)))
+
+
+def test_doctor_and_help_list_backend_options(monkeypatch, capsys):
+    monkeypatch.setitem(BACKENDS, "knobs", BackendSpec("knobs", "reads a knob", plain=NotingPlainRunner,
+                                                       options=(BackendOption("knob", 1, "a test knob", positive_int),)))
+    assert main(["doctor", "--json"]) == 0
+    lines = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    assert lines["knobs"] == {"kind": "runtime", "name": "knobs", "available": True,
+                              "detail": "reads a knob; options: knob=1"}
+    with pytest.raises(SystemExit):
+        main(["invert", "--help"])
+    assert "knobs: reads a knob (RuntimeConfig options: knob: a test knob)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_an_unavailable_backend_names_its_reason(unavailable_backend, tiny_model_path):
