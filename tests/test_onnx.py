@@ -329,3 +329,18 @@ def test_editor_with_the_onnx_runtime_edits_like_eager(tiny_model_path, export_d
     print(f"onnx vs eager edit: final latent {err:.2e} relative")
     assert err < 1e-4  # measured 9.2e-6 (6 steps, nonstyle): float32 rounding of two UNet implementations
     assert not any(tmp_path.iterdir())  # the ahead-of-time export served every plain call
+
+
+def test_export_without_timestep_cond_is_refused_for_a_consistency_model(export_dir, golden_dir, tmp_path):
+    """An export whose graph takes no ``timestep_cond`` (here an SD UNet's) given to a consistency
+    model: refused when the runtime is built, naming the missing input (not a wrong ε or an ORT error)."""
+    from dataclasses import replace
+
+    from gnr_fast import Editor
+    from gnr_fast.errors import ExportMismatchError
+    from gnr_fast.runtime import RuntimeConfig
+    from tests.consistency_model import consistency_model_dir
+
+    runtime = replace(RuntimeConfig.preset("onnx"), onnx_exports=(export_dir,), export_cache_dir=tmp_path / "cache")
+    with pytest.raises(ExportMismatchError, match=r"lacks \['timestep_cond'\]"):
+        Editor.from_pretrained(consistency_model_dir(golden_dir, tmp_path / "icd"), runtime=runtime)

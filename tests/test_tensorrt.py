@@ -142,3 +142,19 @@ def test_engine_matches_eager(tiny_model_path, tmp_path):
     with torch.no_grad():
         ref = components.unet(latents, torch.tensor(500, device="cuda"), encoder_hidden_states=context).sample
     assert ((eps - ref).norm() / ref.norm()).item() < 1e-3  # TF32 may be on for TensorRT's float32 kernels
+
+
+def test_a_unet_with_extra_inputs_is_refused():
+    """The engine runner binds sample, timestep and context only: a consistency (guidance-embedding)
+    UNet is refused by the backend's factory, naming its extra input, before any engine is read."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from gnr_fast.runtime.tensorrt.runner import tensorrt_plain_runner
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=8, sample_size=8,
+                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=8, time_cond_proj_dim=16)
+    with pytest.raises(BackendUnavailableError, match="timestep_cond"):
+        tensorrt_plain_runner(unet, SimpleNamespace(tensorrt_engine="engine.plan"))

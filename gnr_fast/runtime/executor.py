@@ -24,7 +24,6 @@ from ..attention.capture import (
     row_captures,
 )
 from ..config import FeatureSite
-from ..errors import BackendUnavailableError
 from ..families import family_for
 from .backends import (
     CapturingRunner,
@@ -35,7 +34,6 @@ from .backends import (
 )
 from .calls import CallKind
 from .config import RuntimeConfig
-from .registry import backend_spec
 
 __all__ = ["CallKind", "UNetExecutor"]
 
@@ -56,13 +54,7 @@ class UNetExecutor:
     ) -> None:
         self.runtime = resolve_plain_dtype(runtime, unet)  # "auto" decided once, for this UNet
         runtime = self.runtime
-        self.family = family_for(unet.config)
-        if self.family.extra_inputs and backend_spec(runtime.plain).export is not None:
-            names = [e.name for e in self.family.extra_inputs]
-            raise BackendUnavailableError(
-                f"plain runtime {runtime.plain!r} runs exported graphs, which take no extra UNet inputs {names} "
-                f"(this {self.family.name} UNet needs them); use runtime 'eager' or 'compiled'"
-            )
+        self.family = family_for(unet.config)  # a backend that cannot feed its extra inputs refuses in its factory
         self.layers = tuple(layers)
         self.feature_sites = feature_sites
         self.plain_runner: PlainRunner = make_plain_runner(runtime.plain, unet, runtime)

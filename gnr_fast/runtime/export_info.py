@@ -23,6 +23,7 @@ INFO_FILE = "export.json"
 FORMAT_VERSION = 1  # bump when the graph's inputs/outputs or this record change meaning
 
 INPUT_NAMES = ("sample", "timestep", "context")  # [B, 4, h, w], [B], [B, 77, C]; float32 whatever the dtype
+# then the model family's extra inputs, e.g. ("timestep_cond",) [B, W] for guidance-embedding UNets
 OUTPUT_NAMES = ("eps",)  # [B, 4, h, w] float32 (ε, or v for v-prediction checkpoints)
 
 EXPORT_DTYPES = ("float32", "float16")
@@ -51,6 +52,7 @@ class ExportInfo:
     onnx_file: str = "unet.onnx"  # relative to the export folder
     external_data: bool = False  # weights in onnx_file + ".data" (models over 2 GB)
     model_id: str = ""  # the checkpoint's gnr_fast.loading model id, when exported from a checkpoint
+    input_names: tuple[str, ...] = INPUT_NAMES  # the graph's inputs in order (the family's ExportIO.inputs)
     format_version: int = FORMAT_VERSION
     torch_version: str = field(default="", compare=False)
 
@@ -68,6 +70,8 @@ class ExportInfo:
                     f"format {FORMAT_VERSION}; export it again with `gnr-fast export onnx`"
                 )
             data["latent_sizes"] = tuple(tuple(int(v) for v in size) for size in data["latent_sizes"])
+            if "input_names" in data:  # records written before extra inputs existed have the plain three
+                data["input_names"] = tuple(str(name) for name in data["input_names"])
             return cls(**data)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ExportError(f"{where} has no valid gnr-fast export record ({exc}); export it again") from exc
@@ -95,8 +99,17 @@ class ExportInfo:
         latent_size: tuple[int, int] | None = None,
         batch: int | None = None,
         where: str = "the export",
+        input_names: tuple[str, ...] | None = None,
     ) -> None:
-        """Raise :class:`ExportMismatchError` unless this export serves every given value."""
+        """Raise :class:`ExportMismatchError` unless this export serves every given value
+        (``input_names``: the inputs the loaded UNet's family calls with, checked first)."""
+        if input_names is not None and tuple(input_names) != self.input_names:
+            missing = [name for name in input_names if name not in self.input_names]
+            raise ExportMismatchError(
+                f"{where} takes inputs {list(self.input_names)}, but the loaded UNet is called with "
+                f"{list(input_names)}" + (f" (the export lacks {missing})" if missing else "") + "; export this "
+                "checkpoint's UNet again (`gnr-fast export onnx --model PATH`) with this gnr-fast"
+            )
         if unet_id is not None and unet_id != self.unet_id:
             made_from = f"model {self.model_id} (UNet {self.unet_id})" if self.model_id else f"UNet {self.unet_id}"
             raise ExportMismatchError(

@@ -252,3 +252,29 @@ def test_bfloat16_model_runs_the_same_path(model_dir, scene, golden, one_torch_t
     assert rel(first.latents, golden["latents"][4]) <= 0.6  # measured 0.243 (float16: 0.032)
     second = editor.edit(first.inversion, TRG, progress=False)
     assert second.unet_rows == 7 and torch.equal(second.latents, first.latents)
+
+
+
+@pytest.mark.slow  # two lazy exports: 56-82 s on a loaded 2-core host (2026-12-07)
+def test_onnx_plain_calls(model_dir, scene, golden, tmp_path, one_torch_thread):
+    """``runtime="onnx"``: plain calls on ONNX Runtime, each fused UNet exported lazily into the cache
+    under its own fingerprint, with its ``timestep_cond`` input. Teacher-forced plain ε of both UNets
+    (the forward model at w = 0, the reverse model at the edit's w), then a whole edit (its inversion's
+    plain calls on ONNX, the guided rows eager) within the eager edit's bounds."""
+    from dataclasses import replace
+
+    cache = tmp_path / "onnx-cache"
+    editor = Editor.from_pretrained(model_dir, runtime=replace(RuntimeConfig.preset("onnx"), export_cache_dir=cache))
+    sampler = editor.fixed_sampler
+    c_src, c_trg = editor.embed(SRC), editor.embed(TRG)
+    t_inv, t_edit = timestep_tensors(list(sampler.forward_timesteps)), timestep_tensors(list(sampler.timesteps))
+    with torch.no_grad():
+        for k in range(4):
+            eps = editor.inversion_runner.plain(golden["inv_input_latents"][k], t_inv[k], c_src, [0.0])
+            assert rel(eps, golden["inv_eps"][k]) <= 2e-5  # measured <= 1.7e-6 (eager: 1.4e-6)
+            eps = editor.runner.plain(golden["latents"][k], t_edit[k], c_trg, [float(golden["w_trg"][k])])
+            assert rel(eps, golden["eps_trg"][k]) <= 2e-5  # measured <= 1.0e-6 (eager: 7.3e-7)
+    units = {editor.inversion_runner.plain_runner.unet_id, editor.runner.plain_runner.unet_id}
+    assert len(units) == 2 and {p.name.split("-")[0] for p in cache.iterdir()} == units  # one export per UNet
+    check_free_running(editor, scene, golden)
+    assert editor.inversion_runner.rows_by_kind[CallKind.PLAIN] == 8  # 4 teacher-forced + the edit's 4 inversion rows

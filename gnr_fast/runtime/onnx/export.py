@@ -1,9 +1,13 @@
 """UNet → ONNX for the plain calls (DESIGN.md §8–9: unguided passes on an exported engine).
 
 The exported graph is diffusers' UNet with its *default* attention processors (a fresh copy of
-the weights: the editor's instrumented UNet is never touched) behind one fixed signature::
+the weights: the editor's instrumented UNet is never touched) behind the signature its model
+family declares (:attr:`gnr_fast.families.ModelFamily.export_io`)::
 
-    sample [B, 4, h, w] float32, timestep [B] float32, context [B, 77, C] float32 -> eps [B, 4, h, w] float32
+    sample [B, 4, h, w] float32, timestep [B] float32, context [B, 77, C] float32, *extras [B, W] float32
+        -> eps [B, 4, h, w] float32
+
+(no extras for SD 1.x/2.x; ``timestep_cond`` for guidance-embedding UNets: consistency models).
 
 The inputs are cast to the export dtype inside the graph and ε back to float32, so callers bind
 the same float32 tensors whatever the export's precision (the project's policy: latents live in
@@ -35,14 +39,12 @@ from typing import Any, Literal
 import torch
 
 from ...errors import BackendUnavailableError, ExportError
-from ...families import family_for
+from ...families import ExportIO, family_for
 from ...fingerprint import unet_fingerprint
 from ..export_info import (
     EXPORT_DTYPES,
     INFO_FILE,
-    INPUT_NAMES,
     METADATA_KEY,
-    OUTPUT_NAMES,
     ExportInfo,
 )
 
@@ -83,8 +85,11 @@ class _ExportedUNet(torch.nn.Module):
         self.dtype = dtype
         self.family = family_for(unet.config)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        out = self.family.call_unet(self.unet, sample.to(self.dtype), timestep, context.to(self.dtype))
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *extras: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.family.call_unet(self.unet, sample.to(self.dtype), timestep, context.to(self.dtype),
+                                    tuple(extra.to(self.dtype) for extra in extras))
         return out.float()  # [B, 4, h, w]
 
 
@@ -184,6 +189,8 @@ def export_unet_onnx(
     sample = torch.randn(trace_batch, cfg.in_channels, h, w)
     timestep = torch.full((trace_batch,), 500.0)
     context = torch.randn(trace_batch, 77, cfg.cross_attention_dim)
+    extras = tuple(torch.randn(trace_batch, extra.width) for extra in model.family.extra_inputs)
+    io = model.family.export_io
 
     staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -198,13 +205,14 @@ def export_unet_onnx(
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", message="The feature will be removed.*")
-            _run_exporter(model, (sample, timestep, context), raw, exporter, opset, batch)
+            _run_exporter(model, (sample, timestep, context, *extras), raw, exporter, opset, batch, io)
         trace_s = time.perf_counter() - start
 
         start = time.perf_counter()
         info = ExportInfo(
             unet_id=unet_fingerprint(unet),
             model_id=model_id,
+            input_names=io.inputs,
             dtype=dtype,
             latent_sizes=latent_sizes,
             min_batch=batch[0],
@@ -253,27 +261,24 @@ def export_unet_onnx(
 
 
 def _run_exporter(
-    model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, exporter: str, opset: int, batch: tuple[int, int]
+    model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, exporter: str, opset: int,
+    batch: tuple[int, int], io: ExportIO,
 ) -> None:
-    """One ``torch.onnx.export`` call with the exporter named explicitly and the axes made dynamic."""
+    """One ``torch.onnx.export`` call with the exporter named explicitly, the family's input and
+    output names (``args`` in the order of ``io.inputs``) and the axes made dynamic."""
     if exporter == "torchscript":
-        axes: dict[str, dict[int, str]] = {
-            "sample": {0: "batch", 2: "height", 3: "width"},
-            "timestep": {0: "batch"},
-            "context": {0: "batch"},
-            "eps": {0: "batch", 2: "height", 3: "width"},
-        }
         torch.onnx.export(
-            model, args, str(path), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-            opset_version=opset, dynamic_axes=axes, do_constant_folding=True, dynamo=False,
+            model, args, str(path), input_names=list(io.inputs), output_names=list(io.outputs),
+            opset_version=opset, dynamic_axes={k: dict(v) for k, v in io.dynamic_axes.items()},
+            do_constant_folding=True, dynamo=False,
         )
         return
     rows = torch.export.Dim("batch", min=batch[0], max=batch[1])
     # Spatial axes stay static: with Dim.AUTO torch.export specialised them to the traced size
     # anyway (attention's baddbmm then failed at 16² for a graph traced at 8²).
-    shapes = {"sample": {0: rows}, "timestep": {0: rows}, "context": {0: rows}}
+    shapes = tuple({0: rows} for _ in args)  # positional: sample, timestep, context, then the extras
     torch.onnx.export(
-        model, args, str(path), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+        model, args, str(path), input_names=list(io.inputs), output_names=list(io.outputs),
         opset_version=opset, dynamic_shapes=shapes, dynamo=True, external_data=True,
     )
 

@@ -1,8 +1,8 @@
 """The ``"onnx"`` backend: plain UNet calls on ONNX Runtime (DESIGN.md §9: ``plain`` calls may run on any backend).
 
 :class:`OnnxPlainUNet` implements the plain convention
-``(latents [B, 4, h, w], timestep 0-dim or [B], context [B or 1, 77, C]) -> eps [B, 4, h, w] float32``
-on an export written by :func:`gnr_fast.runtime.onnx.export.export_onnx`: either exports made ahead of
+``(latents [B, 4, h, w], timestep 0-dim or [B], context [B or 1, 77, C], *extras [B, W]) -> eps [B, 4, h, w] float32``
+(extras: the model family's extra inputs, e.g. a consistency UNet's ``timestep_cond``) on an export written by :func:`gnr_fast.runtime.onnx.export.export_onnx`: either exports made ahead of
 time (``gnr-fast export onnx``), or made lazily on the first call of each latent size into a
 cache folder keyed by model id, dtype, size and batch range (:func:`onnx_cache_key`).
 
@@ -43,6 +43,7 @@ from ..export_info import (
     OUTPUT_NAMES,
     ExportInfo,
 )
+from ...families import family_for
 from ...fingerprint import unet_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -179,16 +180,19 @@ class _Session:
                 f"{str(folder / INFO_FILE)!r} does not describe {str(path)!r} (files of two exports mixed); export again"
             )
         names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
-        if names != (list(INPUT_NAMES), list(OUTPUT_NAMES)):
-            raise ExportError(f"{str(path)!r} has inputs/outputs {names}, expected {INPUT_NAMES} -> {OUTPUT_NAMES}")
+        if names != (list(self.info.input_names), list(OUTPUT_NAMES)):
+            raise ExportError(f"{str(path)!r} has inputs/outputs {names}, its record says {list(self.info.input_names)} "
+                              f"-> {list(OUTPUT_NAMES)}; export it again")
         self.folder = folder
         self.device = device
         self.device_type = "cpu" if provider == "cpu" else "cuda"
         self.device_id = 0 if provider == "cpu" else (device.index or 0)
         self.stream = None if provider == "cpu" else torch.cuda.current_stream(self.device_id)
 
-    def run(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """ε of contiguous float32 tensors on the session's device, bound by address."""
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """ε of contiguous float32 tensors on the session's device (one per name of the record's
+        ``input_names``: sample, timestep, context, extras), bound by address."""
+        sample = inputs[0]
         import numpy as np
 
         out = torch.empty(
@@ -197,7 +201,7 @@ class _Session:
         if self.stream is not None and torch.cuda.current_stream(self.device_id) != self.stream:
             torch.cuda.current_stream(self.device_id).synchronize()  # ORT computes on the stream it was given
         binding = self.session.io_binding()
-        for name, tensor in zip(INPUT_NAMES, (sample, timestep, context)):
+        for name, tensor in zip(self.info.input_names, inputs, strict=True):
             binding.bind_input(name, self.device_type, self.device_id, np.float32, tuple(tensor.shape), tensor.data_ptr())
         binding.bind_output(OUTPUT_NAMES[0], self.device_type, self.device_id, np.float32, tuple(out.shape), out.data_ptr())
         self.session.run_with_iobinding(binding)
@@ -209,7 +213,9 @@ class OnnxPlainUNet:
 
     ``exports``: folders written by :func:`~gnr_fast.runtime.onnx.export.export_onnx`, each refused unless it
     was made from the UNet ``unet_id`` (:func:`~gnr_fast.fingerprint.unet_fingerprint`) in
-    ``dtype``. ``unet`` (optional): the diffusers UNet to export from
+    ``dtype`` and taking the inputs ``input_names`` (the UNet family's, default SD's plain three).
+    Given exports made from other UNets are passed over when at least one is of this UNet (a
+    consistency model's two UNets share one list). ``unet`` (optional): the diffusers UNet to export from
     when a call needs a latent size no given export serves; the export is written once into
     ``cache_dir`` (default :func:`default_cache_dir`) and reused by later processes. Without
     ``unet`` such a call raises :class:`ExportMismatchError`. Thread-safe: a lock guards the
@@ -228,8 +234,10 @@ class OnnxPlainUNet:
         unet: torch.nn.Module | None = None,
         cache_dir: str | Path | None = None,
         batch: tuple[int, int] = (1, 4),
+        input_names: Sequence[str] = INPUT_NAMES,
     ) -> None:
         self.unet_id = unet_id
+        self.input_names = tuple(input_names)
         self.dtype = dtype
         self.device = torch.device(device)
         self.provider = choose_provider(provider, self.device, dtype)
@@ -239,13 +247,16 @@ class OnnxPlainUNet:
         self.batch = batch
         self._lock = threading.Lock()
         self._sessions: dict[tuple[int, int], _Session] = {}
-        for folder in exports:
-            self._add(_Session(Path(folder), self.provider, self.device))
+        sessions = [_Session(Path(folder), self.provider, self.device) for folder in exports]
+        own = [s for s in sessions if s.info.unet_id == unet_id]
+        for session in own or sessions:  # none of this UNet: each is refused by _add, with the reason
+            self._add(session)
         if not exports and unet is None:
             raise ConfigError("OnnxPlainUNet needs exports= (folders from `gnr-fast export onnx`) or unet= to export from")
 
     def _add(self, session: _Session) -> None:
-        session.info.check(unet_id=self.unet_id, dtype=self.dtype, where=f"ONNX export {str(session.folder)!r}")
+        session.info.check(unet_id=self.unet_id, dtype=self.dtype, input_names=self.input_names,
+                           where=f"ONNX export {str(session.folder)!r}")
         for size in session.info.latent_sizes:
             self._sessions.setdefault(size, session)
 
@@ -274,9 +285,15 @@ class OnnxPlainUNet:
             self._add(session)
             return session
 
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *extras: torch.Tensor
+    ) -> torch.Tensor:
         """ε (or v) of ``latents`` [B, 4, h, w] at ``timestep`` (0-dim or [B]) under ``context``
-        ([B, 77, C], or [1, 77, C] for every row); float32 [B, 4, h, w] on the latents' device."""
+        ([B, 77, C], or [1, 77, C] for every row) with the family's ``extras`` ([B, W] each, one per
+        input name after the third); float32 [B, 4, h, w] on the latents' device."""
+        if len(extras) != len(self.input_names) - 3:
+            raise ConfigError(f"this ONNX UNet takes inputs {list(self.input_names)}: {len(self.input_names) - 3} "
+                              f"extra tensor(s) after latents, timestep and context, got {len(extras)}")
         rows, size = latents.shape[0], (latents.shape[-2], latents.shape[-1])
         session = self.session_for(size)
         session.info.check(batch=rows, where=f"ONNX export {str(session.folder)!r}")
@@ -287,7 +304,8 @@ class OnnxPlainUNet:
         ctx = context.to(self.device, torch.float32)
         if ctx.shape[0] != rows:
             ctx = ctx.expand(rows, -1, -1)
-        return session.run(sample, t, ctx.contiguous())  # [B, 4, h, w]
+        rest = tuple(e.to(self.device, torch.float32).contiguous() for e in extras)  # [B, W] each
+        return session.run(sample, t, ctx.contiguous(), *rest)  # [B, 4, h, w]
 
 
 def onnx_plain_runner(unet: torch.nn.Module, config: Any) -> OnnxPlainUNet:
@@ -308,4 +326,5 @@ def onnx_plain_runner(unet: torch.nn.Module, config: Any) -> OnnxPlainUNet:
         exports=config.onnx_exports,
         unet=unet,
         cache_dir=config.export_cache_dir,
+        input_names=family_for(unet.config).export_io.inputs,
     )

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ...errors import ConfigError, ExportError
+from ...errors import BackendUnavailableError, ConfigError, ExportError
+from ...families import family_for
 from ..export_info import INPUT_NAMES, OUTPUT_NAMES
 from .engine import EngineRecord, require_tensorrt
 from ...fingerprint import unet_fingerprint
@@ -79,6 +80,12 @@ class TensorRTPlainUNet:
 def tensorrt_plain_runner(unet: torch.nn.Module, config: Any) -> TensorRTPlainUNet:
     """The ``"tensorrt"`` plain backend's factory: ``(unet, RuntimeConfig) -> runner`` over
     ``config.tensorrt_engine`` (built by ``gnr-fast export tensorrt``)."""
+    extra = [e.name for e in family_for(unet.config).extra_inputs]
+    if extra:
+        raise BackendUnavailableError(
+            f"runtime 'tensorrt' binds sample, timestep and context only, not the extra UNet inputs {extra} this "
+            "UNet needs (a consistency model); use runtime 'onnx', 'eager' or 'compiled'"
+        )
     if config.tensorrt_engine is None:
         raise ConfigError("runtime 'tensorrt' needs RuntimeConfig.tensorrt_engine: an engine from `gnr-fast export tensorrt`")
     return TensorRTPlainUNet(config.tensorrt_engine, unet_fingerprint(unet), device=next(unet.parameters()).device)
