@@ -276,7 +276,10 @@ def _run_exporter(
     rows = torch.export.Dim("batch", min=batch[0], max=batch[1])
     # Spatial axes stay static: with Dim.AUTO torch.export specialised them to the traced size
     # anyway (attention's baddbmm then failed at 16² for a graph traced at 8²).
-    shapes = tuple({0: rows} for _ in args)  # positional: sample, timestep, context, then the extras
+    # positional: sample, timestep, context, then forward's *extras as one nested tuple (torch.export's
+    # structure for a var-positional argument; left out when there are none)
+    extras = (tuple({0: rows} for _ in args[3:]),) if len(args) > 3 else ()
+    shapes = ({0: rows}, {0: rows}, {0: rows}, *extras)
     torch.onnx.export(
         model, args, str(path), input_names=list(io.inputs), output_names=list(io.outputs),
         opset_version=opset, dynamic_shapes=shapes, dynamo=True, external_data=True,
