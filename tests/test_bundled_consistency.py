@@ -107,8 +107,9 @@ def test_colour_matching_is_a_config_switch(one_torch_thread):
     on, its pixel mean and std are the input's; off, the same latents decode as they are."""
     editor = Editor.from_pretrained(sampler="consistency")
     image = Image.open(EXAMPLE_IMAGE)
-    matched_config = EditConfig.shapes_consistency()
-    assert matched_config.match_colors  # the authors' behaviour is the default
+    assert EditConfig.consistency().match_colors  # the authors' preset keeps their post-processing
+    assert not EditConfig.shapes_consistency().match_colors  # tuned off for this model (background edits)
+    matched_config = replace(EditConfig.shapes_consistency(), match_colors=True)
     source, target = "a large red circle on a blue background", "a large yellow circle on a blue background"
     inversion = editor.invert(image, source, progress=False)
     matched = editor.edit(inversion, target, config=matched_config, progress=False)
