@@ -58,7 +58,7 @@ def test_synchronize_waits_on_cuda_only(monkeypatch):
 def test_service_runs_on_the_editors_device_on_every_thread(cuda_device_calls):
     from gnr_fast.serving.service import EditService
 
-    editor = SimpleNamespace(components=SimpleNamespace(device=torch.device("cuda:1")))
+    editor = SimpleNamespace(components=SimpleNamespace(device=torch.device("cuda:1")), default_steps=None)
     service = EditService(editor)
     thread = threading.Thread(target=service.run, args=([],), name="gnr-engine-test")
     thread.start()
