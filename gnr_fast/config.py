@@ -177,18 +177,7 @@ class EditConfig:
         the cfg guider's scale is the guidance-scale embedding's w per step (0, 7, 11, 19), 'up'
         features 0.5 and self-attention maps 20000 after the first step, range rescaler (0, 1).
         Written for 4 steps (the reverse LoRA's boundaries); ``num_steps`` must be 4."""
-        if num_steps != CONSISTENCY_STEPS:
-            raise ConfigError(f"the consistency preset is written for {CONSISTENCY_STEPS} steps (the consistency "
-                              f"model's boundaries), got num_steps={num_steps}")
-        return cls(
-            guiders=(
-                CfgGuider(scale=(0.0, 7.0, 11.0, 19.0)),
-                FeaturesMapL2(scale=0.5, block="up"),
-                SelfAttnMapL2(scale=(0.0, 20000.0, 20000.0, 20000.0)),
-            ),
-            rescale=RescaleConfig("range_other_on_cfg_norm", 0.0, 1.0),
-            num_steps=num_steps,
-        )
+        return cls._consistency_preset("consistency", num_steps, (0.0, 7.0, 11.0, 19.0), 20000.0, match_colors=True)
 
     @classmethod
     def shapes_consistency(cls, num_steps: int = CONSISTENCY_STEPS) -> "EditConfig":
@@ -199,18 +188,27 @@ class EditConfig:
         benchmark's (benchmarks/quality/consistency_preset/README.md), where the authors' colour
         matching of the output held background edits back (4 of 8 succeeded matched, 7 of 8 on the
         plain decode), so this preset leaves it off (``match_colors=False``). ``num_steps`` must be 4."""
+        return cls._consistency_preset("shapes_consistency", num_steps, (0.0, 3.0, 3.0, 3.0), 1000.0, match_colors=False)
+
+    @classmethod
+    def _consistency_preset(
+        cls, name: str, num_steps: int, w: tuple[float, ...], self_attn: float, match_colors: bool
+    ) -> "EditConfig":
+        """The shape both consistency presets share: guidance-embedding w per step, 'up' features 0.5
+        every step, self-attention maps ``self_attn`` after the first step, range rescaler (0, 1);
+        4 steps only (the consistency model's boundaries)."""
         if num_steps != CONSISTENCY_STEPS:
-            raise ConfigError(f"the shapes_consistency preset is written for {CONSISTENCY_STEPS} steps (the "
-                              f"consistency model's boundaries), got num_steps={num_steps}")
+            raise ConfigError(f"the {name} preset is written for {CONSISTENCY_STEPS} steps (the consistency "
+                              f"model's boundaries), got num_steps={num_steps}")
         return cls(
             guiders=(
-                CfgGuider(scale=(0.0, 3.0, 3.0, 3.0)),
+                CfgGuider(scale=w),
                 FeaturesMapL2(scale=0.5, block="up"),
-                SelfAttnMapL2(scale=(0.0, 1000.0, 1000.0, 1000.0)),
+                SelfAttnMapL2(scale=(0.0, self_attn, self_attn, self_attn)),
             ),
             rescale=RescaleConfig("range_other_on_cfg_norm", 0.0, 1.0),
             num_steps=num_steps,
-            match_colors=False,
+            match_colors=match_colors,
         )
 
     @classmethod
