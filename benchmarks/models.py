@@ -72,3 +72,54 @@ def sd15_editor(seed: int = 0):
         path=Path("<sd15-random>"), model_id=f"sd15-random-{seed}", device=torch.device("cpu"), dtype=torch.float32,
     )
     return Editor(components)
+
+
+def random_lora(unet: torch.nn.Module, rank: int, seed: int) -> dict:
+    """Random LoRA pairs (scale 0.01) on the Inverse-and-Edit training targets of ``unet``: attention,
+    feed-forward, resnet and resampling convolutions, the time-embedding projections."""
+    from gnr_fast.lora import LoraPair
+
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+               "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+    generator = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for name, module in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets) or not hasattr(module, "weight"):
+            continue
+        shape = module.weight.shape
+        down_shape = (rank, *shape[1:]) if len(shape) == 4 else (rank, shape[1])
+        up_shape = (shape[0], rank, 1, 1) if len(shape) == 4 else (shape[0], rank)
+        pairs[name] = LoraPair(torch.randn(down_shape, generator=generator) * 0.01,
+                               torch.randn(up_shape, generator=generator) * 0.01)
+    return pairs
+
+
+def sd15_consistency_editor(components, runtime: str | None = None):
+    """A consistency-model Editor over ``components`` of :func:`sd15_editor`: SD 1.5's UNet with a
+    512-wide guidance embedding (``time_cond_proj_dim``) as teacher, random rank-64 LoRAs fused into
+    a reverse (editing) and a forward (inversion) copy; the VAE and text encoder are shared. Default
+    preset ``consistency``; ``runtime``: the editor's runtime (default eager)."""
+    import copy
+    import dataclasses
+
+    from diffusers import UNet2DConditionModel
+
+    from gnr_fast import Editor
+    from gnr_fast.lora import fuse_lora
+    from gnr_fast.model_defaults import ModelDefaults
+    from gnr_fast.samplers import ConsistencySampler
+
+    torch.manual_seed(1)
+    # diffusers' private config keys (``_use_default_values`` lists time_cond_proj_dim) would make
+    # from_config drop the explicit value again
+    config = {k: v for k, v in components.unet.config.items() if not k.startswith("_")}
+    teacher = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 512})
+    unets = []
+    for seed in (4, 5):
+        unet = copy.deepcopy(teacher)
+        fuse_lora(unet, random_lora(unet, 64, seed))
+        unets.append(unet.eval().requires_grad_(False))
+    del teacher
+    consistency = dataclasses.replace(components, unet=unets[0], model_id=components.model_id + "-icd")
+    return Editor(consistency, runtime=runtime, inversion_unet=unets[1], defaults=ModelDefaults(preset="consistency"),
+                  sampler=ConsistencySampler(consistency.schedule.alphas_cumprod))
