@@ -1,7 +1,8 @@
 """Writes the examples under ``export/`` with the code the export commands run, so each file shows
 exactly what ``gnr-fast export triton-repo`` and ``gnr-fast export tensorrt`` produce:
 
-- ``triton_repo/cpu/`` and ``triton_repo/gpu/``: model repositories of the bundled model
+- ``triton_repo/cpu/``, ``triton_repo/gpu/`` and ``triton_repo/cpu_consistency/`` (its 4-step
+  consistency edit): model repositories of the bundled model
   (:func:`gnr_fast.serving.triton_repo.write_repository`), ready for ``tritonserver
   --model-repository=export/triton_repo/cpu`` in an environment where gnr-fast is installed;
 - ``tensorrt/profiles.json``: the optimisation profiles (rows per plain call, and the input shapes
@@ -31,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 TRITON_REPOS = {
     "triton_repo/cpu": RepoConfig(),
     "triton_repo/gpu": RepoConfig(device="cuda", dtype="float16", instances=2),
+    "triton_repo/cpu_consistency": RepoConfig(sampler="consistency"),
 }
 """Example folder → the repository it holds (the commands in ``triton_repo/README.md``)."""
 

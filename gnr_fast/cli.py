@@ -127,7 +127,7 @@ def _add_serving_parsers(sub) -> None:
                        help="longest wait for more edits after the first of a batch (default 20)")
     serve.add_argument("--cache-mb", type=float, default=1024.0,
                        help="inversion cache budget in MiB, trajectories + source-pass internals (default 1024)")
-    serve.add_argument("--steps", type=int, default=50, help="DDIM steps of requests that name none (default 50)")
+    serve.add_argument("--steps", type=int, default=50, help="steps of requests that name none on a DDIM model (default 50; a consistency model uses its own 4)")
     serve.add_argument("--max-steps", type=int, default=200, help="refuse requests with more steps (default 200)")
     serve.add_argument("--exit-timeout", type=int, default=30,
                        help="seconds SIGTERM waits for requests in flight (default 30)")
@@ -138,6 +138,7 @@ def _add_serving_parsers(sub) -> None:
     serve.add_argument("--request-timeout", type=float, default=600.0,
                        help="seconds a request may wait; a queued one is then refused without running (default 600)")
     _add_model_args(serve)
+    _add_sampler_arg(serve)
 
     client = sub.add_parser("client", help="call a gnr-fast Triton server")
     client_sub = client.add_subparsers(dest="client_command", required=True)
@@ -173,13 +174,14 @@ def _add_serving_parsers(sub) -> None:
     repo.add_argument("--max-queue-delay-ms", type=float, default=20.0, help="dynamic batching delay (default 20)")
     repo.add_argument("--instances", type=int, default=1, help="model instances (processes) (default 1)")
     repo.add_argument("--cache-mb", type=float, default=1024.0, help="inversion cache per instance, MiB (default 1024)")
-    repo.add_argument("--steps", type=int, default=50, help="DDIM steps of requests that name none (default 50)")
+    repo.add_argument("--steps", type=int, default=50, help="steps of requests that name none on a DDIM model (default 50; a consistency model uses its own 4)")
     repo.add_argument("--max-steps", type=int, default=200, help="refuse requests with more steps (default 200)")
     repo.add_argument("--max-pixels", type=int, default=None, help="largest accepted width×height (default 1048576)")
     repo.add_argument("--torch-threads", type=int, default=None, help="torch threads per instance (default: torch's)")
     repo.add_argument("--force", action="store_true", help="overwrite an existing repository folder")
     repo.add_argument("--runtime", default="eager", choices=repository_runtimes(),
                       help="backend of plain UNet calls; onnx exports the UNet into the repository (default eager)")
+    _add_sampler_arg(repo)
     _add_export_engine_parsers(export_sub)
 
 
@@ -455,6 +457,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         torch_threads=args.torch_threads,
         runtime=args.runtime,
+        sampler=args.sampler,
     )
     out = write_repository(config, args.out, overwrite=args.force)
     print(f"wrote a Triton model repository to {out}; run it with:\n  tritonserver --model-repository={out}")

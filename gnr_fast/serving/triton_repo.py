@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 DTYPES = ("float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 ONNX_FOLDER = "unet-onnx"  # OUT/gnr_edit/1/unet-onnx: the UNet for plain calls (runtime "onnx")
+ONNX_FORWARD_FOLDER = "unet-onnx-forward"  # a consistency model's forward (inversion) UNet, beside it
 ONNX_CACHE_FOLDER = "unet-onnx-cache"  # lazy exports of working sizes the repository's export lacks
 
 
@@ -70,8 +71,13 @@ class RepoConfig:
     max_pixels: int | None = None
     torch_threads: int | None = None
     runtime: str = "eager"  # "onnx": plain calls on ONNX Runtime, the UNet exported into the repository
+    sampler: str | None = None  # "consistency": the model's 4-step edit (None: the model's own sampler)
 
     def __post_init__(self) -> None:
+        from ..model_defaults import SAMPLER_NAMES
+
+        if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
+            raise ConfigError(f"sampler must be one of {SAMPLER_NAMES}, got {self.sampler!r}")
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in DTYPES:
@@ -121,17 +127,25 @@ def write_repository(config: RepoConfig, out: str | Path, overwrite: bool = Fals
 
 
 def _export_unet(config: RepoConfig, model: str | None, folder: Path) -> None:
-    """The UNet as ONNX at the model's native working size, batch up to 2 plain rows per edit of
-    a dynamic batch (other sizes are exported lazily on first use into ``ONNX_CACHE_FOLDER``)."""
+    """The UNet(s) the instances will run, as ONNX at the model's native working size, batch up to
+    2 plain rows per edit of a dynamic batch (other sizes are exported lazily on first use into
+    ``ONNX_CACHE_FOLDER``): a consistency model's reverse UNet into ``folder`` and its forward UNet
+    into :data:`ONNX_FORWARD_FOLDER` beside it, both with their LoRAs fused as the editor fuses them."""
     import torch
 
-    from ..loading import load_components
-    from ..runtime.onnx.export import export_onnx
+    from ..editor import Editor
+    from ..runtime.onnx.export import export_unet_onnx
 
-    components = load_components(model, dtype=torch.float32)
-    side = components.unet.config.sample_size * components.latent_factor
+    editor = Editor.from_pretrained(model, dtype=torch.float32, sampler=config.sampler)
+    components = editor.components
+    side = components.unet.config.sample_size
     onnx_dtype = "float16" if config.dtype == "float16" else "float32"
-    export_onnx(components, folder, dtype=onnx_dtype, sizes=((side, side),), batch=(1, min(64, 2 * config.max_batch)))
+    unets = {folder: components.unet}
+    if editor.inversion_unet is not components.unet:
+        unets[folder.with_name(ONNX_FORWARD_FOLDER)] = editor.inversion_unet
+    for out, unet in unets.items():
+        export_unet_onnx(unet, out, dtype=onnx_dtype, latent_sizes=((side, side),), batch=(1, min(64, 2 * config.max_batch)),
+                         model_id=components.model_id)
 
 
 def model_config(config: RepoConfig) -> str:
@@ -152,6 +166,7 @@ def model_config(config: RepoConfig) -> str:
         "max_pixels": "" if config.max_pixels is None else str(config.max_pixels),
         "torch_threads": "" if config.torch_threads is None else str(config.torch_threads),
         "runtime": config.runtime,
+        "sampler": config.sampler or "",
     }
     lines = [
         f'name: "{EDIT_MODEL}"',
@@ -214,6 +229,7 @@ class TritonPythonModel:
             dtype=getattr(torch, params.get("dtype") or "float32"),
             max_pixels=int(params["max_pixels"]) if params.get("max_pixels") else DEFAULT_MAX_PIXELS,
             source_cache_mb=cache_mb,
+            sampler=params.get("sampler") or None,
             **_runtime_kwargs(params.get("runtime") or "eager", args),
         )
         self.service = EditService(
@@ -275,7 +291,8 @@ def _runtime_kwargs(runtime: str, args: dict) -> dict:
     from ..runtime.config import RuntimeConfig
 
     version = Path(args["model_repository"]) / str(args.get("model_version") or "1")
-    return {"runtime": replace(RuntimeConfig.resolve("onnx"), onnx_exports=(version / ONNX_FOLDER,),
+    exports = tuple(version / name for name in (ONNX_FOLDER, ONNX_FORWARD_FOLDER) if (version / name).is_dir())
+    return {"runtime": replace(RuntimeConfig.resolve("onnx"), onnx_exports=exports,
                                export_cache_dir=version / ONNX_CACHE_FOLDER)}
 
 
