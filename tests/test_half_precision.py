@@ -56,10 +56,6 @@ def edit_with_first_gradient(editor, image, mode, preset="nonstyle", steps=STEPS
     return result, grads
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
-
-
 @pytest.fixture(scope="module")
 def fp32_edits(tiny_editor, image):
     return {mode: edit_with_first_gradient(tiny_editor, image, mode) for mode in ("fast", "reference")}
@@ -98,7 +94,11 @@ BUNDLED_CASES = (("colour", 9_000_000), ("shape", 9_000_001), ("background", 9_0
 #   fp16 fast: each case's loss scale backed off once (2^10 -> 2^6). Final latents 10-45 % from fp32.
 # Verdicts all equal fp32's; the largest PSNR drop is 0.62 dB (MSE x 1.15); the bound allows 3 dB (MSE x 2).
 BUNDLED_PSNR_DROP_DB = 3.0
-BUNDLED_COSINE = {torch.float16: 0.995, torch.bfloat16: 0.9}  # 1 − cosine ≈ 10× the worst measured (5.6e-4, 1e-2)
+# Step-1 gradient's relative L2 distance to fp32 (2026-12-07, Xeon with native bf16, fast / reference):
+#   fp16: colour 0.024 / 0.022, shape 0.031 / 0.034, background 0.029 / 0.028;
+#   bf16: colour 0.089 / 0.079, shape 0.146 / 0.128, background 0.161 / 0.122.
+# The bounds are ~4x the worst (the cosine bound of 0.9 it replaces let a ~45 % gradient error pass).
+BUNDLED_GRAD_REL = {torch.float16: 0.15, torch.bfloat16: 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def bundled_edits(judge):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_bundled_model_edits_in_low_precision(bundled_edits, dtype, mode):
     """The ``shapes`` preset on three held-out cases: the judge's verdicts, the kept region's PSNR to
-    the source and the step-1 gradient's cosine stay within the measured bounds of fp32's."""
+    the source and the step-1 gradient's relative distance stay within the measured bounds of fp32's."""
     successes = {torch.float32: 0, dtype: 0}
     for kind, seed in BUNDLED_CASES:
         (ok32, psnr32, grads32), (ok, psnr, grads) = (bundled_edits(d, mode, kind, seed) for d in (torch.float32, dtype))
@@ -146,5 +146,8 @@ def test_bundled_model_edits_in_low_precision(bundled_edits, dtype, mode):
         successes[dtype] += ok
         assert math.isfinite(psnr) and psnr > psnr32 - BUNDLED_PSNR_DROP_DB, (kind, psnr, psnr32)
         (step,) = grads32
-        assert cosine(grads[step], grads32[step]) > BUNDLED_COSINE[dtype], kind
+        grad_rel = rel_err(grads[step], grads32[step])
+        print(f"bundled {dtype} {mode} {kind}: success {ok} (fp32 {ok32}), kept PSNR {psnr:.2f} (fp32 {psnr32:.2f}) dB, "
+              f"step-{step} gradient relative L2 {grad_rel:.4f}")
+        assert grad_rel < BUNDLED_GRAD_REL[dtype], (kind, grad_rel)
     assert successes[dtype] >= successes[torch.float32] - 1
