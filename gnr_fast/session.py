@@ -88,9 +88,9 @@ class EditSession:
         self.self_attn_layers, feature_sites = install_capture_processors(components.unet)
         self.runner = UNetExecutor(components.unet, self.self_attn_layers, feature_sites, runtime)
         self.inversion_runner = self.runner
-        self.inversion_unet: torch.nn.Module = components.unet  # the UNet inversions run (a consistency model's forward one)
-        if inversion_unet is not None:
-            self.inversion_unet = inversion_unet  # plain calls only, but an executor needs its UNet's layers
+        # the UNet inversions run: a consistency model's forward one, else the editing UNet
+        self.inversion_unet: torch.nn.Module = inversion_unet if inversion_unet is not None else components.unet
+        if inversion_unet is not None:  # plain calls only, but an executor needs its UNet's layers
             layers, sites = install_capture_processors(inversion_unet)
             self.inversion_runner = UNetExecutor(inversion_unet, layers, sites, runtime)
         self.fixed_sampler = sampler

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, ExportError, GnrError
+from ..model_defaults import SAMPLER_NAMES
 from ..runtime.calls import CallKind
 from ..runtime.registry import backend_names, backend_spec
 from .protocol import EDIT_INPUTS, EDIT_MODEL, EDIT_OUTPUTS, Field, bytes_tensor, error_line, read_inputs
@@ -74,8 +75,6 @@ class RepoConfig:
     sampler: str | None = None  # "consistency": the model's 4-step edit (None: the model's own sampler)
 
     def __post_init__(self) -> None:
-        from ..model_defaults import SAMPLER_NAMES
-
         if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
             raise ConfigError(f"sampler must be one of {SAMPLER_NAMES}, got {self.sampler!r}")
         if not _DEVICE.fullmatch(self.device):
