@@ -1,5 +1,5 @@
 """The summary of a ``benchmarks/gpu_check.sh`` run: ``gpu_check.json`` and ``gpu_check.md`` in its
-output folder, from whatever steps finished (``steps.tsv``, ``gpu.txt``, ``kernels.xml``,
+output folder, from whatever steps finished (``steps.tsv``, ``gpu.txt``, ``env.txt``, ``kernels.xml``,
 ``precision/report.json``, ``latency.json``)."""
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def read_env(path: Path) -> dict[str, str] | None:
+    """The ``name: value`` lines of ``benchmarks/gpu_env.py`` (None when the file is absent)."""
+    if not path.is_file():
+        return None
+    return dict(line.split(": ", 1) for line in path.read_text().splitlines() if ": " in line)
+
+
 def summary(out: Path) -> dict:
     """Everything the run left in ``out``, as one JSON-able dict."""
     steps = []
@@ -34,6 +41,7 @@ def summary(out: Path) -> dict:
             steps.append({"step": name, "exit": status, "seconds": int(seconds)})
     return {
         "gpu": (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").is_file() else None,
+        "env": read_env(out / "env.txt"),
         "steps": steps,
         "kernels": junit_counts(out / "kernels.xml"),
         "native": junit_counts(out / "native.xml"),
@@ -44,7 +52,10 @@ def summary(out: Path) -> dict:
 
 def markdown(report: dict) -> str:
     """The summary as markdown tables."""
-    lines = [f"# GPU check: {report['gpu'] or 'unknown GPU'}", "", "| step | exit | seconds |", "| --- | --- | --- |"]
+    lines = [f"# GPU check: {report['gpu'] or 'unknown GPU'}", ""]
+    if report["env"]:
+        lines += [", ".join(f"{name} {value}" for name, value in report["env"].items() if name != "device"), ""]
+    lines += ["| step | exit | seconds |", "| --- | --- | --- |"]
     lines += [f"| {s['step']} | {s['exit']} | {s['seconds']} |" for s in report["steps"]]
     for name in ("kernels", "native"):
         counts = report[name]

@@ -8,9 +8,10 @@ Nothing in this project has run on a GPU. With one, run (from the repository roo
 and paste ``gpu-check/report.json`` into docs/precision.md §9. For every dtype (float32, float16,
 bfloat16) it inverts and edits one 512² image (``--size``) in fast and reference mode and records:
 whether the latents are finite, the judge-free quality numbers against float32 (image PSNR, final
-latent's relative distance, the step-1 guider gradient's cosine), the wall-clock phase timings
-(``EditResult.timings``, synchronised), peak device memory, and how often the float16 loss scale
-backed off and the VAE retried in float32 (both logged as warnings; none expected).
+latent's relative distance, the first guided step's guider gradient: relative L2 distance and
+cosine), the wall-clock phase timings (``EditResult.timings``, synchronised), peak device memory,
+and how often the float16 loss scale backed off and the VAE retried in float32 (both logged as
+warnings; none expected).
 ``sd15-random`` is SD 1.5's exact architecture with random weights (benchmarks/models.py): its
 numbers say nothing about edit quality, only about finiteness, speed and memory.
 Runs on CPU too (``--device cpu --size 128 --steps 4``): a smoke run of this script, nothing more.
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> dict:
                 if common:
                     a, b = grads[common[0]].flatten(), grads32[common[0]].flatten()
                     entry[f"step{common[0]}_grad_cosine_to_fp32"] = round(float(a @ b / (a.norm() * b.norm())), 5)
+                    entry[f"step{common[0]}_grad_rel_to_fp32"] = round(float((a - b).norm() / b.norm()), 4)
             report["runs"].append(entry)
             print(json.dumps(entry), flush=True)
             Path(args.out).mkdir(parents=True, exist_ok=True)
