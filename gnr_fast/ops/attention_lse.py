@@ -356,12 +356,21 @@ def _sdpa_vjp(
 
 def _launch_config(tokens: int, block_d: int, dtype: torch.dtype) -> dict[str, int]:
     """BLOCK_M/BLOCK_N by padded head dim (smaller for float32, whose fp32 dots use split
-    operands), shrunk for short sequences but never below 16 (``tl.dot``'s minimum)."""
+    operands), shrunk for short sequences but never below 16 (``tl.dot``'s minimum). Every
+    configuration needs at most 99 KiB of shared memory, the per-block limit of sm_86 / sm_89 GPUs
+    (A10, L4), the smallest of those this engine targets (``benchmarks/kernel_resources.py``, held in
+    CI): float32 beyond head dim 64 keeps two pipeline stages instead of three, and beyond 128 also
+    16-key blocks (measured for sm_86: 104 KiB → 72 KiB at head dim 128, 164 KiB → 66 KiB at 256)."""
     block_m, block_n = (64, 64) if block_d <= 64 else (64, 32) if block_d <= 128 else (32, 32)
+    num_stages = 3
     if dtype == torch.float32:
         block_m = max(16, block_m // 2)
+        if block_d > 64:
+            num_stages = 2
+        if block_d > 128:
+            block_n = 16
     fit = max(16, next_power_of_2(tokens))
-    return {"BLOCK_M": min(block_m, fit), "BLOCK_N": min(block_n, fit), "num_warps": 4}
+    return {"BLOCK_M": min(block_m, fit), "BLOCK_N": min(block_n, fit), "num_warps": 4, "num_stages": num_stages}
 
 
 @torch.library.triton_op("gnr_fast::attention_lse_fwd", mutates_args=())

@@ -17,30 +17,33 @@ def _kernel_module() -> ModuleType:
     return kernel_module("attn_map_energy")
 
 
-# (BLOCK_M, BLOCK_N) by (input is float32, padded head dim), all with 8 warps. Chosen by compiling
-# the three kernels for sm_90 with triton 3.9 (no GPU was available to time them) and keeping
-# the largest tiles whose ptxas register spills were zero or smallest: float32 inputs hold q and
-# q_ref as split tf32x3 operands and need short row blocks. float32 with head dim > 128 still
-# spills (~200-700 B/thread); tune these on a GPU.
-_BLOCKS: dict[tuple[bool, int], tuple[int, int]] = {
-    (False, 64): (32, 64),
-    (False, 128): (32, 32),
-    (False, 256): (32, 32),
-    (True, 64): (16, 64),
-    (True, 128): (16, 32),
-    (True, 256): (16, 16),
+# (BLOCK_M, BLOCK_N, pipeline stages) by (input is float32, padded head dim), all with 8 warps.
+# Chosen by compiling the three kernels with triton 3.9 (no GPU was available to time them) and
+# keeping the largest tiles whose ptxas register spills were zero or smallest: float32 inputs hold
+# q and q_ref as split tf32x3 operands and need short row blocks. Every row needs at most 99 KiB of
+# shared memory, the per-block limit of sm_86 / sm_89 GPUs (A10, L4; benchmarks/kernel_resources.py,
+# held in CI): float32 at head dim 256 runs unpipelined (three stages took 128 KiB). It still
+# spills there (~200-400 B/thread for sm_90); tune these on a GPU.
+_BLOCKS: dict[tuple[bool, int], tuple[int, int, int]] = {
+    (False, 64): (32, 64, 3),
+    (False, 128): (32, 32, 3),
+    (False, 256): (32, 32, 3),
+    (True, 64): (16, 64, 3),
+    (True, 128): (16, 32, 3),
+    (True, 256): (16, 16, 1),
 }
 _NUM_WARPS = 8
 
 
 def _launch_config(tokens: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Block sizes and warps for one launch: BLOCK_D is the head dim padded to a power of two
+    """Block sizes, warps and stages for one launch: BLOCK_D is the head dim padded to a power of two
     (at least 16, ``tl.dot``'s minimum, and at least 64, the smallest table row); BLOCK_M/BLOCK_N
     come from :data:`_BLOCKS`, shrunk for short sequences but never below 16."""
     block_d = max(16, next_power_of_2(head_dim))
-    block_m, block_n = _BLOCKS[(dtype == torch.float32, max(64, block_d))]
+    block_m, block_n, stages = _BLOCKS[(dtype == torch.float32, max(64, block_d))]
     fit = max(16, next_power_of_2(tokens))
-    return {"BLOCK_M": min(block_m, fit), "BLOCK_N": min(block_n, fit), "BLOCK_D": block_d, "num_warps": _NUM_WARPS}
+    return {"BLOCK_M": min(block_m, fit), "BLOCK_N": min(block_n, fit), "BLOCK_D": block_d, "num_warps": _NUM_WARPS,
+            "num_stages": stages}
 
 
 # Registered as opaque custom ops with shape-only fake twins rather than with
