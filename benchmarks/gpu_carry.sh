@@ -16,13 +16,11 @@ LIMIT_BYTES=$((64 * 1024 * 1024))
 WEIGHTS=(gnr_fast/models/shapes-v1)  # the bundled model's folder: weights, tokenizer, configs
 RUN_COMMAND='bash benchmarks/gpu_check.sh --wheels .gpu-carry/whl --out benchmarks/results/gpu; tar czf "$OUT/gpu.tgz" -C benchmarks/results gpu'
 
-pins() {  # the exact pins of the named packages in pyproject.toml's dependencies, as NAME==VERSION
-    python3 - "$@" <<'EOF'
-import re, sys, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-pinned = dict(re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", d).groups() for d in deps if "==" in d)
-print(" ".join(f"{name}=={pinned[name]}" for name in sys.argv[1:]))
-EOF
+pins() {  # the exact pins of the named packages in pyproject.toml, as NAME==VERSION
+    local name
+    for name in "$@"; do
+        grep -oE "\"$name==[^\"]+\"" pyproject.toml | head -1 | tr -d '"'
+    done
 }
 
 weight_files() {  # tracked weight files of the bundled model (what prepare removes from the working tree)
