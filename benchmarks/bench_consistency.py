@@ -5,10 +5,12 @@ plain SD model for DDIM; teacher + LoRAs for consistency) and SD 1.5's (random w
 consistency side with a 512-wide guidance embedding and random rank-64 LoRAs fused at load). For
 each: a first edit (no cache) and a repeat edit of the same image and source prompt, alternated
 round by round (benchmarks/alternating.py); UNet rows and backward passes (deterministic, counted
-in the timed calls), seconds, peak RSS (the process's, sampled during each call). Both sides are the engine's ``Editor`` (the consistency side: the same session with a
-second executor over the forward UNet and the consistency sampler); a repeat edit re-edits the
-first edit's inversion, whose source cache serves the source passes. The issue's targets: the consistency edit needs ≤ 1/8 of the DDIM edit's UNet rows (asserted
-here) and is ≥ 6× faster end to end (reported, measured by the lead on an idle machine).
+in the timed calls), seconds, peak RSS (the process's, sampled during each call). Both sides are
+the engine's ``Editor`` (the consistency side: the same session with a second executor over the
+forward UNet and the consistency sampler); a repeat edit re-edits the first edit's inversion, whose
+source cache serves the source passes. The issue's targets: the consistency edit needs ≤ 1/8 of
+the DDIM edit's UNet rows (asserted here) and is ≥ 6× faster end to end (reported, measured by the
+lead on an idle machine).
 
     pytest benchmarks/bench_consistency.py -k golden --rounds 3 --warmup 1    # numbers
     OMP_NUM_THREADS=2 pytest benchmarks/bench_consistency.py -k sd15 --rounds 1 --warmup 0 -s  # ~35 min on 2 cores

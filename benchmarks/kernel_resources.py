@@ -60,6 +60,7 @@ class Launch:
     signature: tuple[tuple[str, str], ...]
     constexprs: tuple[tuple[str, object], ...]
     options: tuple[tuple[str, int], ...]
+    fn: object = dataclasses.field(compare=False, repr=False)  # the @triton.jit kernel itself
 
     def describe(self) -> str:
         types = sorted({t for _, t in self.signature if t.startswith("*")})
@@ -93,7 +94,7 @@ class _Recorder:
             signature = tuple((name, "constexpr" if name in constexpr else _arg_type(bound[name]))
                               for name in self.fn.arg_names)
             constexprs = tuple((name, bound[name]) for name in self.fn.arg_names if name in constexpr)
-            self.launches.add(Launch(self.fn.__name__, signature, constexprs, tuple(sorted(options.items()))))
+            self.launches.add(Launch(self.fn.__name__, signature, constexprs, tuple(sorted(options.items())), self.fn))
 
         return launch
 
@@ -150,16 +151,6 @@ def record_launches() -> list[Launch]:
     return sorted(launches, key=Launch.describe)
 
 
-def _kernel_function(name: str):
-    from gnr_fast.ops.triton_kernels import kernel_module
-
-    for module_name in ("attention_lse", "attn_map_energy", "feature_energy", "rescale_norms"):
-        module = kernel_module(module_name)
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise KeyError(name)
-
-
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """REG, STACK, SHARED (static), LOCAL bytes of the one function in ``cubin`` (cuobjdump)."""
     import triton
@@ -184,7 +175,7 @@ def compile_launch(launch: Launch, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     start = time.perf_counter()
-    source = ASTSource(fn=_kernel_function(launch.kernel), signature=dict(launch.signature),
+    source = ASTSource(fn=launch.fn, signature=dict(launch.signature),
                        constexprs=dict(launch.constexprs))
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
     usage = resource_usage(compiled.asm["cubin"])

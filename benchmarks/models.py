@@ -75,18 +75,17 @@ def sd15_editor(seed: int = 0):
 
 
 def random_lora(unet: torch.nn.Module, rank: int, seed: int) -> dict:
-    """Random LoRA pairs (scale 0.01) on the Inverse-and-Edit training targets of ``unet``: attention,
-    feed-forward, resnet and resampling convolutions, the time-embedding projections."""
+    """Random LoRA pairs (scale 0.01) on the Inverse-and-Edit training targets of ``unet`` (the
+    modules the bundled model's adapters train: attention, feed-forward, resnet and resampling
+    convolutions, the time-embedding projections)."""
     from gnr_fast.lora import LoraPair
+    from gnr_shapes.training.lora_adapters import lora_target_names
 
-    targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-               "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
     generator = torch.Generator().manual_seed(seed)
+    modules = dict(unet.named_modules())
     pairs = {}
-    for name, module in unet.named_modules():
-        if not any(name == t or name.endswith("." + t) for t in targets) or not hasattr(module, "weight"):
-            continue
-        shape = module.weight.shape
+    for name in lora_target_names(unet):
+        shape = modules[name].weight.shape
         down_shape = (rank, *shape[1:]) if len(shape) == 4 else (rank, shape[1])
         up_shape = (shape[0], rank, 1, 1) if len(shape) == 4 else (shape[0], rank)
         pairs[name] = LoraPair(torch.randn(down_shape, generator=generator) * 0.01,
